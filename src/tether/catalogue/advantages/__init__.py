@@ -1,0 +1,1 @@
+"""Advantage estimators: rewards (and values, log-probs) to per-token advantages."""

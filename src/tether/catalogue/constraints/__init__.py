@@ -1,0 +1,1 @@
+"""Constraints: Lagrange multipliers and their update rules."""

@@ -1,0 +1,1 @@
+"""Policy losses: per-token surrogates on log-probs, one file per family."""

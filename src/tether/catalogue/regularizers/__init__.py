@@ -1,0 +1,1 @@
+"""Regularizers: KL estimators, entropy terms and divergences added to a policy loss."""

@@ -1,0 +1,1 @@
+"""Selection: which groups, samples, tokens or rollout budgets enter an update."""
