@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tether.runs import Checkpoint, MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.runs.checkpoint import capture_rng, optimizer_from_flat, optimizer_to_flat, restore_rng
+
+
+def test_roundtrip_model_optimizer_rng(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    o_tensors, o_meta = optimizer_to_flat(opt.state_dict())
+    r_tensors, r_state = capture_rng()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | o_tensors | r_tensors
+    save_checkpoint(tmp_path, Checkpoint(step=7, tensors=tensors, state={"optim": o_meta, **r_state}))
+    expected = (torch.rand(3), np.random.rand(), random.random())
+
+    ck = load_checkpoint(latest_checkpoint(tmp_path))  # type: ignore[arg-type]
+    assert ck.step == 7
+    model2 = torch.nn.Linear(3, 2)
+    model2.load_state_dict({k[6:]: v for k, v in ck.tensors.items() if k.startswith("model.")})
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    opt2.load_state_dict(optimizer_from_flat(ck.tensors, ck.state["optim"]))
+    restore_rng(ck.tensors, ck.state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (np.random.rand(), random.random()) == expected[1:]
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    # the same update from both optimizers
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(torch.ones(1, 3)).sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_rng_restore_replays_the_same_numbers() -> None:
+    tensors, state = capture_rng()
+    a = (torch.rand(3).tolist(), float(np.random.rand()), random.random())
+    restore_rng(tensors, state)
+    b = (torch.rand(3).tolist(), float(np.random.rand()), random.random())
+    assert a == b
+
+
+def test_keep_prunes_old_checkpoints(tmp_path: Path) -> None:
+    for step in range(5):
+        save_checkpoint(tmp_path, Checkpoint(step=step, tensors={"x": torch.tensor([step])}), keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_000000003", "step_000000004"]
+    assert load_checkpoint(latest_checkpoint(tmp_path)).step == 4  # type: ignore[arg-type]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from tether.runs import Checkpoint, save_checkpoint
+    run = sys.argv[1]
+    step = 0
+    while True:
+        step += 1
+        big = torch.full((400_000,), float(step))
+        save_checkpoint(run, Checkpoint(step=step, tensors={"w": big}, state={"marker": step}), keep=2)
+    """
+)
+
+
+def test_kill_during_checkpoint_writes_leaves_latest_intact(tmp_path: Path) -> None:
+    """SIGKILL a process that writes checkpoints in a loop, many times; `latest` always loads."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(run)], env={**os.environ})
+        time.sleep(0.8 + rng.random() * 0.7)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        path = latest_checkpoint(run)
+        if path is None:
+            continue
+        ck = load_checkpoint(path)
+        assert ck.state["marker"] == ck.step
+        assert torch.all(ck.tensors["w"] == float(ck.step))
+    assert latest_checkpoint(run) is not None
+
+
+def test_metrics_log_ignores_torn_line_and_truncates(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 6):
+        log.append({"step": step, "loss": float(step), "bad": float("nan")})
+    with open(log.path, "a") as fh:
+        fh.write('{"step": 6, "lo')  # torn write
+    assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 5]
+    assert log.read()[0]["bad"] == "nan"
+    log.truncate_after(3)
+    assert [r["step"] for r in log.read()] == [1, 2, 3]
