@@ -1,0 +1,149 @@
+"""Per-group statistics of per-sample values, for group-relative advantage estimators.
+
+Samples of the same prompt share a group id. Ids may be any integers (non-contiguous,
+unsorted, negative): they are mapped to 0..Q-1 with ``torch.unique``. Every statistic is a
+vectorised ``index_add`` over the batch, differentiable, and free of NaN:
+
+- counts, sums and means (optionally over a subset of samples given by ``weights``);
+- the population variance sum (x - mean)^2 / n and the unbiased one sum (x - mean)^2 / (n - 1)
+  (torch.std's default; verl and TRL use it); a group with fewer than two samples has variance 0;
+- standard deviations through :func:`safe_sqrt`, whose gradient is 0 (not inf) at 0.
+
+Conventions that differ between methods (verl's "a single-sample group has mean 0, std 1")
+are applied by the estimators, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tether.catalogue.contracts import check_groups
+from tether.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Group membership: ``index[i]`` in 0..num-1 is the group of sample i."""
+
+    index: torch.Tensor
+    num: int
+
+    def gather(self, per_group: torch.Tensor) -> torch.Tensor:
+        """Per-group values [Q, ...] to per-sample values [B, ...]."""
+        return per_group[self.index]
+
+
+def groups_of(group_ids: torch.Tensor, batch: int) -> Groups:
+    """Map arbitrary integer group ids [B] to contiguous group indices."""
+    check_groups(group_ids, batch)
+    if group_ids.is_floating_point() or group_ids.is_complex():
+        raise InvalidInputError(
+            f"group_ids must be an integer tensor (one prompt id per sample), got dtype {group_ids.dtype}"
+        )
+    unique, inverse = torch.unique(group_ids, return_inverse=True)
+    return Groups(index=inverse.reshape(-1), num=int(unique.numel()))
+
+
+def group_sum(values: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """Sum of ``values`` [B] (or [B, K]) within each group -> [Q] (or [Q, K])."""
+    out = torch.zeros((groups.num, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_add(0, groups.index, values)
+
+
+def group_count(
+    groups: Groups, weights: torch.Tensor | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Number of samples (or of samples with ``weights`` true) in each group -> [Q]."""
+    ones = torch.ones(groups.index.shape[0], dtype=dtype, device=groups.index.device)
+    if weights is not None:
+        ones = weights.to(dtype)
+    return group_sum(ones, groups)
+
+
+def group_mean(values: torch.Tensor, groups: Groups, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` [B] within each group (over samples with ``weights`` true) -> [Q]; 0 if empty."""
+    count = group_count(groups, weights, values.dtype)
+    if weights is not None:
+        values = torch.where(
+            weights.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device)
+        )
+    return group_sum(values, groups) / count.clamp(min=1.0)
+
+
+def group_var(
+    values: torch.Tensor, groups: Groups, unbiased: bool = True, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Variance within each group -> [Q]: sum (x - mean)^2 / (n - 1) if ``unbiased`` else / n.
+
+    Groups with fewer than two (selected) samples get variance 0.
+    """
+    count = group_count(groups, weights, values.dtype)
+    mean = group_mean(values, groups, weights)
+    dev2 = (values - groups.gather(mean)) ** 2
+    if weights is not None:
+        dev2 = torch.where(weights.bool(), dev2, torch.zeros((), dtype=values.dtype, device=values.device))
+    denom = count - 1.0 if unbiased else count
+    var = group_sum(dev2, groups) / denom.clamp(min=1.0)
+    return torch.where(count > 1.0, var, torch.zeros_like(var))
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(max(x, 0)) with gradient 0 (not inf) where x <= 0."""
+    positive = x > 0
+    return torch.where(
+        positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x)
+    )
+
+
+def group_std(
+    values: torch.Tensor, groups: Groups, unbiased: bool = True, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Standard deviation within each group -> [Q] (0 for groups with fewer than two samples)."""
+    return safe_sqrt(group_var(values, groups, unbiased, weights))
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Count, mean and standard deviation of one value per sample, per group."""
+
+    groups: Groups
+    count: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @property
+    def zero_std(self) -> torch.Tensor:
+        """[Q] bool: groups whose values are all equal (includes single-sample groups)."""
+        return self.std <= 0
+
+    def zero_std_frac(self) -> torch.Tensor:
+        """Fraction of groups with zero spread (TRL ``frac_reward_zero_std``)."""
+        if self.groups.num == 0:
+            return torch.zeros(())
+        return self.zero_std.float().mean()
+
+
+def group_stats(
+    values: torch.Tensor, groups: Groups, unbiased: bool = True, weights: torch.Tensor | None = None
+) -> GroupStats:
+    """Count, mean and std (unbiased by default) of ``values`` [B] in each group."""
+    return GroupStats(
+        groups=groups,
+        count=group_count(groups, weights, values.dtype),
+        mean=group_mean(values, groups, weights),
+        std=group_std(values, groups, unbiased, weights),
+    )
+
+
+def batch_mean_std(values: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of ``values`` [B] over the whole batch (std 0 when fewer than two samples)."""
+    n = values.shape[0]
+    if n == 0:
+        zero = torch.zeros((), dtype=values.dtype, device=values.device)
+        return zero, zero
+    mean = values.mean()
+    denom = max(n - 1, 1) if unbiased else n
+    var = ((values - mean) ** 2).sum() / denom
+    return mean, safe_sqrt(var) if n > 1 else torch.zeros_like(var)

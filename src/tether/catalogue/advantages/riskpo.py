@@ -1,0 +1,194 @@
+"""RiskPO: mixed Value-at-Risk advantages over bundles of prompts, with a quantile tracker."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from tether.catalogue.advantages._group_scores import (
+    check_mask,
+    check_rewards,
+    group_inverse,
+    group_mean_std,
+    to_tokens,
+)
+from tether.catalogue.contracts import Metrics, detached
+from tether.catalogue.registry import register
+from tether.errors import InvalidInputError
+
+RiskCredit = Literal["sum-mean", "uniform", "std", "score"]
+
+# Levels of the tracked quantile grid: 0.05, 0.10, ..., 0.95.
+QUANTILE_LEVELS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def paper_scores(
+    rewards: torch.Tensor, bundle_ids: torch.Tensor, sample_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paper scores S_{b,j} = sum over prompts q in bundle b of r_{q,j}.
+
+    Returns (scores [P], paper index per sample [B], bundle index per paper [P]), where a paper is
+    one (bundle, rollout index j) pair.
+    """
+    bundle_inv, _ = group_inverse(bundle_ids)
+    span = int(sample_index.max().item()) + 1 if sample_index.numel() else 1
+    key = bundle_inv * span + sample_index.long()
+    uniq, paper_inv = torch.unique(key, return_inverse=True)
+    scores = torch.zeros(uniq.numel(), dtype=rewards.dtype, device=rewards.device)
+    scores = scores.index_add(0, paper_inv, rewards.detach())
+    return scores, paper_inv, uniq // span
+
+
+def mixed_var_weight(
+    scores: torch.Tensor,
+    a: torch.Tensor,
+    c: torch.Tensor,
+    alpha: float,
+    beta: float,
+    w: float,
+    kappa: float,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Per-paper weight g = (w g_C + g_R) / (w + 1) before the per-bundle std normalisation.
+
+    g_R = [(S - a)^+ - (S - c)^+ + kappa (a - c)] / (beta - alpha + eps);  g_C = -(a - S)^+ / (alpha + eps).
+    """
+    g_r = (torch.relu(scores - a) - torch.relu(scores - c) + kappa * (a - c)) / (beta - alpha + eps)
+    g_c = -torch.relu(a - scores) / (alpha + eps)
+    return (w * g_c + g_r) / (w + 1.0)
+
+
+def _nearest_level(level: float) -> int:
+    return min(range(len(QUANTILE_LEVELS)), key=lambda k: abs(QUANTILE_LEVELS[k] - level))
+
+
+def _check_grid(quantile_grid: torch.Tensor) -> None:
+    if quantile_grid.shape != (len(QUANTILE_LEVELS),):
+        raise InvalidInputError(
+            f"quantile_grid must be a [{len(QUANTILE_LEVELS)}] tensor of tracked quantiles at levels "
+            f"0.05..0.95, got shape {tuple(quantile_grid.shape)}; pass None at the first step"
+        )
+
+
+def riskpo_update_quantiles(
+    quantile_grid: torch.Tensor | None,
+    rewards: torch.Tensor,
+    bundle_ids: torch.Tensor,
+    sample_index: torch.Tensor,
+    eta: float = 0.1,
+) -> torch.Tensor:
+    """RiskPO's quantile tracker: q_lambda <- q_lambda + eta (lambda - F_hat(q_lambda)).
+
+    F_hat(x) = fraction of this step's paper scores strictly below x. With ``quantile_grid=None``
+    (first step) the grid is initialised at the empirical lambda-quantiles of the paper scores.
+    """
+    scores, _, _ = paper_scores(rewards, bundle_ids, sample_index)
+    levels = torch.tensor(QUANTILE_LEVELS, dtype=scores.dtype, device=scores.device)
+    if quantile_grid is None:
+        return torch.quantile(scores, levels)
+    _check_grid(quantile_grid)
+    grid = quantile_grid.detach().to(scores.dtype)
+    below = (scores.unsqueeze(0) < grid.unsqueeze(1)).to(scores.dtype).mean(-1)
+    return grid + eta * (levels - below)
+
+
+@register(
+    "advantage",
+    "riskpo",
+    paper="RiskPO: Risk-based Policy Optimization via Verifiable Reward for LLM Post-Training",
+    arxiv="2510.00911",
+    status="exact",
+    card="adv#B2",
+    state_update=riskpo_update_quantiles,
+)
+def riskpo(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    bundle_ids: torch.Tensor,
+    sample_index: torch.Tensor,
+    response_mask: torch.Tensor,
+    quantile_grid: torch.Tensor | None = None,
+    alpha: float = 0.2,
+    beta: float = 0.8,
+    w: float = 1.5,
+    kappa: float = 0.0,
+    credit: RiskCredit = "sum-mean",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, Metrics]:
+    """RiskPO: a mixed Value-at-Risk objective over bundles of prompts stresses the low-score tail.
+
+    Paper: Ren et al., "RiskPO: Risk-based Policy Optimization via Verifiable Reward for LLM
+    Post-Training", arXiv 2510.00911. Exact (RTkenny/RiskPO, quantile-tracking bundle advantage;
+    defaults of the DAPO-Math script: alpha=0.2, beta=0.8, w=1.5, kappa=0, credit "sum-mean").
+
+    Paper (b, j) = rollout j of every prompt in bundle b; S_{b,j} = sum_{q in b} r_{q,j}.
+    a, c = quantiles at levels alpha, beta: per-bundle empirical quantiles of S when
+    ``quantile_grid`` is None (first step), else the tracked grid values nearest alpha and beta.
+      g_R = [(S-a)^+ - (S-c)^+ + kappa (a-c)] / (beta-alpha+eps),  g_C = -(a-S)^+ / (alpha+eps)
+      g = (w g_C + g_R) / (w+1),  g <- g / (std_j S_{b,j} + eps)   (std := 1 for a one-paper bundle)
+    Credit to response (q, j): "sum-mean" A = g d_{q,j} / sum_{q' in b} d_{q',j} with d = r - mean_q
+    (g / |b| when |sum d| <= 1e-6); "uniform" A = g; "std" A = g / (std_q + eps) (std_q := 1 if
+    < 1e-3); "score" A = g * (0.5 if r > 0 else 1.5). The tracker is ``riskpo_update_quantiles``.
+    As in the code, a bundle whose papers all tie has std 0, so under tracked quantiles its nonzero
+    g is divided by eps alone (empirical quantiles give g = 0 there).
+    Inputs: rewards, group_ids (prompt), bundle_ids (bundle of the prompt), sample_index (j) [B].
+    """
+    check_rewards(rewards, group_ids)
+    check_mask(response_mask, rewards.shape[0])
+    if not 0.0 < alpha < beta < 1.0:
+        raise InvalidInputError(f"riskpo: need 0 < alpha < beta < 1, got alpha={alpha}, beta={beta}")
+    if w < 0:
+        raise InvalidInputError(f"riskpo: the CVaR weight w must be >= 0, got {w}")
+    if bundle_ids.shape != rewards.shape or sample_index.shape != rewards.shape:
+        raise InvalidInputError("riskpo: bundle_ids and sample_index must be [batch] tensors like rewards")
+    if credit not in ("sum-mean", "uniform", "std", "score"):
+        raise InvalidInputError(f"riskpo: credit must be sum-mean, uniform, std or score, got {credit!r}")
+    r = rewards.detach()
+    scores, paper_inv, paper_bundle = paper_scores(r, bundle_ids, sample_index)
+    n_bundles = int(paper_bundle.max().item()) + 1 if paper_bundle.numel() else 0
+    if quantile_grid is None:
+        a = torch.zeros(n_bundles, dtype=r.dtype, device=r.device)
+        c = torch.zeros_like(a)
+        for b in range(n_bundles):
+            s_b = scores[paper_bundle == b]
+            a[b] = torch.quantile(s_b, alpha)
+            c[b] = torch.quantile(s_b, beta)
+        a_p, c_p = a[paper_bundle], c[paper_bundle]
+    else:
+        _check_grid(quantile_grid)
+        grid = quantile_grid.detach().to(r.dtype)
+        a_p = grid[_nearest_level(alpha)].expand_as(scores)
+        c_p = grid[_nearest_level(beta)].expand_as(scores)
+    g = mixed_var_weight(scores, a_p, c_p, alpha, beta, w, kappa, eps)
+    _, s_std, s_count = group_mean_std(scores, paper_bundle)
+    s_std = torch.where(s_count < 2, torch.ones_like(s_std), s_std)
+    g = g / (s_std + eps)
+    g_sample = g[paper_inv]
+    if credit == "uniform":
+        adv = g_sample
+    elif credit == "score":
+        adv = g_sample * torch.where(r > 0, torch.full_like(r, 0.5), torch.full_like(r, 1.5))
+    elif credit == "std":
+        _, q_std, _ = group_mean_std(r, group_ids)
+        q_std = torch.where(q_std < 1e-3, torch.ones_like(q_std), q_std)
+        adv = g_sample / (q_std + eps)
+    else:
+        q_mean, _, _ = group_mean_std(r, group_ids)
+        d = r - q_mean
+        d_sum = torch.zeros_like(scores).index_add(0, paper_inv, d)[paper_inv]
+        n_prompts = torch.zeros_like(scores).index_add(0, paper_inv, torch.ones_like(r))[paper_inv]
+        ok = d_sum.abs() > 1e-6
+        adv = torch.where(
+            ok, g_sample * d / torch.where(ok, d_sum, torch.ones_like(d_sum)), g_sample / n_prompts
+        )
+    out = to_tokens(adv, response_mask)
+    metrics: Metrics = {
+        "riskpo/paper_score_mean": detached(scores.mean()),
+        "riskpo/quantile_low": detached(a_p.mean()),
+        "riskpo/quantile_high": detached(c_p.mean()),
+        "riskpo/weight_mean": detached(g.mean()),
+        "adv/mean": detached(adv.mean()),
+        "adv/abs_max": detached(adv.abs().max()),
+    }
+    return out, metrics
