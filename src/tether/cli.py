@@ -83,6 +83,39 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tether.recipes import load_recipe, recipe_names
+
+    recipes = [load_recipe(n) for n in recipe_names()]
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"name": r.name, "description": r.description, "paper": r.paper, "arxiv": r.arxiv}
+                    for r in recipes
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    table = Table(title=f"tether recipes ({len(recipes)})")
+    for col in ("recipe", "advantage", "policy loss", "regularizers", "description"):
+        table.add_column(col, overflow="fold")
+    for r in recipes:
+        table.add_row(
+            r.name,
+            " -> ".join(a["name"] for a in r.advantage),
+            r.policy_loss["name"],
+            ", ".join(c["name"] for c in r.regularizers) or "-",
+            r.description,
+        )
+    Console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tether.catalogue.registry import KINDS
 
@@ -96,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--markdown", action="store_true", help="print the catalogue as Markdown")
     p_list.add_argument("--kind", choices=KINDS, default=None, help="only this kind")
     p_list.set_defaults(func=_cmd_list)
+    p_rec = sub.add_parser("recipes", help="list the recipes (named methods)")
+    p_rec.add_argument("--json", action="store_true")
+    p_rec.set_defaults(func=_cmd_recipes)
+    from tether.lm.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

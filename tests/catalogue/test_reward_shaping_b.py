@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tether.catalogue import get
-from tether.catalogue.advantages._group_scores import grpo_scores
+from tether.catalogue.advantages.group_stats import grpo_scores
 from tether.errors import InvalidInputError
 
 overlong = get("reward", "dapo_overlong").fn

@@ -140,3 +140,11 @@ def aggregate(
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-mean of ``values`` over valid positions (0 when nothing is valid). For metrics."""
     return aggregate(values, mask, "token-mean")
+
+
+def masked_seq_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` [B, T] over the valid tokens of each row -> [B]; 0 for an all-padding row."""
+    valid = mask.bool()
+    zeros = torch.zeros((), dtype=values.dtype, device=values.device)
+    total = torch.where(valid, values, zeros).sum(-1)
+    return total / valid.sum(-1).clamp(min=1).to(values.dtype)

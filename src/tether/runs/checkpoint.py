@@ -116,7 +116,14 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = 2) -> Pat
     final = root / _name(ckpt.step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_name(ckpt.step)}-", dir=root))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in ckpt.tensors.items():
+            t = v.detach().contiguous().cpu()
+            ptr = t.untyped_storage().data_ptr()
+            # safetensors refuses shared storage (tied embeddings): store a copy; loading restores both.
+            tensors[k] = t.clone() if ptr in seen else t
+            seen.add(ptr)
         save_file(tensors, str(tmp / "tensors.safetensors"))
         with open(tmp / "state.json", "w", encoding="utf-8") as fh:
             json.dump({"step": ckpt.step, **ckpt.state}, fh, sort_keys=True)

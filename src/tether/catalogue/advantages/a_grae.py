@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.advantages.baselines import (
-    AdvantageOutput,
-    finish,
-    outcome_group_stats,
-    verl_single_sample,
-)
+from tether.catalogue.advantages.baselines import AdvantageOutput, finish, outcome_group_stats
+from tether.catalogue.advantages.group_stats import grpo_standardise, verl_single_sample
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
@@ -48,8 +44,8 @@ def a_grae(
     r, stats = outcome_group_stats(rewards, response_mask, group_ids)
     if bool(((r < 0) | (r > 1)).any()):
         raise InvalidInputError("a_grae: rewards must be accuracies in [0, 1]")
-    mean, std = verl_single_sample(stats)
-    a0 = (r - mean) / (std + eps)
+    mean, _ = verl_single_sample(stats)
+    a0 = grpo_standardise(r, stats, eps)
     mu_group = torch.where(stats.count <= 1.0, torch.zeros_like(stats.mean), stats.mean)
     mu_bar = mu_group.mean() if stats.groups.num > 0 else torch.zeros((), dtype=r.dtype)
     root = torch.sqrt(mean.clamp(0.0, 1.0))

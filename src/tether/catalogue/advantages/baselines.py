@@ -17,6 +17,8 @@ from tether.catalogue.advantages.group_stats import (
     batch_mean_std,
     group_stats,
     groups_of,
+    grpo_standardise,
+    verl_single_sample,
 )
 from tether.catalogue.contracts import Metrics
 from tether.catalogue.registry import register
@@ -33,14 +35,6 @@ def outcome_group_stats(
     r = as_float(rewards)
     groups = groups_of(group_ids, r.shape[0])
     return r, group_stats(r, groups, unbiased=unbiased)
-
-
-def verl_single_sample(stats: GroupStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (mean, std) with verl's convention: a single-sample group has mean 0 and std 1."""
-    single = stats.count <= 1.0
-    mean = torch.where(single, torch.zeros_like(stats.mean), stats.mean)
-    std = torch.where(single, torch.ones_like(stats.std), stats.std)
-    return stats.groups.gather(mean), stats.groups.gather(std)
 
 
 def finish(
@@ -137,8 +131,7 @@ def grpo(
     A group whose rewards are all equal gets A = 0. Invariant to r -> a r + b with a > 0 (up to eps).
     """
     r, stats = outcome_group_stats(rewards, response_mask, group_ids)
-    mean, std = verl_single_sample(stats)
-    return finish((r - mean) / (std + eps), response_mask, r, stats)
+    return finish(grpo_standardise(r, stats, eps), response_mask, r, stats)
 
 
 @register(

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from tether.catalogue.advantages.baselines import AdvantageOutput, verl_single_sample
+from tether.catalogue.advantages.baselines import AdvantageOutput
 from tether.catalogue.advantages.broadcast import advantage_metrics, as_float, check_outcome, to_tokens
-from tether.catalogue.advantages.group_stats import Groups, group_stats, groups_of
+from tether.catalogue.advantages.group_stats import Groups, group_stats, groups_of, verl_single_sample
 from tether.catalogue.contracts import Metrics, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError

@@ -29,10 +29,12 @@ def check_outcome(rewards: torch.Tensor, response_mask: torch.Tensor, allow_comp
         )
 
 
-def check_per_sample(name: str, tensor: torch.Tensor, batch: int) -> None:
-    if tensor.dim() != 1 or tensor.shape[0] != batch:
+def check_per_sample(name: str, tensor: torch.Tensor, batch: int | None = None) -> None:
+    """``tensor`` must be [batch] (any length when ``batch`` is None)."""
+    if tensor.dim() != 1 or (batch is not None and tensor.shape[0] != batch):
+        count = "" if batch is None else f" ({batch})"
         raise InvalidInputError(
-            f"{name} must be a [batch] tensor with one value per sample ({batch}), got shape {tuple(tensor.shape)}"
+            f"{name} must be a [batch] tensor with one value per sample{count}, got shape {tuple(tensor.shape)}"
         )
 
 

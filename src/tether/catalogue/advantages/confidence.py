@@ -13,15 +13,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tether.catalogue.advantages._group_scores import (
-    check_mask,
-    check_rewards,
-    group_inverse,
-    group_sum,
-    masked_seq_mean,
-    to_tokens,
-)
-from tether.catalogue.contracts import Metrics, check_same_shape, detached, token_advantages
+from tether.catalogue.advantages.broadcast import check_outcome, to_tokens
+from tether.catalogue.advantages.group_stats import group_count, group_sum, groups_of
+from tether.catalogue.aggregate import masked_seq_mean
+from tether.catalogue.contracts import Metrics, check_groups, check_same_shape, detached, token_advantages
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
@@ -113,8 +108,8 @@ def capo(
     ``noise_quantile=q`` and ``ref_logprobs``, correct samples whose reference confidence is below
     the batch q-quantile and wrong samples above the (1-q)-quantile get A = 0 and leave the pairs.
     """
-    check_rewards(rewards, group_ids)
-    check_mask(response_mask, rewards.shape[0])
+    check_outcome(rewards, response_mask)
+    check_groups(group_ids, rewards.shape[0])
     check_same_shape("logprobs", logprobs, response_mask=response_mask, ref_logprobs=ref_logprobs)
     if normalization not in ("auc", "card"):
         raise InvalidInputError(f"capo: normalization must be 'auc' or 'card', got {normalization!r}")
@@ -135,14 +130,15 @@ def capo(
             dropped = (correct & (ref_s < lo)) | (wrong & (ref_s > hi))
             correct = correct & ~dropped
             wrong = wrong & ~dropped
-    inverse, n = group_inverse(group_ids)
+    groups = groups_of(group_ids, s.shape[0])
+    inverse = groups.index
     same = inverse.unsqueeze(0) == inverse.unsqueeze(1)
     pair = same & correct.unsqueeze(1) & wrong.unsqueeze(0)  # [i in P, j in N]
     sig = torch.sigmoid(s.unsqueeze(0) - s.unsqueeze(1))  # sig[i, j] = sigmoid(s_j - s_i)
     sig = torch.where(pair, sig, torch.zeros_like(sig))
-    n_pos = group_sum(correct.to(s.dtype), inverse, n)[inverse]
-    n_neg = group_sum(wrong.to(s.dtype), inverse, n)[inverse]
-    size = group_sum(torch.ones_like(s), inverse, n)[inverse]
+    n_pos = groups.gather(group_count(groups, correct, s.dtype))
+    n_neg = groups.gather(group_count(groups, wrong, s.dtype))
+    size = groups.gather(group_count(groups, dtype=s.dtype))
     pos_sum = sig.sum(1)  # for i in P
     neg_sum = sig.sum(0)  # for j in N
     if normalization == "auc":
@@ -215,16 +211,16 @@ def progrpo(
     ``advantages`` ([B] or [B, T], e.g. GRPO's) is an input, as in ``ace``, so ARM composes with any
     estimator. alpha = 0 returns the base advantages (card: sweep {0.1, 0.5}).
     """
-    check_rewards(rewards, group_ids)
-    check_mask(response_mask, rewards.shape[0])
+    check_outcome(rewards, response_mask)
+    check_groups(group_ids, rewards.shape[0])
     check_same_shape("logprobs", logprobs, response_mask=response_mask)
     check_same_shape("prompt_logprobs", prompt_logprobs, prompt_mask=prompt_mask)
     if not 0.0 < low_fraction <= 1.0:
         raise InvalidInputError(f"progrpo: low_fraction must be in (0, 1], got {low_fraction}")
     c_q = torch.exp(masked_seq_mean(prompt_logprobs.detach(), prompt_mask))
     c_o = low_probability_confidence(logprobs, response_mask, low_fraction)
-    inverse, n = group_inverse(group_ids)
-    any_correct = group_sum((rewards.detach() > 0).to(c_o.dtype), inverse, n)[inverse] > 0
+    groups = groups_of(group_ids, c_o.shape[0])
+    any_correct = groups.gather(group_sum((rewards.detach() > 0).to(c_o.dtype), groups)) > 0
     shift = torch.where(any_correct, alpha * (c_q - c_o), torch.zeros_like(c_o))
     adv = token_advantages(advantages.detach(), response_mask).to(logprobs.dtype) + shift.unsqueeze(-1)
     out = to_tokens(adv, response_mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.advantages._group_scores import check_mask, check_rewards, to_tokens
+from tether.catalogue.advantages.broadcast import check_outcome, to_tokens
 from tether.catalogue.contracts import Metrics, check_same_shape, detached, token_advantages
 from tether.catalogue.ratio import log_ratio
 from tether.catalogue.registry import register
@@ -55,8 +55,7 @@ def dcpo(
     A'_{i,t} = (1 - alpha) A_i + alpha b_i rho_{i,t}.  Feed A' to dual-clip PPO (0.2, 0.2, c=3), token-mean.
     ``old_logits`` are the behaviour policy's logits at sampling temperature 1 (as ``old_logprobs``).
     """
-    check_rewards(rewards)
-    check_mask(response_mask, rewards.shape[0])
+    check_outcome(rewards, response_mask)
     check_same_shape("old_logprobs", old_logprobs, response_mask=response_mask, token_ids=token_ids)
     if old_logits.dim() != 3 or old_logits.shape[:2] != old_logprobs.shape:
         raise InvalidInputError(

@@ -10,7 +10,8 @@ vectorised ``index_add`` over the batch, differentiable, and free of NaN:
 - standard deviations through :func:`safe_sqrt`, whose gradient is 0 (not inf) at 0.
 
 Conventions that differ between methods (verl's "a single-sample group has mean 0, std 1")
-are applied by the estimators, not here.
+are applied by the estimators through :func:`verl_single_sample`; :func:`grpo_standardise`
+is the one implementation of GRPO's (r - mean) / (std + eps) with that convention.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 
 from tether.catalogue.contracts import check_groups
 from tether.errors import InvalidInputError
+
+GRPO_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class Groups:
     def gather(self, per_group: torch.Tensor) -> torch.Tensor:
         """Per-group values [Q, ...] to per-sample values [B, ...]."""
         return per_group[self.index]
+
+    def members(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[Q, B] bool: sample b belongs to group q (and ``rows[b]`` is true, when given)."""
+        ids = torch.arange(self.num, device=self.index.device)
+        out = self.index.unsqueeze(0) == ids.unsqueeze(1)
+        return out if rows is None else out & rows.unsqueeze(0)
 
 
 def groups_of(group_ids: torch.Tensor, batch: int) -> Groups:
@@ -147,3 +156,23 @@ def batch_mean_std(values: torch.Tensor, unbiased: bool = True) -> tuple[torch.T
     denom = max(n - 1, 1) if unbiased else n
     var = ((values - mean) ** 2).sum() / denom
     return mean, safe_sqrt(var) if n > 1 else torch.zeros_like(var)
+
+
+def verl_single_sample(stats: GroupStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (mean, std) with verl's convention: a single-sample group has mean 0 and std 1."""
+    single = stats.count <= 1.0
+    mean = torch.where(single, torch.zeros_like(stats.mean), stats.mean)
+    std = torch.where(single, torch.ones_like(stats.std), stats.std)
+    return stats.groups.gather(mean), stats.groups.gather(std)
+
+
+def grpo_standardise(values: torch.Tensor, stats: GroupStats, eps: float = GRPO_EPS) -> torch.Tensor:
+    """GRPO's (v - mean_g) / (std_g + eps) per sample [B] from ``stats`` of ``values`` (verl singletons)."""
+    mean, std = verl_single_sample(stats)
+    return (values - mean) / (std + eps)
+
+
+def grpo_scores(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = GRPO_EPS) -> torch.Tensor:
+    """GRPO scores of detached ``rewards`` [B]: unbiased group std, singletons use mean 0, std 1 (verl)."""
+    r = rewards.detach()
+    return grpo_standardise(r, group_stats(r, groups_of(group_ids, r.shape[0])), eps)

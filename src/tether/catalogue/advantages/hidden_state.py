@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.advantages._group_scores import check_mask, to_tokens
-from tether.catalogue.contracts import Metrics, detached, token_advantages
+from tether.catalogue.advantages.broadcast import to_tokens
+from tether.catalogue.contracts import Metrics, check_2d, detached, token_advantages
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
@@ -113,7 +113,7 @@ def verl_er(
             f"verl_er: hidden_states must be [batch, tokens, dim] matching response_mask "
             f"{tuple(response_mask.shape)}, got {tuple(hidden_states.shape)}"
         )
-    check_mask(response_mask, hidden_states.shape[0])
+    check_2d("response_mask", response_mask)
     if stride < 1 or kappa <= 0:
         raise InvalidInputError(
             f"verl_er: need stride >= 1 and kappa > 0, got stride={stride}, kappa={kappa}"

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.advantages._group_scores import (
-    GRPO_EPS,
-    check_mask,
-    check_rewards,
-    group_mean_std,
-    grpo_scores,
-    to_tokens,
-)
-from tether.catalogue.contracts import Metrics, detached
+from tether.catalogue.advantages.broadcast import check_outcome, to_tokens
+from tether.catalogue.advantages.group_stats import GRPO_EPS, group_mean, groups_of, grpo_scores
+from tether.catalogue.contracts import Metrics, check_groups, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
@@ -48,8 +42,8 @@ def pairing_weights(
     invariance). Defaults: tau+ = 0.25, tau- = 0.75 from the card; the paper's lambdas are unknown,
     2.0 is our choice (lambda = 1 gives GRPO). Pair selection of prompts is the sampler's job.
     """
-    check_rewards(rewards, group_ids)
-    check_mask(response_mask, rewards.shape[0])
+    check_outcome(rewards, response_mask)
+    check_groups(group_ids, rewards.shape[0])
     if not 0.0 < tau_plus < tau_minus < 1.0:
         raise InvalidInputError(
             f"pairing_weights: need 0 < tau_plus < tau_minus < 1, got {tau_plus}, {tau_minus}"
@@ -57,7 +51,8 @@ def pairing_weights(
     if lambda_plus < 0 or lambda_minus < 0:
         raise InvalidInputError("pairing_weights: lambda_plus and lambda_minus must be >= 0")
     base = grpo_scores(rewards, group_ids, eps)
-    p, _, _ = group_mean_std((rewards.detach() > correct_threshold).to(base.dtype), group_ids)
+    groups = groups_of(group_ids, base.shape[0])
+    p = groups.gather(group_mean((rewards.detach() > correct_threshold).to(base.dtype), groups))
     hard = (p > 0) & (p <= tau_plus)
     brittle = (p >= tau_minus) & (p < 1)
     weight = torch.where(

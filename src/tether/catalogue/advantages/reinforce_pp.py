@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.advantages.baselines import AdvantageOutput, outcome_group_stats, verl_single_sample
+from tether.catalogue.advantages.baselines import AdvantageOutput, outcome_group_stats
 from tether.catalogue.advantages.broadcast import (
     advantage_metrics,
     as_float,
@@ -12,6 +12,7 @@ from tether.catalogue.advantages.broadcast import (
     masked_whiten,
     to_tokens,
 )
+from tether.catalogue.advantages.group_stats import verl_single_sample
 from tether.catalogue.contracts import check_same_shape
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError

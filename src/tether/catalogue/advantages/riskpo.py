@@ -6,14 +6,9 @@ from typing import Literal
 
 import torch
 
-from tether.catalogue.advantages._group_scores import (
-    check_mask,
-    check_rewards,
-    group_inverse,
-    group_mean_std,
-    to_tokens,
-)
-from tether.catalogue.contracts import Metrics, detached
+from tether.catalogue.advantages.broadcast import check_outcome, to_tokens
+from tether.catalogue.advantages.group_stats import group_stats, groups_of, verl_single_sample
+from tether.catalogue.contracts import Metrics, check_groups, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
@@ -31,7 +26,7 @@ def paper_scores(
     Returns (scores [P], paper index per sample [B], bundle index per paper [P]), where a paper is
     one (bundle, rollout index j) pair.
     """
-    bundle_inv, _ = group_inverse(bundle_ids)
+    bundle_inv = groups_of(bundle_ids, bundle_ids.shape[0]).index
     span = int(sample_index.max().item()) + 1 if sample_index.numel() else 1
     key = bundle_inv * span + sample_index.long()
     uniq, paper_inv = torch.unique(key, return_inverse=True)
@@ -134,8 +129,8 @@ def riskpo(
     g is divided by eps alone (empirical quantiles give g = 0 there).
     Inputs: rewards, group_ids (prompt), bundle_ids (bundle of the prompt), sample_index (j) [B].
     """
-    check_rewards(rewards, group_ids)
-    check_mask(response_mask, rewards.shape[0])
+    check_outcome(rewards, response_mask)
+    check_groups(group_ids, rewards.shape[0])
     if not 0.0 < alpha < beta < 1.0:
         raise InvalidInputError(f"riskpo: need 0 < alpha < beta < 1, got alpha={alpha}, beta={beta}")
     if w < 0:
@@ -161,8 +156,7 @@ def riskpo(
         a_p = grid[_nearest_level(alpha)].expand_as(scores)
         c_p = grid[_nearest_level(beta)].expand_as(scores)
     g = mixed_var_weight(scores, a_p, c_p, alpha, beta, w, kappa, eps)
-    _, s_std, s_count = group_mean_std(scores, paper_bundle)
-    s_std = torch.where(s_count < 2, torch.ones_like(s_std), s_std)
+    _, s_std = verl_single_sample(group_stats(scores, groups_of(paper_bundle, scores.shape[0])))
     g = g / (s_std + eps)
     g_sample = g[paper_inv]
     if credit == "uniform":
@@ -170,12 +164,13 @@ def riskpo(
     elif credit == "score":
         adv = g_sample * torch.where(r > 0, torch.full_like(r, 0.5), torch.full_like(r, 1.5))
     elif credit == "std":
-        _, q_std, _ = group_mean_std(r, group_ids)
+        q_stats = group_stats(r, groups_of(group_ids, r.shape[0]))
+        q_std = q_stats.groups.gather(q_stats.std)
         q_std = torch.where(q_std < 1e-3, torch.ones_like(q_std), q_std)
         adv = g_sample / (q_std + eps)
     else:
-        q_mean, _, _ = group_mean_std(r, group_ids)
-        d = r - q_mean
+        q_stats = group_stats(r, groups_of(group_ids, r.shape[0]))
+        d = r - q_stats.groups.gather(q_stats.mean)
         d_sum = torch.zeros_like(scores).index_add(0, paper_inv, d)[paper_inv]
         n_prompts = torch.zeros_like(scores).index_add(0, paper_inv, torch.ones_like(r))[paper_inv]
         ok = d_sum.abs() > 1e-6

@@ -6,14 +6,15 @@ from typing import Literal
 
 import torch
 
-from tether.catalogue.advantages._group_scores import (
+from tether.catalogue.advantages.broadcast import check_outcome, to_tokens
+from tether.catalogue.advantages.group_stats import (
     GRPO_EPS,
-    check_mask,
-    check_rewards,
-    group_mean_std,
-    to_tokens,
+    group_stats,
+    groups_of,
+    grpo_standardise,
+    verl_single_sample,
 )
-from tether.catalogue.contracts import Metrics, check_same_shape, detached
+from tether.catalogue.contracts import Metrics, check_groups, check_same_shape, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
@@ -21,13 +22,10 @@ TAG_NAMES = {1: "planning", 2: "explore", 3: "reflection"}
 
 
 def _normalise(values: torch.Tensor, keys: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
-    mean, std, count = group_mean_std(values, keys)
-    single = count < 2
-    mean = torch.where(single, torch.zeros_like(mean), mean)
+    stats = group_stats(values, groups_of(keys, values.shape[0]))
     if mode == "mean":
-        return values - mean
-    std = torch.where(single, torch.ones_like(std), std)
-    return (values - mean) / (std + eps)
+        return values - verl_single_sample(stats)[0]
+    return grpo_standardise(values, stats, eps)
 
 
 def step_runs(step_tags: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +76,8 @@ def rlvmr(
       A_{i,t} = A_ep_i + w A_tag(step of t) on tagged tokens, A_ep_i on untagged tokens.
     A lone step (or sample) in its normalisation set uses mean 0, std 1 (verl's convention).
     """
-    check_rewards(rewards, group_ids)
-    check_mask(response_mask, rewards.shape[0])
+    check_outcome(rewards, response_mask)
+    check_groups(group_ids, rewards.shape[0])
     check_same_shape("response_mask", response_mask, step_tags=step_tags, step_rewards=step_rewards)
     if norm not in ("mean_std", "mean"):
         raise InvalidInputError(f"rlvmr: norm must be 'mean_std' or 'mean', got {norm!r}")

@@ -5,19 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tether.catalogue.advantages.group_stats import groups_of
 from tether.catalogue.aggregate import AggregationLike
 from tether.catalogue.contracts import LossOutput, check_2d, check_groups, check_same_shape, detached
 from tether.catalogue.losses.ppo_clip import clip_loss
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
-
-
-def _group_index(group_ids: torch.Tensor, valid_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([Q, B] bool membership of rows with a valid token, [B] group index of every row)."""
-    inverse: torch.Tensor = torch.unique(group_ids, return_inverse=True)[1]
-    num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    ids = torch.arange(num_groups, device=group_ids.device)
-    return (inverse.unsqueeze(0) == ids.unsqueeze(1)) & valid_rows.unsqueeze(0), inverse
 
 
 def group_alignment_loss(
@@ -38,7 +31,8 @@ def group_alignment_loss(
     valid = response_mask.bool()
     valid_rows = valid.any(-1)
     seq = torch.where(valid, logprobs - ref_logprobs.to(dtype), zero).sum(-1)
-    members, inverse = _group_index(group_ids, valid_rows)
+    groups = groups_of(group_ids, valid_rows.shape[0])
+    members, inverse = groups.members(valid_rows), groups.index
     m = members.to(dtype)
     n_succ = m @ success.to(dtype)
     n_fail = m.sum(-1) - n_succ

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tether.catalogue.advantages.group_stats import groups_of
 from tether.catalogue.contracts import LossOutput, check_2d, check_groups, check_same_shape, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
-
-
-def _group_index(group_ids: torch.Tensor, valid_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([Q, B] bool membership of rows with a valid token, [B] group index of every row)."""
-    inverse: torch.Tensor = torch.unique(group_ids, return_inverse=True)[1]
-    num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    ids = torch.arange(num_groups, device=group_ids.device)
-    return (inverse.unsqueeze(0) == ids.unsqueeze(1)) & valid_rows.unsqueeze(0), inverse
 
 
 @register(
@@ -107,7 +100,8 @@ def flow_of_reasoning(
         estimate = log_z.detach().to(dtype).expand(batch) if log_z.dim() == 0 else log_z.detach().to(dtype)
     else:
         if per_group:
-            members, inverse = _group_index(group_ids, valid_rows)
+            groups = groups_of(group_ids, batch)
+            members, inverse = groups.members(valid_rows), groups.index
             m = members.to(dtype)
             group_mean = (m @ s) / m.sum(-1).clamp(min=1.0)
             baseline = group_mean[inverse]

@@ -7,20 +7,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tether.catalogue.advantages.group_stats import groups_of
 from tether.catalogue.contracts import LossOutput, check_2d, check_groups, check_same_shape, detached
 from tether.catalogue.ratio import log_ratio, ratio_metrics
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
 PacsScore = Literal["log_ratio", "mean_logprob"]
-
-
-def _group_members(group_ids: torch.Tensor, valid_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([Q, B] bool membership of rows with a valid token, [B] group index of every row)."""
-    inverse: torch.Tensor = torch.unique(group_ids, return_inverse=True)[1]
-    num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    ids = torch.arange(num_groups, device=group_ids.device)
-    return (inverse.unsqueeze(0) == ids.unsqueeze(1)) & valid_rows.unsqueeze(0), inverse
 
 
 @register(
@@ -84,7 +77,8 @@ def pacs(
     else:
         psi = beta * torch.where(valid, logprobs, zero).sum(-1) / lengths.clamp(min=1).to(dtype)
 
-    members, row_group = _group_members(group_ids, valid_rows)  # [Q, B], [B]
+    groups = groups_of(group_ids, batch)
+    members, row_group = groups.members(valid_rows), groups.index  # [Q, B], [B]
     m = members.to(dtype)
     group_sum = m @ torch.where(valid_rows, psi, zero)  # [Q]
     group_size = m.sum(-1)  # [Q]

@@ -7,20 +7,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tether.catalogue.advantages.group_stats import groups_of
 from tether.catalogue.contracts import LossOutput, check_2d, check_groups, check_same_shape, detached
 from tether.catalogue.ratio import log_ratio, ratio_metrics
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
 RealVariant = Literal["sum", "product", "bce"]
-
-
-def _group_members(group_ids: torch.Tensor, valid_rows: torch.Tensor) -> torch.Tensor:
-    """[Q, B] bool: row b belongs to group q (only rows with at least one valid token)."""
-    inverse: torch.Tensor = torch.unique(group_ids, return_inverse=True)[1]
-    num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    ids = torch.arange(num_groups, device=group_ids.device)
-    return (inverse.unsqueeze(0) == ids.unsqueeze(1)) & valid_rows.unsqueeze(0)
 
 
 def _log1p_sum_exp(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
@@ -103,7 +96,7 @@ def real(
     score = torch.where(valid, log_r, zero).sum(-1) / lengths.clamp(min=1).to(logprobs.dtype)
     x = score / tau
 
-    members = _group_members(group_ids, valid_rows)
+    members = groups_of(group_ids, batch).members(valid_rows)
     positive = (rewards > label_threshold).unsqueeze(0)
     pos = members & positive
     neg = members & ~positive

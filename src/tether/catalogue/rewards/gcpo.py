@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.advantages._group_scores import check_rewards, group_inverse, group_sum
+from tether.catalogue.advantages.broadcast import check_per_sample
+from tether.catalogue.advantages.group_stats import group_sum, groups_of
 from tether.catalogue.contracts import Metrics, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
@@ -36,19 +37,19 @@ def gcpo(
     Then apply GRPO normalisation. eta is not given in the sources; 0.0 is our default. The
     paper's length reward (form unknown) is left out; add format / length rewards separately.
     """
-    check_rewards(rewards, group_ids)
+    check_per_sample("rewards", rewards)
+    groups = groups_of(group_ids, rewards.shape[0])
     if uses_aux.shape != rewards.shape:
         raise InvalidInputError(f"gcpo: uses_aux must be a [batch] bool tensor, got {tuple(uses_aux.shape)}")
     if eta < 0:
         raise InvalidInputError(f"gcpo: eta must be >= 0, got {eta}")
     r = rewards.detach()
     aux = uses_aux.bool()
-    inverse, n = group_inverse(group_ids)
     a = aux.to(r.dtype)
-    n_u = group_sum(a, inverse, n)
-    n_n = group_sum(1.0 - a, inverse, n)
-    acc_u = group_sum(r * a, inverse, n) / n_u.clamp(min=1.0)
-    acc_n = group_sum(r * (1.0 - a), inverse, n) / n_n.clamp(min=1.0)
+    n_u = group_sum(a, groups)
+    n_n = group_sum(1.0 - a, groups)
+    acc_u = group_sum(r * a, groups) / n_u.clamp(min=1.0)
+    acc_n = group_sum(r * (1.0 - a), groups) / n_n.clamp(min=1.0)
     delta = acc_u - acc_n
     contrast = (n_u > 0) & (n_n > 0)
     mask = torch.where(
@@ -56,7 +57,7 @@ def gcpo(
         torch.ones_like(delta),
         torch.where(contrast & (delta < -eta), -torch.ones_like(delta), torch.zeros_like(delta)),
     )
-    out = r + mask[inverse] * aux_reward * a
+    out = r + groups.gather(mask) * aux_reward * a
     metrics: Metrics = {
         "gcpo/positive_group_frac": detached((mask > 0).to(r.dtype).mean()),
         "gcpo/negative_group_frac": detached((mask < 0).to(r.dtype).mean()),

@@ -7,8 +7,9 @@ from typing import Literal
 
 import torch
 
-from tether.catalogue.advantages._group_scores import check_mask, group_inverse, masked_seq_mean
-from tether.catalogue.contracts import Metrics, check_same_shape, detached
+from tether.catalogue.advantages.group_stats import groups_of
+from tether.catalogue.aggregate import masked_seq_mean
+from tether.catalogue.contracts import Metrics, check_2d, check_groups, check_same_shape, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
 
@@ -67,7 +68,8 @@ def d3s(
     ``entropy`` should be the behaviour policy's (used detached). kappa schedules (rising to 1 over
     training) and their start values are unknown; 0.5 is our default. kappa = 1 keeps every token.
     """
-    check_mask(response_mask, group_ids.shape[0])
+    check_2d("response_mask", response_mask)
+    check_groups(group_ids, response_mask.shape[0])
     check_same_shape("response_mask", response_mask, entropy=entropy)
     if not (0.0 < kappa_sample <= 1.0 and 0.0 < kappa_token <= 1.0):
         raise InvalidInputError(
@@ -85,7 +87,11 @@ def d3s(
         sample_adv = adv
         token_adv = adv.unsqueeze(-1).expand(response_mask.shape)
     keep_sample = torch.zeros(adv.shape[0], dtype=torch.bool, device=adv.device)
-    inverse, n = group_inverse(group_ids) if scope == "group" else (torch.zeros_like(group_ids), 1)
+    if scope == "group":
+        groups = groups_of(group_ids, response_mask.shape[0])
+        inverse, n = groups.index, groups.num
+    else:
+        inverse, n = torch.zeros_like(group_ids), 1
     for g in range(n):
         members = torch.nonzero(inverse == g).flatten()
         k = math.ceil(kappa_sample * members.numel() - 1e-9)

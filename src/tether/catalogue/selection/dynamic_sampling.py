@@ -6,7 +6,8 @@ from typing import Literal
 
 import torch
 
-from tether.catalogue.advantages._group_scores import check_rewards, group_inverse
+from tether.catalogue.advantages.broadcast import check_per_sample
+from tether.catalogue.advantages.group_stats import groups_of
 from tether.catalogue.contracts import Metrics, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
@@ -36,11 +37,12 @@ def dynamic_sampling(
     keeping all-wrong groups (NGRPO's filter, whose virtual max sample gives them a signal).
     Returns a [batch] bool keep mask.
     """
-    check_rewards(rewards, group_ids)
+    check_per_sample("rewards", rewards)
+    groups = groups_of(group_ids, rewards.shape[0])
     if drop not in ("all_equal", "all_correct"):
         raise InvalidInputError(f"dynamic_sampling: drop must be 'all_equal' or 'all_correct', got {drop!r}")
     r = rewards.detach()
-    inverse, n = group_inverse(group_ids)
+    inverse, n = groups.index, groups.num
     g_max = torch.full((n,), -torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amax")
     g_min = torch.full((n,), torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amin")
     flat = g_max == g_min

@@ -1,0 +1,149 @@
+"""``tether sft | train | eval | demo``: the language-model commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tether.config import ConfigError, apply_overrides, from_dict, load_yaml
+
+
+def _base(args: argparse.Namespace) -> dict[str, Any]:
+    return load_yaml(args.config) if getattr(args, "config", None) else {}
+
+
+def build_lm_config(args: argparse.Namespace) -> Any:
+    """Defaults <- recipe's train section <- --config file <- flags <- key=value overrides."""
+    from tether.lm.config import LMConfig
+    from tether.recipes import load_recipe
+
+    base = _base(args)
+    overrides = list(args.overrides)
+    recipe_name = args.recipe or base.get("recipe") or "grpo"
+    for o in overrides:
+        if o.startswith("recipe="):
+            recipe_name = o.split("=", 1)[1]
+    recipe = load_recipe(recipe_name)  # unknown recipe: clear error before any work
+    data: dict[str, Any] = {"train": dict(recipe.train)}
+    for key, value in base.items():
+        if key == "train" and isinstance(value, dict):
+            data["train"].update(value)
+        else:
+            data[key] = value
+    data["recipe"] = recipe_name
+    flags = []
+    if args.task:
+        flags.append(f"task.name={args.task}")
+    if args.steps is not None:
+        flags.append(f"train.steps={args.steps}")
+    if args.seed is not None:
+        flags.append(f"train.seed={args.seed}")
+    if args.out:
+        flags.append(f"run.out={args.out}")
+    return from_dict(LMConfig, apply_overrides(data, flags + overrides))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tether.lm.report import print_run_summary
+    from tether.lm.trainer import RLTrainer
+
+    cfg = build_lm_config(args)
+    trainer = RLTrainer(cfg, resume=args.resume)
+    summary = trainer.train()
+    if not args.no_eval:
+        from tether.lm.evaluate import evaluate
+
+        summary["eval"] = evaluate(
+            trainer.model, trainer.tokenizer, trainer.task, cfg.eval, cfg.sampling, seed=cfg.train.seed
+        )
+        trainer.run.write_summary(summary)
+    print_run_summary(summary, trainer.run.path)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from tether.lm.config import SFTConfig
+    from tether.lm.report import print_run_summary
+    from tether.lm.sft import run_sft
+
+    data = _base(args)
+    flags = []
+    if args.task:
+        flags.append(f"task.name={args.task}")
+    if args.steps is not None:
+        flags.append(f"sft.steps={args.steps}")
+    if args.seed is not None:
+        flags.append(f"sft.seed={args.seed}")
+    cfg = from_dict(SFTConfig, apply_overrides(data, flags + list(args.overrides)))
+    summary = run_sft(cfg, out=args.out)
+    print_run_summary(summary, Path(summary["model_dir"]).parent)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tether.lm.config import EvalSettings, TaskConfig
+    from tether.lm.evaluate import evaluate
+    from tether.lm.model import ModelConfig, load_policy
+    from tether.lm.rollout import SamplingConfig
+    from tether.lm.tasks import get_task
+
+    path = Path(args.checkpoint)
+    model_dir = path / "model" if (path / "model").is_dir() else path
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"{str(path)!r} is neither a run directory with model/ nor a model directory")
+    data = apply_overrides({}, list(args.overrides))
+    task_cfg = from_dict(TaskConfig, data.get("task", {}) | ({"name": args.task} if args.task else {}))
+    settings = from_dict(
+        EvalSettings,
+        data.get("eval", {}) | {k: v for k, v in (("prompts", args.prompts), ("k", args.k)) if v},
+    )
+    sampling = from_dict(SamplingConfig, data.get("sampling", {}))
+    model, tok = load_policy(from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}))
+    result = evaluate(model, tok, get_task(task_cfg.name, **task_cfg.params), settings, sampling)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tether.lm.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    def common(p: argparse.ArgumentParser, steps_help: str) -> None:
+        p.add_argument("--task", default=None, help="task name (arithmetic, countdown, file)")
+        p.add_argument("--steps", type=int, default=None, help=steps_help)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--out", default=None, help="run directory")
+        p.add_argument("--config", default=None, help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    p = sub.add_parser("train", help="RL on a language model with a recipe")
+    p.add_argument("--recipe", default=None, help="recipe name (tether recipes) or path to YAML")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+    common(p, "RL steps")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="supervised warm start on a task's reference solutions")
+    common(p, "SFT steps")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("eval", help="accuracy, pass@k and entropy of a checkpoint on held-out prompts")
+    p.add_argument("checkpoint", help="run directory or model directory")
+    p.add_argument("--task", default=None)
+    p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument(
+        "overrides", nargs="*", help="key.sub=value (task.params.digits=2, sampling.temperature=1)"
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: SFT, then GRPO and a stabilizing recipe, side by side")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,149 @@
+"""Configuration of the language-model world: one dataclass per section, validated at load.
+
+Every field has a documented default; ranges are declared in the field metadata and checked by
+:mod:`tether.config` before any work. Method-specific trainer defaults come from the recipe's
+``train:`` section and are overridden by the command line (``train.lr=1e-5``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tether.config import ConfigError
+from tether.lm.model import ModelConfig
+from tether.lm.rollout import SamplingConfig
+from tether.monitor import MonitorConfig
+
+
+@dataclass
+class TaskConfig:
+    name: str = field(default="arithmetic", metadata={"help": "registered task: arithmetic, countdown, file"})
+    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "task constructor arguments"})
+
+
+@dataclass
+class TrainSettings:
+    steps: int = field(default=100, metadata={"min": 1, "help": "RL steps (one rollout batch each)"})
+    prompts_per_step: int = field(default=16, metadata={"min": 1, "help": "prompts per rollout batch"})
+    group_size: int = field(
+        default=8, metadata={"min": 2, "help": "G: samples per prompt (>= 2 for group baselines)"}
+    )
+    epochs: int = field(
+        default=1, metadata={"min": 1, "help": "K: passes over each rollout batch (PPO epochs)"}
+    )
+    minibatches: int = field(default=1, metadata={"min": 1, "help": "optimizer steps per epoch"})
+    micro_batch_size: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "sequences per forward pass (0: whole mini-batch); no effect on the math",
+        },
+    )
+    lr: float = field(
+        default=1e-5, metadata={"min": 0.0, "min_exclusive": True, "help": "AdamW learning rate"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    adam_beta1: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    adam_beta2: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
+    warmup_steps: int = field(default=0, metadata={"min": 0, "help": "linear learning-rate warm-up"})
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
+    seed: int = field(default=0, metadata={"help": "seeds prompts, sampling, and everything else"})
+    reference: Literal["auto", "always", "never"] = field(
+        default="auto",
+        metadata={"help": "frozen reference model: auto = when a component needs ref_logprobs"},
+    )
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "DAPO: drop groups with identical rewards and refill the batch"}
+    )
+    max_refill_rounds: int = field(
+        default=3, metadata={"min": 0, "help": "extra rollout rounds for refilling"}
+    )
+    mask_truncated: bool = field(
+        default=False, metadata={"help": "overlong filtering: truncated completions carry no loss"}
+    )
+    max_nan_skips: int = field(
+        default=3, metadata={"min": 1, "help": "consecutive non-finite steps before the run stops"}
+    )
+
+
+@dataclass
+class RunSettings:
+    out: str | None = field(
+        default=None, metadata={"help": "run directory (default runs/<recipe>-<task>-s<seed>)"}
+    )
+    checkpoint_every: int = field(default=25, metadata={"min": 1, "help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"min": 1})
+    eval_every: int = field(
+        default=0, metadata={"min": 0, "help": "held-out evaluation every N steps (0: end only)"}
+    )
+    log_samples: int = field(
+        default=4, metadata={"min": 0, "help": "completions written to samples.jsonl per step"}
+    )
+    tensorboard: bool = field(
+        default=False, metadata={"help": "also log metrics to TensorBoard (tether[tensorboard])"}
+    )
+    progress: bool = field(default=True, metadata={"help": "rich progress bar with ETA and key metrics"})
+    threads: int = field(default=0, metadata={"min": 0, "help": "torch CPU threads (0: torch's default)"})
+
+
+@dataclass
+class EvalSettings:
+    prompts: int = field(default=200, metadata={"min": 1, "help": "held-out prompts"})
+    k: int = field(default=8, metadata={"min": 1, "help": "samples per prompt for pass@k"})
+    temperature: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
+    batch_size: int = field(default=256, metadata={"min": 1})
+
+
+@dataclass
+class LMConfig:
+    """``tether train``: the RL loop on a language model."""
+
+    recipe: str = field(default="grpo", metadata={"help": "recipe name or path to a recipe YAML"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    method: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "parameter overrides per component: method.<slot or entry name>.<param>=value"},
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "start from this checkpoint's weights (e.g. an SFT run)"}
+    )
+
+    def validate(self) -> None:
+        if self.train.minibatches > self.train.prompts_per_step * self.train.group_size:
+            raise ConfigError(
+                f"train.minibatches={self.train.minibatches} exceeds the rollout batch "
+                f"({self.train.prompts_per_step} x {self.train.group_size}); lower it"
+            )
+
+
+@dataclass
+class SFTSettings:
+    steps: int = field(default=300, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"min": 0.0, "min_exclusive": True})
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    warmup_steps: int = field(default=20, metadata={"min": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
+    seed: int = 0
+    examples: int = field(
+        default=0, metadata={"min": 0, "help": "train examples used (0: the whole train split)"}
+    )
+
+
+@dataclass
+class SFTConfig:
+    """``tether sft``: supervised warm start on a task's reference solutions."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)

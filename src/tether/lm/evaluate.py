@@ -1,0 +1,91 @@
+"""Held-out evaluation: accuracy (pass@1), pass@k, greedy accuracy, entropy, length."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from tether.lm.config import EvalSettings
+from tether.lm.logprobs import completion_logprobs
+from tether.lm.rollout import SamplingConfig, make_sampler
+from tether.lm.tasks.base import Task, safe_score
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    settings: EvalSettings,
+    sampling: SamplingConfig,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Score ``settings.k`` samples per held-out prompt and one greedy completion."""
+    prompts = task.prompts("test", settings.prompts, seed=seed)
+    device = next(model.parameters()).device
+    sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
+    greedy_cfg = dataclasses.replace(sampling, temperature=1.0, top_k=1, top_p=1.0)
+    sampler = make_sampler(model, tokenizer, sample_cfg)
+    greedy = make_sampler(model, tokenizer, greedy_cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    correct: list[int] = []
+    greedy_correct = 0
+    fmt = 0
+    n_samples = 0
+    ent_sum = 0.0
+    ent_tokens = 0.0
+    len_sum = 0.0
+    per_prompt = max(1, settings.batch_size // settings.k)
+    for start in range(0, len(prompts), per_prompt):
+        chunk = prompts[start : start + per_prompt]
+        texts = [p.text for p in chunk for _ in range(settings.k)]
+        batch = sampler.generate(texts, generator=gen)
+        for i, p in enumerate(chunk):
+            c = 0
+            for j in range(settings.k):
+                s = safe_score(task, p, batch.completion_texts[i * settings.k + j])
+                c += int(s.correct)
+                fmt += int(s.format_ok)
+                n_samples += 1
+            correct.append(c)
+        _, ent = completion_logprobs(
+            model,
+            batch.prompt_ids.to(device),
+            batch.prompt_mask.to(device),
+            batch.completion_ids.to(device),
+            batch.completion_mask.to(device),
+            temperature=sample_cfg.temperature,
+            top_k=sample_cfg.top_k,
+            top_p=sample_cfg.top_p,
+            compute_entropy=True,
+        )
+        m = batch.completion_mask.to(device).float()
+        if ent is not None:
+            ent_sum += float((ent * m).sum())
+        ent_tokens += float(m.sum())
+        len_sum += float(m.sum())
+        g = greedy.generate([p.text for p in chunk], generator=gen)
+        greedy_correct += sum(int(safe_score(task, p, t).correct) for p, t in zip(chunk, g.completion_texts))
+    k = settings.k
+    return {
+        "accuracy": sum(correct) / max(n_samples, 1),
+        f"pass@{k}": sum(pass_at_k(k, c, k) for c in correct) / max(len(correct), 1),
+        "greedy_accuracy": greedy_correct / max(len(prompts), 1),
+        "entropy": ent_sum / max(ent_tokens, 1.0),
+        "format_rate": fmt / max(n_samples, 1),
+        "length_mean": len_sum / max(n_samples, 1),
+        "prompts": float(len(prompts)),
+        "k": float(k),
+    }

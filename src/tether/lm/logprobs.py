@@ -1,0 +1,183 @@
+"""Log-probabilities of the distribution that is actually sampled from.
+
+The sampler (:mod:`tether.lm.rollout`) and the trainer must agree on which distribution a
+token was drawn from, or the importance ratio ``pi_theta / pi_old`` is wrong from the first
+step (TRL #4159, #6789, #4772: temperature not applied, top-p / top-k truncation ignored).
+Both go through :func:`processed_logprobs`: logits divided by the temperature, truncated to
+the top-k and then to the nucleus (top-p), renormalised. The sampler records the log-prob of
+each sampled token under it; :func:`completion_logprobs` recomputes the same quantity with
+one forward pass of the model, differentiably. Their difference is the sampler/trainer
+log-prob gap (``rollout/logprob_gap_*``), ~0 for our own sampler.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "completion_logprobs",
+    "entropy_from_logprobs",
+    "position_ids_from_mask",
+    "processed_logprobs",
+    "truncation_mask",
+]
+
+
+@torch.no_grad()
+def truncation_mask(scaled_logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor | None:
+    """Boolean mask [..., V] of the tokens kept by top-k then top-p, or None when both are off.
+
+    Top-k keeps every token whose logit is >= the k-th largest (ties kept, as Hugging Face's
+    ``TopKLogitsWarper``). Top-p (nucleus) then keeps, of the renormalised top-k distribution,
+    the smallest set of most probable tokens whose cumulative probability reaches ``top_p``;
+    the most probable token is always kept. ``top_k=0`` and ``top_p=1.0`` switch them off.
+    """
+    vocab = scaled_logits.shape[-1]
+    keep: Tensor | None = None
+    x = scaled_logits
+    if 0 < top_k < vocab:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        keep = x >= kth
+        x = x.masked_fill(~keep, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(x, dim=-1, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)
+        # mass strictly before each token; the first token has 0 < top_p and is always kept
+        before = probs.cumsum(dim=-1) - probs
+        keep_sorted = before < top_p
+        keep_sorted[..., 0] = True
+        nucleus = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        keep = nucleus if keep is None else keep & nucleus
+    return keep
+
+
+def processed_logprobs(
+    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> Tensor:
+    """Log-softmax [..., V] (float32) of the distribution sampled from.
+
+    ``logits / temperature``, then top-k and top-p truncation (others set to -inf, the mask
+    computed without gradient), then ``log_softmax`` so that the kept tokens are renormalised.
+    Differentiable with respect to ``logits``; truncated tokens get -inf and zero gradient.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    keep = truncation_mask(scaled.detach(), top_k, top_p)
+    if keep is not None:
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    return F.log_softmax(scaled, dim=-1)
+
+
+def entropy_from_logprobs(logprobs: Tensor) -> Tensor:
+    """Entropy ``-sum p log p`` over the last dimension; truncated (-inf) tokens contribute 0.
+
+    Written so that the gradient is finite (no ``0 * -inf``) on truncated tokens.
+    """
+    finite_min = torch.finfo(logprobs.dtype).min
+    return -(logprobs.exp() * logprobs.clamp(min=finite_min)).sum(dim=-1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids for left-padded rows: ``cumsum(mask) - 1``, clamped at 0 on padding."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    cached = getattr(model, "_tether_logits_to_keep", None)
+    if cached is None:
+        try:
+            cached = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            cached = False
+        try:
+            model._tether_logits_to_keep = cached
+        except AttributeError:  # pragma: no cover - exotic wrappers
+            pass
+    return bool(cached)
+
+
+def _token_stats(
+    logits: Tensor,
+    completion_ids: Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    compute_entropy: bool,
+) -> tuple[Tensor, Tensor]:
+    logp = processed_logprobs(logits, temperature, top_k, top_p)
+    token_logp = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    if compute_entropy:
+        return token_logp, entropy_from_logprobs(logp)
+    return token_logp, torch.zeros_like(token_logp)
+
+
+def completion_logprobs(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    compute_entropy: bool = True,
+    logits_chunk: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs [N, T] of ``completion_ids`` under the processed distribution.
+
+    One forward pass of ``model`` over ``cat(prompt, completion)`` (prompts left-padded,
+    completions right-padded) with the attention mask and position ids
+    ``cumsum(mask) - 1``. Only the logits of the positions that predict completion tokens
+    are materialised (``logits_to_keep`` when the model supports it). Returns
+    ``(logprobs, entropy)``: entropy [N, T] of the processed distribution at each completion
+    position (``None`` if ``compute_entropy`` is False); both are 0 where
+    ``completion_mask`` is False and both carry gradients.
+
+    ``logits_chunk``: number of rows per forward pass (None: the whole batch at once). When
+    gradients are on, the log-softmax/entropy step of each chunk is checkpointed so that only
+    the logits [chunk, T, V] are kept for the backward pass, not several float32 copies.
+    """
+    n, t = completion_ids.shape
+    if t == 0:
+        empty = completion_ids.new_zeros((n, 0), dtype=torch.float32)
+        return empty, (empty.clone() if compute_entropy else None)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    position_ids = position_ids_from_mask(attention_mask)
+    keep_kw: dict[str, Any] = {"logits_to_keep": t + 1} if _accepts_logits_to_keep(model) else {}
+    chunk = n if not logits_chunk or logits_chunk <= 0 else logits_chunk
+
+    lps: list[Tensor] = []
+    ents: list[Tensor] = []
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        out = model(
+            input_ids=input_ids[rows],
+            attention_mask=attention_mask[rows],
+            position_ids=position_ids[rows],
+            use_cache=False,
+            **keep_kw,
+        )
+        logits = out.logits[:, -(t + 1) : -1, :]
+        args = (logits, completion_ids[rows], temperature, top_k, top_p, compute_entropy)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            lp, ent = checkpoint(_token_stats, *args, use_reentrant=False)
+        else:
+            lp, ent = _token_stats(*args)
+        lps.append(lp)
+        ents.append(ent)
+    mask = completion_mask.bool()
+    token_logp = torch.where(mask, torch.cat(lps, dim=0), 0.0)
+    if not compute_entropy:
+        return token_logp, None
+    entropy = torch.where(mask, torch.cat(ents, dim=0), 0.0)
+    return token_logp, entropy

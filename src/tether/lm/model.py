@@ -1,0 +1,421 @@
+"""Policies for the language-model world: any causal LM that ``transformers`` can load.
+
+``ModelConfig.name_or_path`` is either ``"tiny"`` (the embedded default, built locally on first
+use and cached), a local directory written by ``save_pretrained``, or a Hugging Face hub name.
+Nothing is ever downloaded by tether itself: the tiny model is built from
+:func:`tether.lm.tokenizer.build_char_tokenizer` and a ``LlamaConfig``, saved with
+``save_pretrained`` (safetensors) and then loaded back through ``from_pretrained``, so the
+path a real model takes is the path the tiny one takes.
+
+Placement: ``device="auto"`` picks CUDA when present, else CPU; ``dtype="auto"`` is bfloat16 on
+a CUDA device that supports it and float32 otherwise. Optional LoRA (PEFT) and gradient
+checkpointing are switched on by the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from tether.errors import TetherError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_TINY_MARKER = "tether_tiny.json"
+#: Bumped when the way the tiny model is built changes, so stale caches are rebuilt.
+_TINY_FORMAT = 1
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to train, where it lives, and how it is adapted.
+
+    The ``tiny_*`` fields only matter when ``name_or_path == "tiny"``; their defaults give a
+    Llama-architecture model of about 1.8 M parameters that learns 2-digit arithmetic on a
+    laptop CPU in minutes.
+    """
+
+    name_or_path: str = field(
+        default="tiny",
+        metadata={
+            "help": '"tiny" (the embedded default, built locally and cached under default_model_dir()), '
+            "a local directory written by save_pretrained, or a Hugging Face hub name (loaded only if "
+            "it is already in the local Hugging Face cache or the network is reachable)."
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": '"auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N".'},
+    )
+    dtype: DTypeName = field(
+        default="auto",
+        metadata={
+            "choices": ("auto", "float32", "bfloat16", "float16"),
+            "help": "Parameter dtype. auto = bfloat16 on a CUDA device that supports it, float32 otherwise.",
+        },
+    )
+    lora_rank: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "LoRA rank r (PEFT). 0 trains every parameter; > 0 trains only adapters.",
+        },
+    )
+    lora_alpha: float = field(
+        default=16.0,
+        metadata={
+            "min": 0.0,
+            "min_exclusive": True,
+            "help": "LoRA scaling alpha (the update is alpha/r * BA).",
+        },
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"min": 0.0, "max": 1.0, "max_exclusive": True, "help": "Dropout on the LoRA input."},
+    )
+    lora_target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"),
+        metadata={
+            "help": "Names of the modules that receive LoRA adapters (Llama/Qwen attention projections)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass (less memory, ~30% more compute)."},
+    )
+    tiny_hidden: int = field(default=192, metadata={"min": 8, "help": "Tiny model: hidden size."})
+    tiny_layers: int = field(default=4, metadata={"min": 1, "help": "Tiny model: number of decoder layers."})
+    tiny_heads: int = field(
+        default=4, metadata={"min": 1, "help": "Tiny model: attention heads (must divide tiny_hidden)."}
+    )
+    tiny_intermediate: int = field(default=512, metadata={"min": 8, "help": "Tiny model: MLP inner size."})
+    tiny_max_positions: int = field(
+        default=128, metadata={"min": 16, "help": "Tiny model: context length (prompt + completion tokens)."}
+    )
+    seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the tiny model's initial weights."})
+
+    def validate(self) -> None:
+        """Cross-field checks; called by the config loader after the per-field ones."""
+        if not _DEVICE_PATTERN.match(self.device):
+            raise TetherError(
+                f"model.device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)"
+            )
+        if self.tiny_hidden % self.tiny_heads:
+            raise TetherError(
+                f"model.tiny_heads={self.tiny_heads} does not divide model.tiny_hidden={self.tiny_hidden}; "
+                "pick a head count that divides the hidden size"
+            )
+        if self.lora_rank > 0 and not self.lora_target_modules:
+            raise TetherError(
+                "model.lora_target_modules is empty; name the modules to adapt, e.g. q_proj,v_proj"
+            )
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; ``"cuda[:N]"`` is checked to exist."""
+    if not _DEVICE_PATTERN.match(spec):
+        raise TetherError(f"device {spec!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TetherError(
+            f"device {spec!r} was requested but CUDA is not available on this machine "
+            f"(torch {torch.__version__}); set model.device=cpu or model.device=auto, or install a CUDA build of torch"
+        )
+    device = torch.device(spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise TetherError(
+            f"device {spec!r} was requested but only {torch.cuda.device_count()} CUDA device(s) exist; "
+            "use cuda:0 .. cuda:{n-1} or model.device=auto"
+        )
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on a CUDA device that supports it, float32 otherwise; else the named dtype.
+
+    An explicitly named dtype is honoured on any device (bfloat16 on CPU works, slowly).
+    """
+    if spec == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if spec not in table:
+        raise TetherError(f"dtype {spec!r} is not allowed; choose one of auto, float32, bfloat16, float16")
+    return table[spec]
+
+
+def _tiny_spec(config: ModelConfig) -> dict[str, int]:
+    return {
+        "format": _TINY_FORMAT,
+        "hidden": config.tiny_hidden,
+        "layers": config.tiny_layers,
+        "heads": config.tiny_heads,
+        "intermediate": config.tiny_intermediate,
+        "max_positions": config.tiny_max_positions,
+        "seed": config.seed,
+    }
+
+
+def default_model_dir(config: ModelConfig | None = None) -> Path:
+    """Where the tiny model of ``config`` (default: ``ModelConfig()``) is cached.
+
+    ``$TETHER_CACHE`` (default ``~/.cache/tether``) / ``tiny-h{hidden}-l{layers}-a{heads}-i{inter}-p{pos}-s{seed}``.
+    """
+    config = config or ModelConfig()
+    root = Path(os.environ.get("TETHER_CACHE") or Path.home() / ".cache" / "tether").expanduser()
+    s = _tiny_spec(config)
+    name = (
+        f"tiny-v{s['format']}-h{s['hidden']}-l{s['layers']}-a{s['heads']}-i{s['intermediate']}"
+        f"-p{s['max_positions']}-s{s['seed']}"
+    )
+    return root / name
+
+
+def _is_complete_tiny(directory: Path, spec: dict[str, int]) -> bool:
+    marker = directory / _TINY_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return bool(json.loads(marker.read_text()) == spec)
+    except (OSError, ValueError):
+        return False
+
+
+def build_tiny_model(directory: Path, config: ModelConfig) -> Path:
+    """Build the embedded tiny Llama model and its tokenizer into ``directory``; return it.
+
+    Deterministic given ``config.seed`` (the global RNG is left untouched) and idempotent: a
+    directory that already holds a build with the same ``tiny_*`` sizes and seed is reused.
+    The files are written to a temporary sibling and moved into place, so a crash or a
+    concurrent build never leaves a half-written model behind.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tether.lm.tokenizer import build_char_tokenizer
+
+    directory = Path(directory)
+    spec = _tiny_spec(config)
+    if _is_complete_tiny(directory, spec):
+        return directory
+    if config.tiny_hidden % config.tiny_heads:
+        raise TetherError(
+            f"model.tiny_heads={config.tiny_heads} does not divide model.tiny_hidden={config.tiny_hidden}; "
+            "pick a head count that divides the hidden size"
+        )
+    tokenizer = build_char_tokenizer(model_max_length=config.tiny_max_positions)
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.tiny_hidden,
+        intermediate_size=config.tiny_intermediate,
+        num_hidden_layers=config.tiny_layers,
+        num_attention_heads=config.tiny_heads,
+        num_key_value_heads=config.tiny_heads,
+        max_position_embeddings=config.tiny_max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(llama_config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _TINY_MARKER).write_text(json.dumps(spec, indent=2, sort_keys=True))
+        if directory.exists():
+            if _is_complete_tiny(directory, spec):  # another process finished first
+                return directory
+            shutil.rmtree(directory)
+        try:
+            staging.rename(directory)
+        except OSError:
+            if not _is_complete_tiny(directory, spec):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, local_files_only)."""
+    name = config.name_or_path
+    if name == "tiny":
+        return str(build_tiny_model(default_model_dir(config), config)), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TetherError(
+                f"model directory {str(path)!r} has no config.json; point model.name_or_path at a directory "
+                "written by save_pretrained, or use model.name_or_path=tiny"
+            )
+        return str(path), True
+    if path.exists():
+        raise TetherError(
+            f"model.name_or_path={name!r} is a file, not a model directory; point it at the directory "
+            "written by save_pretrained"
+        )
+    if _looks_like_path(name):
+        raise TetherError(
+            f"model directory {name!r} does not exist; check model.name_or_path, or use model.name_or_path=tiny"
+        )
+    return name, False
+
+
+def _load_pretrained(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, local_only = _resolve_source(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    except TetherError:
+        raise
+    except Exception as err:
+        where = "a local directory" if local_only else "a Hugging Face hub name, not a local directory"
+        raise TetherError(
+            f"could not load the causal LM {config.name_or_path!r} ({where}): {type(err).__name__}: {err} "
+            "tether never downloads models on its own: download the model beforehand (e.g. "
+            "`hf download NAME --local-dir DIR`) and set model.name_or_path=DIR (a local directory), "
+            "or use model.name_or_path=tiny"
+        ) from err
+    return model, tokenizer
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing; the KV cache is off (it conflicts with recompute)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def _disable_checkpointing(model: Any) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True
+
+
+def is_checkpointing(model: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on for ``model`` (a PEFT wrapper is looked through)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(type(base), "is_activation_checkpointing"):
+        return bool(base.is_activation_checkpointing)
+    return bool(getattr(base, "is_gradient_checkpointing", False))
+
+
+def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the policy and its tokenizer, placed and adapted as ``config`` asks.
+
+    Steps: resolve the source ("tiny" is built if missing; a local directory is loaded with
+    ``local_files_only=True``), load in the resolved dtype, move to the resolved device, enable
+    gradient checkpointing (non-reentrant, ``use_cache`` off) when asked, then wrap with LoRA
+    when ``lora_rank > 0`` (only adapter parameters stay trainable). A tokenizer without a pad
+    token gets its EOS token as pad. The model is returned in training mode.
+    """
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model, tokenizer = _load_pretrained(config, dtype)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TetherError(
+                f"tokenizer of {config.name_or_path!r} has neither a pad nor an eos token; "
+                "add one with tokenizer.add_special_tokens and save it next to the model"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+
+    if config.lora_rank > 0:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise TetherError(
+                "model.lora_rank > 0 needs PEFT; install it with `pip install tether[lora]` (or peft>=0.12), "
+                "or set model.lora_rank=0"
+            ) from err
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, takes any number
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            with warnings.catch_warnings():  # peft still probes the deprecated is_gradient_checkpointing
+                warnings.filterwarnings(
+                    "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+                )
+                model = get_peft_model(model, lora)
+        except ValueError as err:
+            raise TetherError(
+                f"could not add LoRA adapters to {config.name_or_path!r}: {err}. "
+                "Set model.lora_target_modules to module names this model has (e.g. q_proj,v_proj)"
+            ) from err
+    model.train()
+    return model, tokenizer
+
+
+def load_reference(config: ModelConfig, policy: torch.nn.Module) -> PreTrainedModel:
+    """A frozen copy of ``policy`` as it is now (eval mode, no gradients), for KL terms.
+
+    A LoRA policy's copy has its adapters merged, so the reference is a plain model that
+    computes what the policy computes at the time of the call (e.g. right after SFT).
+    ``config`` decides nothing beyond what ``policy`` already embodies; it is taken so that
+    callers need not know how the reference is made.
+    """
+    reference: Any = copy.deepcopy(policy)
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is optional
+        PeftModel = None  # type: ignore[assignment,misc]
+    if PeftModel is not None and isinstance(reference, PeftModel):
+        reference = reference.merge_and_unload()
+    if is_checkpointing(reference):
+        _disable_checkpointing(reference)
+    reference.eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference  # type: ignore[no-any-return]
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of (distinct) parameters; tied weights count once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

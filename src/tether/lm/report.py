@@ -1,0 +1,57 @@
+"""End-of-run summary tables (rich)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+SHOWN = (
+    "reward/mean",
+    "reward/accuracy",
+    "policy/entropy",
+    "policy/kl_ref",
+    "policy/clip_frac",
+    "policy/ratio_max",
+    "grad/norm",
+    "response/length_mean",
+    "response/truncation_rate",
+    "reward/zero_std_frac",
+    "rollout/logprob_gap",
+)
+
+
+def print_run_summary(summary: dict[str, Any], run_dir: Path | str) -> None:
+    console = Console()
+    table = Table(title=f"run summary: {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    final = summary.get("final", {})
+    for key in SHOWN:
+        if key in final:
+            table.add_row(key, f"{final[key]:.4g}")
+    for key, value in (summary.get("eval") or {}).items():
+        table.add_row(f"eval/{key}", f"{value:.4g}")
+    if "alarm_count" in summary:
+        table.add_row("alarms", str(summary["alarm_count"]))
+    console.print(table)
+
+
+def print_comparison(rows: dict[str, dict[str, float]], title: str) -> None:
+    """Side-by-side table: one column per run, one row per metric."""
+    console = Console()
+    table = Table(title=title)
+    table.add_column("metric")
+    names = list(rows)
+    for name in names:
+        table.add_column(name, justify="right")
+    metrics = list(dict.fromkeys(k for r in rows.values() for k in r))
+    for m in metrics:
+        cells = []
+        for n in names:
+            v = rows[n].get(m)
+            cells.append("-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        table.add_row(m, *cells)
+    console.print(table)

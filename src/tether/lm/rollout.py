@@ -1,0 +1,479 @@
+"""Rollouts: a batched sampler with a KV cache for Hugging Face causal language models.
+
+:class:`HFSampler` samples completions for a list of prompts in one batch (prompts
+left-padded, a ``DynamicCache`` carried through plain ``model(...)`` calls) and records the
+log-probability of every sampled token under the distribution it was drawn from
+(:func:`tether.lm.logprobs.processed_logprobs`: temperature applied, top-k / top-p
+truncation accounted for). The trainer recomputes the same quantity with
+:func:`tether.lm.logprobs.completion_logprobs`; for this sampler the gap is ~0 (float
+rounding). It is several times faster than ``model.generate`` on CPU for tiny models
+(``bench/rollout_speed.py``): no logits processors, stopping criteria or per-step input
+preparation, a precomputed attention mask and position ids, ``torch.inference_mode``.
+
+:func:`make_sampler` picks it or the vLLM backend (:mod:`tether.lm.vllm_backend`) from
+``SamplingConfig.backend``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tether.errors import InvalidInputError
+from tether.lm.logprobs import position_ids_from_mask, processed_logprobs
+
+__all__ = [
+    "HFSampler",
+    "RolloutBatch",
+    "Sampler",
+    "SamplingConfig",
+    "eos_token_ids",
+    "make_sampler",
+    "pad_token_id",
+    "sample_from_logprobs",
+]
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled. The trainer uses the same values to recompute log-probs."""
+
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "min": 0.0,
+            "min_exclusive": True,
+            "help": "Logits are divided by it before sampling (TRL/vLLM `temperature`). Small values "
+            "approach greedy decoding.",
+        },
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={
+            "min": 0.0,
+            "min_exclusive": True,
+            "max": 1.0,
+            "help": "Nucleus sampling: keep the smallest set of most probable tokens whose probability "
+            "reaches top_p (1.0: off). Applied after top_k.",
+        },
+    )
+    top_k: int = field(
+        default=0,
+        metadata={"min": 0, "help": "Keep only the k most probable tokens (0: off)."},
+    )
+    max_new_tokens: int = field(
+        default=16,
+        metadata={"min": 1, "help": "Completion length limit; rows without EOS by then are `truncated`."},
+    )
+    backend: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata={
+            "help": "`hf`: tether's batched KV-cache sampler on the policy itself (CPU or GPU). "
+            "`vllm`: a vLLM engine (GPU only, `pip install tether[vllm]`)."
+        },
+    )
+
+
+@dataclass
+class RolloutBatch:
+    """Sampled completions and their log-probs. Shapes: N rows, P prompt and T completion tokens."""
+
+    prompt_ids: Tensor  # [N, P] long, left-padded with the pad id
+    prompt_mask: Tensor  # [N, P] bool
+    completion_ids: Tensor  # [N, T] long, right-padded with the pad id
+    completion_mask: Tensor  # [N, T] bool: the sampled tokens, EOS included, nothing after it
+    sampler_logprobs: Tensor  # [N, T] float32: log-prob of each token under the processed distribution
+    truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    completion_texts: list[str]  # decoded without special tokens
+    prompt_texts: list[str]
+
+    def __len__(self) -> int:
+        return int(self.completion_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids.to(device),
+            prompt_mask=self.prompt_mask.to(device),
+            completion_ids=self.completion_ids.to(device),
+            completion_mask=self.completion_mask.to(device),
+            sampler_logprobs=self.sampler_logprobs.to(device),
+            truncated=self.truncated.to(device),
+            completion_texts=list(self.completion_texts),
+            prompt_texts=list(self.prompt_texts),
+        )
+
+
+class Sampler(Protocol):
+    """What the trainer needs from a rollout backend."""
+
+    config: SamplingConfig
+
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None) -> RolloutBatch: ...
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: the tokenizer's and the model's generation config's."""
+    ids: list[int] = []
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None:
+        candidates.append(getattr(gen_cfg, "eos_token_id", None))
+    for c in candidates:
+        for i in c if isinstance(c, list | tuple) else [c]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def pad_token_id(tokenizer: Any, eos_ids: list[int]) -> int:
+    """The tokenizer's pad id, else the first EOS id, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    return eos_ids[0] if eos_ids else 0
+
+
+def sample_from_logprobs(logprobs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from log-probs [N, V] (Gumbel-max with exponential noise), [N] long.
+
+    ``argmax(logp - log E)`` with ``E ~ Exp(1)`` is an exact sample of ``softmax(logp)``;
+    -inf (truncated) tokens are never drawn. The noise comes from ``generator`` (drawn on the
+    generator's device and moved when it differs from the logits').
+    """
+    gen_device = generator.device if generator is not None else logprobs.device
+    noise = torch.empty(logprobs.shape, dtype=torch.float32, device=gen_device).exponential_(
+        generator=generator
+    )
+    if noise.device != logprobs.device:
+        noise = noise.to(logprobs.device)
+    return (logprobs - noise.log()).argmax(dim=-1)
+
+
+def _encode_left_padded(tokenizer: Any, prompts: list[str], pad_id: int) -> tuple[Tensor, Tensor]:
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    if min(lengths) == 0:
+        bad = prompts[lengths.index(0)]
+        raise InvalidInputError(
+            f"prompt {bad!r} encodes to no tokens; give a non-empty prompt or a tokenizer that adds a BOS token"
+        )
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, seq in enumerate(encoded):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = True
+    return ids, mask
+
+
+def _supports_4d_mask(model: Any) -> bool:
+    """True when a prepared 4D additive mask can be passed to the model at decode steps.
+
+    Hugging Face's mask builders return a 4D mask as it is; this is right for full-attention
+    models on the ``sdpa`` and ``eager`` kernels. Sliding-window or mixed layer types, and other
+    kernels, get the ordinary 2D mask (slower, always correct).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return not (layer_types and any(t != "full_attention" for t in layer_types))
+
+
+_FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class _FastDecoder:
+    """Decode steps of Llama-style models (Llama, Mistral, Qwen2) without the module stack.
+
+    For tiny models the per-step cost of ``model(...)`` is Python and mask-building overhead,
+    not arithmetic. This runs the same computation as Hugging Face's modules (RMSNorm, fused
+    q/k/v and gate/up projections, the model's own rotary table, SDPA over a preallocated
+    KV cache filled from the prefill's ``DynamicCache``) with the model's own weights. It is
+    used only for architectures whose structure it checks; anything else goes through
+    ``model(...)``. The log-prob test against ``completion_logprobs`` (a plain forward pass)
+    keeps the two paths equal.
+    """
+
+    def __init__(self, model: Any, cache: Any, full_mask: Tensor, positions: Tensor, max_len: int) -> None:
+        base = model.model
+        cfg = model.config
+        self.embed = base.embed_tokens.weight
+        self.final_norm = (base.norm.weight, float(base.norm.variance_epsilon))
+        self.lm_head = model.lm_head
+        dtype = self.embed.dtype
+        # additive mask [N, 1, 1, max_len]: 0 where attended, the dtype's minimum on padding
+        self.attn_mask = torch.zeros(full_mask.shape, dtype=dtype, device=full_mask.device)
+        self.attn_mask.masked_fill_(full_mask == 0, torch.finfo(dtype).min)
+        self.attn_mask = self.attn_mask[:, None, None, :]
+        # rotary cos/sin of every position, computed once by the model's own rotary module
+        all_pos = torch.arange(max_len, device=full_mask.device)[None, :]
+        cos, sin = base.rotary_emb(self.embed[:1, None, :], all_pos)
+        self.cos = cos[0][positions]  # [N, T, d]
+        self.sin = sin[0][positions]
+        fuse = sum(p.numel() for p in model.parameters()) <= 200_000_000
+        self.layers = []
+        for i, layer in enumerate(base.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            projections = [att.q_proj, att.k_proj, att.v_proj]
+            biases = [m.bias for m in projections]
+            uniform_bias = all(x is None for x in biases) or all(x is not None for x in biases)
+            w: Tensor | None = None
+            b: Tensor | None = None
+            gu: Tensor | None = None
+            if fuse and uniform_bias:
+                w = torch.cat([m.weight for m in projections], dim=0)
+                b = None if biases[0] is None else torch.cat(biases, dim=0)
+            if fuse and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
+                gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+            keys = cache.layers[i].keys
+            values = cache.layers[i].values
+            n, h_kv, p, d = keys.shape
+            k_buf = keys.new_empty((n, h_kv, max_len, d))
+            v_buf = values.new_empty((n, h_kv, max_len, d))
+            k_buf[:, :, :p] = keys
+            v_buf[:, :, :p] = values
+            self.layers.append(
+                {
+                    "ln1": (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon)),
+                    "ln2": (
+                        layer.post_attention_layernorm.weight,
+                        float(layer.post_attention_layernorm.variance_epsilon),
+                    ),
+                    "qkv": (w, b),
+                    "proj": projections,
+                    "o": att.o_proj,
+                    "gu": gu,
+                    "mlp": mlp,
+                    "k": k_buf,
+                    "v": v_buf,
+                    "n_q": cfg.num_attention_heads,
+                    "n_qk": cfg.num_attention_heads + h_kv,
+                    "head_dim": d,
+                    "scaling": float(att.scaling),
+                    "gqa": cfg.num_attention_heads != h_kv,
+                }
+            )
+
+    @classmethod
+    def build(
+        cls, model: Any, cache: Any, full_mask: Tensor, positions: Tensor, max_len: int
+    ) -> _FastDecoder | None:
+        """The fast decoder when ``model`` has the structure it implements, else None."""
+        cfg = getattr(model, "config", None)
+        if cfg is None or getattr(cfg, "model_type", None) not in _FAST_MODEL_TYPES:
+            return None
+        if not _supports_4d_mask(model) or getattr(cfg, "hidden_act", None) != "silu":
+            return None
+        if getattr(cfg, "mlp_bias", False) or getattr(cfg, "pretraining_tp", 1) != 1:
+            return None
+        base = getattr(model, "model", None)
+        layers = getattr(base, "layers", None)
+        cache_layers = getattr(cache, "layers", None)
+        if base is None or layers is None or cache_layers is None or len(cache_layers) != len(layers):
+            return None
+        for layer in layers:
+            att = getattr(layer, "self_attn", None)
+            if att is None or getattr(att, "o_proj", None) is None or att.o_proj.bias is not None:
+                return None
+            if hasattr(att, "q_norm") or hasattr(att, "k_norm"):
+                return None
+        try:
+            return cls(model, cache, full_mask, positions, max_len)
+        except (AttributeError, TypeError, ValueError, IndexError):
+            return None
+
+    @staticmethod
+    def _rms(x: Tensor, weight_eps: tuple[Tensor, float]) -> Tensor:
+        weight, eps = weight_eps
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    def step(self, tok: Tensor, step: int, kv_len: int) -> Tensor:
+        """Logits [N, V] after feeding ``tok`` (sampled at ``step``) at cache slot ``kv_len - 1``."""
+        n = tok.shape[0]
+        h = F.embedding(tok, self.embed)  # [N, D]
+        cos = self.cos[:, step, None, :]  # [N, 1, d]
+        sin = self.sin[:, step, None, :]
+        mask = self.attn_mask[..., :kv_len]
+        slot = kv_len - 1
+        for ly in self.layers:
+            x = self._rms(h, ly["ln1"])
+            w, b = ly["qkv"]
+            d = ly["head_dim"]
+            if w is not None:
+                qkv = F.linear(x, w, b).view(n, -1, d)  # [N, Hq + 2 Hkv, d]
+            else:
+                qkv = torch.cat([m(x) for m in ly["proj"]], dim=-1).view(n, -1, d)
+            n_qk = ly["n_qk"]
+            qk = qkv[:, :n_qk]
+            qk = qk * cos + _rotate_half(qk) * sin
+            n_q = ly["n_q"]
+            q = qk[:, :n_q, None, :]  # [N, Hq, 1, d]
+            ly["k"][:, :, slot] = qk[:, n_q:]
+            ly["v"][:, :, slot] = qkv[:, n_qk:]
+            att = F.scaled_dot_product_attention(
+                q,
+                ly["k"][:, :, :kv_len],
+                ly["v"][:, :, :kv_len],
+                attn_mask=mask,
+                scale=ly["scaling"],
+                enable_gqa=ly["gqa"],
+            )
+            h = h + ly["o"](att.reshape(n, -1))
+            x = self._rms(h, ly["ln2"])
+            mlp = ly["mlp"]
+            if ly["gu"] is not None:
+                gate, up = F.linear(x, ly["gu"]).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            h = h + mlp.down_proj(F.silu(gate) * up)
+        logits: Tensor = self.lm_head(self._rms(h, self.final_norm))
+        return logits
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class HFSampler:
+    """Batched sampling with a KV cache through plain ``model(...)`` calls (CPU or GPU).
+
+    Prompts are left-padded; a ``DynamicCache`` holds keys and values; each row stops at its
+    first EOS (which is kept in the completion) and the loop stops when every row is done.
+    Sampling draws from ``processed_logprobs`` with the given ``torch.Generator``: the same
+    generator seed gives the same samples. The model runs in eval mode under
+    ``torch.inference_mode`` and its training mode is restored afterwards.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: SamplingConfig, fast_decode: bool = True) -> None:
+        self.model = model
+        self.fast_decode = fast_decode
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = next(self.model.parameters()).device
+        return device
+
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None) -> RolloutBatch:
+        if not prompts:
+            raise InvalidInputError("generate() needs at least one prompt")
+        prompt_ids, prompt_mask = _encode_left_padded(self.tokenizer, prompts, self.pad_id)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                completion_ids, completion_mask, logprobs, truncated = self._sample(
+                    prompt_ids.to(self.device), prompt_mask.to(self.device), generator
+                )
+        finally:
+            self.model.train(was_training)
+        # outside inference mode: ordinary tensors that autograd may save (embedding indices)
+        completion_ids = completion_ids.cpu().clone()
+        completion_mask = completion_mask.cpu().clone()
+        logprobs = logprobs.cpu().clone()
+        truncated = truncated.cpu().clone()
+        rows = [ids[m].tolist() for ids, m in zip(completion_ids, completion_mask)]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            sampler_logprobs=logprobs,
+            truncated=truncated,
+            completion_texts=list(texts),
+            prompt_texts=list(prompts),
+        )
+
+    def _sample(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from transformers import DynamicCache
+
+        cfg = self.config
+        model = self.model
+        device = prompt_ids.device
+        n, p = prompt_ids.shape
+        t_max = cfg.max_new_tokens
+
+        cache = DynamicCache(config=model.config) if hasattr(model, "config") else DynamicCache()
+        # attention over prompt + completion slots, built once and sliced at each step
+        full_mask = torch.ones((n, p + t_max), dtype=torch.long, device=device)
+        full_mask[:, :p] = prompt_mask.long()
+        use_4d = _supports_4d_mask(model)
+        if use_4d:
+            dtype = next(model.parameters()).dtype
+            additive = torch.zeros((n, 1, 1, p + t_max), dtype=dtype, device=device)
+            additive.masked_fill_(full_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+        positions = prompt_mask.long().sum(dim=1, keepdim=True) + torch.arange(t_max, device=device)
+
+        eos = torch.tensor(self.eos_ids or [-1], dtype=torch.long, device=device)
+        tokens = torch.full((n, t_max), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((n, t_max), dtype=torch.float32, device=device)
+        alive_mask = torch.zeros((n, t_max), dtype=torch.bool, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        pad = torch.full((n,), self.pad_id, dtype=torch.long, device=device)
+
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=full_mask[:, :p],
+            position_ids=position_ids_from_mask(prompt_mask),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, :]
+        fast = _FastDecoder.build(model, cache, full_mask, positions, p + t_max) if self.fast_decode else None
+        steps = 0
+        for step in range(t_max):
+            lp = processed_logprobs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+            tok = sample_from_logprobs(lp, generator)
+            alive = ~done
+            tok = torch.where(alive, tok, pad)
+            tokens[:, step] = tok
+            logps[:, step] = torch.where(alive, lp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
+            alive_mask[:, step] = alive
+            done = done | torch.isin(tok, eos)
+            steps = step + 1
+            if steps == t_max or bool(done.all()):
+                break
+            kv_len = p + steps
+            if fast is not None:
+                logits = fast.step(tok, step, kv_len)
+                continue
+            mask = additive[:, :, :, :kv_len] if use_4d else full_mask[:, :kv_len]
+            out = model(
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                position_ids=positions[:, step : step + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :]
+        return tokens[:, :steps], alive_mask[:, :steps], logps[:, :steps], ~done
+
+
+def make_sampler(model: Any, tokenizer: Any, config: SamplingConfig) -> Sampler:
+    """The rollout backend named by ``config.backend``: ``hf`` or ``vllm``."""
+    if config.backend == "hf":
+        return HFSampler(model, tokenizer, config)
+    if config.backend == "vllm":
+        from tether.lm.vllm_backend import VLLMSampler
+
+        return VLLMSampler(model, tokenizer, config)
+    raise InvalidInputError(
+        f"sampling.backend: {config.backend!r} is not allowed; choose one of 'hf', 'vllm'"
+    )

@@ -1,0 +1,109 @@
+"""Supervised warm start on a task's reference solutions (loss on completion tokens only)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from tether.config import to_dict
+from tether.errors import TetherError
+from tether.lm.config import SFTConfig
+from tether.lm.evaluate import evaluate
+from tether.lm.model import load_policy
+from tether.lm.progress import TrainProgress
+from tether.lm.prompts import PromptStream
+from tether.lm.tasks import get_task
+from tether.runs import RunDir
+
+
+def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + target + EOS, with labels only on target and EOS tokens."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows, labels = [], []
+    for p, t in zip(prompts, targets):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        t_ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+        rows.append(p_ids + t_ids)
+        labels.append([-100] * len(p_ids) + t_ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        label_ids[i, : len(lab)] = torch.tensor(lab)
+        attn[i, : len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": attn, "labels": label_ids}
+
+
+def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
+    cfg = config
+    task = get_task(cfg.task.name, **cfg.task.params)
+    prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
+    if not prompts:
+        raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")
+    run = RunDir(out or cfg.run.out or f"runs/sft-{cfg.task.name}-s{cfg.sft.seed}")
+    run.prepare(resume=False)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    run.write_config(to_dict(cfg))
+    torch.manual_seed(cfg.sft.seed)
+    model, tokenizer = load_policy(cfg.model)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay
+    )
+    total = cfg.sft.steps
+    warm = cfg.sft.warmup_steps
+
+    def schedule(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    stream = PromptStream(prompts, seed=cfg.sft.seed)
+    model.train()
+    t0 = time.perf_counter()
+    with TrainProgress(total=total, enabled=cfg.run.progress, description="sft") as progress:
+        for step in range(1, total + 1):
+            chunk = stream.next(cfg.sft.batch_size)
+            batch = {
+                k: v.to(device)
+                for k, v in sft_batch(
+                    tokenizer, [p.text for p in chunk], [task.reference(p) for p in chunk]
+                ).items()
+            }
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TetherError(f"SFT loss became {float(loss)} at step {step}; lower sft.lr")
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            record: dict[str, float] = {
+                "step": step,
+                "sft/loss": float(loss.detach()),
+                "grad/norm": float(norm),
+                "train/lr": float(sched.get_last_lr()[0]),
+            }
+            run.metrics.append(record)
+            progress.update(step, record)
+    model.eval()
+    model.save_pretrained(run.path / "model")
+    tokenizer.save_pretrained(run.path / "model")
+    result = evaluate(model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed)
+    summary = {
+        "task": cfg.task.name,
+        "steps": total,
+        "seconds": time.perf_counter() - t0,
+        "eval": result,
+        "model_dir": str(run.path / "model"),
+    }
+    run.write_summary(summary)
+    return summary

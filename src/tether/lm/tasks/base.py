@@ -1,0 +1,170 @@
+"""The task interface: prompts with known answers, a verifier that scores a completion.
+
+A :class:`Task` yields :class:`Prompt` objects for a ``"train"`` and a ``"test"`` split (disjoint,
+and fixed by the task's own seed), scores a completion with a :class:`Score` (reward in [0, 1],
+optional cost), gives a correct reference completion (the SFT target) and extracts the answer
+from a completion. :func:`safe_score` isolates a verifier that raises: the sample gets reward 0
+and the error is recorded on the score, so the run goes on and the trainer can count it.
+
+Tasks register by name with :func:`register_task`; :func:`get_task` builds one from its name
+and keyword parameters (an unknown name lists close matches and every name).
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+import inspect
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from tether.errors import TetherError, UnknownNameError
+
+Split = Literal["train", "test"]
+SPLITS: tuple[Split, ...] = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One problem: ``text`` is what the policy sees, ``answer`` the normalised correct answer.
+
+    ``id`` is stable across runs (``<task>/<split>/<index>``); ``meta`` holds task-specific data
+    (numbers, target, raw answer ...) and takes no part in equality or hashing.
+    """
+
+    id: str
+    text: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Score:
+    """What the verifier says about one completion.
+
+    ``reward`` in [0, 1]; ``correct`` whether the answer is right; ``format_ok`` whether the
+    completion has the expected form; ``cost`` a safety cost (0 when the task has none);
+    ``error`` is set (``"ExcType: message"``) when the verifier raised (see :func:`safe_score`).
+    """
+
+    reward: float
+    correct: bool
+    format_ok: bool = True
+    cost: float = 0.0
+    error: str | None = None
+
+
+class Task(abc.ABC):
+    """A task with verifiable rewards.
+
+    Subclasses set ``name`` and implement :meth:`all_prompts` (the whole split, deterministic
+    given the task's parameters), :meth:`score`, :meth:`reference` and :meth:`extract`.
+    :meth:`prompts` then draws seeded subsets; a subclass may override it instead.
+    """
+
+    name: str = "task"
+
+    def all_prompts(self, split: Split) -> list[Prompt]:
+        """Every prompt of ``split``, in a fixed order. Train and test never share a problem."""
+        raise NotImplementedError(f"{type(self).__name__} must implement all_prompts() or prompts()")
+
+    def prompts(self, split: Split, n: int | None = None, seed: int = 0) -> list[Prompt]:
+        """``n`` prompts of ``split`` drawn without replacement with ``seed`` (all, in order, when n is None)."""
+        if split not in SPLITS:
+            raise TetherError(f"unknown split {split!r}; use 'train' or 'test'")
+        pool = self.all_prompts(split)
+        if n is None:
+            return list(pool)
+        if n < 0:
+            raise TetherError(f"asked for {n} prompts; n must be >= 0")
+        if n > len(pool):
+            raise TetherError(
+                f"task {self.name!r} has {len(pool)} {split} prompts but {n} were asked for; "
+                f"ask for at most {len(pool)} or enlarge the task's {split} split"
+            )
+        return random.Random(seed).sample(pool, n)
+
+    @abc.abstractmethod
+    def score(self, prompt: Prompt, completion: str) -> Score:
+        """Score ``completion`` (the decoded text after the prompt, special tokens removed)."""
+
+    @abc.abstractmethod
+    def reference(self, prompt: Prompt) -> str:
+        """A correct completion for ``prompt`` (the SFT target; the sampler appends EOS)."""
+
+    @abc.abstractmethod
+    def extract(self, completion: str) -> str | None:
+        """The answer a completion gives, or None when it gives none."""
+
+
+def safe_score(task: Task, prompt: Prompt, completion: str) -> Score:
+    """``task.score`` with any exception turned into a zero-reward score carrying the error.
+
+    The trainer gives such a sample advantage 0 and counts ``score.error is not None``.
+    A reward outside [0, 1] (or not a number) is treated as a verifier error too.
+    """
+    try:
+        score = task.score(prompt, completion)
+        reward = float(score.reward)
+        if not 0.0 <= reward <= 1.0:  # also False for NaN
+            raise ValueError(f"verifier returned reward {score.reward!r} outside [0, 1]")
+        return score
+    except Exception as err:
+        return Score(reward=0.0, correct=False, format_ok=False, error=f"{type(err).__name__}: {err}")
+
+
+TaskT = TypeVar("TaskT", bound=type[Task])
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[TaskT], TaskT]:
+    """Class decorator: make a :class:`Task` subclass available to :func:`get_task` as ``name``."""
+
+    def decorator(cls: TaskT) -> TaskT:
+        if name in _TASKS and _TASKS[name] is not cls:
+            raise ValueError(f"task name {name!r} is already registered by {_TASKS[name].__qualname__}")
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return decorator
+
+
+def _ensure_builtins() -> None:
+    import tether.lm.tasks  # noqa: F401  (imports the built-in tasks, which register themselves)
+
+
+def task_names() -> list[str]:
+    """Names of every registered task, sorted."""
+    _ensure_builtins()
+    return sorted(_TASKS)
+
+
+def get_task(name: str, **params: Any) -> Task:
+    """Build the task registered as ``name`` with keyword ``params``.
+
+    Raises :class:`UnknownNameError` for an unknown name (with close matches and every name) and
+    :class:`TetherError` for a parameter the task does not take (listing those it takes).
+    """
+    _ensure_builtins()
+    if name not in _TASKS:
+        close = difflib.get_close_matches(name, list(_TASKS), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(f"unknown task {name!r}.{hint} Registered tasks: {', '.join(sorted(_TASKS))}")
+    cls = _TASKS[name]
+    accepted = [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    unknown = [k for k in params if k not in accepted]
+    if unknown and not takes_any:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise TetherError(
+            f"task {name!r} has no parameter {unknown[0]!r}.{hint} Its parameters are: {', '.join(accepted)}"
+        )
+    return cls(**params)

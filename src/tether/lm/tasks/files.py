@@ -1,0 +1,165 @@
+r"""Tasks from local files of (prompt, answer) rows: JSONL / JSON / Parquet, read with ``datasets``.
+
+The file is read and checked when the task is built, before any training work: a missing file,
+an unknown suffix, a missing column or an empty answer stops with a :class:`TetherError` naming
+the file, the problem and the fix. Only local paths are read; nothing is downloaded.
+
+Answers in the file are normalised: a GSM8K-style answer (reasoning then ``#### 72``) keeps the
+part after ``####``; a ``\boxed{...}`` answer keeps the box's content; numbers are normalised
+(``"1,000"`` -> ``"1000"``, ``"3.0"`` -> ``"3"``). The raw value stays in ``meta["raw_answer"]``.
+
+A completion is scored with :func:`tether.lm.tasks.extract.extract_answer` in ``answer_style``:
+reward 1.0 when the extracted answer equals the file's answer, else 0.0; ``format_ok`` when an
+answer could be extracted. :meth:`FileTask.reference` is ``"#### <answer>"`` (``"\boxed{<answer>}"``
+when ``answer_style="boxed"``), which every style extracts back to the answer.
+
+The prompt column is given to the policy as is (no chat template is applied here).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from tether.errors import TetherError
+from tether.lm.tasks.base import Prompt, Score, Split, Task, register_task
+from tether.lm.tasks.extract import (
+    ANSWER_STYLES,
+    AnswerStyle,
+    answers_match,
+    extract_answer,
+    extract_boxed,
+    extract_hash_answer,
+    normalize_number,
+)
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def normalize_reference_answer(raw: Any) -> str:
+    r"""The answer a file row states: after ``####``, inside ``\boxed{}``, or the value itself."""
+    text = str(raw).strip()
+    if "####" in text:
+        found = extract_hash_answer(text)
+    elif "\\boxed" in text:
+        found = extract_boxed(text)
+    else:
+        found = text
+    return normalize_number(found) if found is not None else ""
+
+
+@register_task("file")
+class FileTask(Task):
+    """Prompts and answers from a local JSONL / JSON / Parquet file.
+
+    Args:
+        path: the file (``.jsonl``, ``.json`` or ``.parquet``).
+        prompt_column / answer_column: the columns holding the prompt text and the answer.
+        answer_style: how answers are extracted from completions (auto, hash, boxed, last_number).
+        test_fraction: share of rows held out as the test split (0 <= f < 1).
+        seed: fixes which rows are held out.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        prompt_column: str = "prompt",
+        answer_column: str = "answer",
+        answer_style: AnswerStyle = "auto",
+        test_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if answer_style not in ANSWER_STYLES:
+            raise TetherError(
+                f"task.answer_style={answer_style!r} is not allowed; choose one of {', '.join(ANSWER_STYLES)}"
+            )
+        if not 0.0 <= test_fraction < 1.0:
+            raise TetherError(f"task.test_fraction={test_fraction}: must be in [0, 1)")
+        self.path = Path(path).expanduser()
+        self.prompt_column = prompt_column
+        self.answer_column = answer_column
+        self.answer_style: AnswerStyle = answer_style
+        self.test_fraction = test_fraction
+        self.seed = seed
+        rows = self._read()
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_test = round(test_fraction * len(rows))
+        if test_fraction > 0 and n_test == 0 and len(rows) >= 2:
+            n_test = 1
+        held_out = set(order[:n_test])
+        self._splits: dict[str, list[Prompt]] = {"train": [], "test": []}
+        for index, (text, answer, raw) in enumerate(rows):
+            split = "test" if index in held_out else "train"
+            self._splits[split].append(
+                Prompt(
+                    id=f"{self.name}/{split}/{index}",
+                    text=text,
+                    answer=answer,
+                    meta={"row": index, "raw_answer": raw, "source": str(self.path)},
+                )
+            )
+
+    def _read(self) -> list[tuple[str, str, Any]]:
+        path = self.path
+        if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise TetherError(
+                f"task file {str(path)!r} {what}; set task.path to a .jsonl, .json or .parquet file"
+            )
+        builder = _BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise TetherError(
+                f"task file {str(path)!r} has suffix {path.suffix!r}; tether reads .jsonl, .json and .parquet "
+                "files: convert it or rename it with the right suffix"
+            )
+        import datasets
+
+        try:
+            data = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
+        except Exception as err:
+            raise TetherError(
+                f"task file {str(path)!r} could not be read as {builder} ({type(err).__name__}: {err}); "
+                "check that it is valid (one JSON object per line for .jsonl)"
+            ) from err
+        columns = list(data.column_names)
+        for key, column in (("prompt_column", self.prompt_column), ("answer_column", self.answer_column)):
+            if column not in columns:
+                raise TetherError(
+                    f"task file {str(path)!r} has no column {column!r}; its columns are {columns}; "
+                    f"set task.{key}=<one of them> (or rename the column in the file)"
+                )
+        if len(data) == 0:
+            raise TetherError(f"task file {str(path)!r} has no rows; add (prompt, answer) rows to it")
+        rows: list[tuple[str, str, Any]] = []
+        for index, (text, raw) in enumerate(zip(data[self.prompt_column], data[self.answer_column])):
+            if text is None or not str(text).strip():
+                raise TetherError(
+                    f"task file {str(path)!r}, row {index}: column {self.prompt_column!r} is empty; "
+                    "fill it in or remove the row"
+                )
+            answer = normalize_reference_answer(raw) if raw is not None else ""
+            if not answer:
+                raise TetherError(
+                    f"task file {str(path)!r}, row {index}: no answer could be read from column "
+                    f"{self.answer_column!r} (value {raw!r}); fill it in or remove the row"
+                )
+            rows.append((str(text), answer, raw))
+        return rows
+
+    def all_prompts(self, split: Split) -> list[Prompt]:
+        return self._splits[split]
+
+    def reference(self, prompt: Prompt) -> str:
+        if self.answer_style == "boxed":
+            return f"\\boxed{{{prompt.answer}}}"
+        return f"#### {prompt.answer}"
+
+    def extract(self, completion: str) -> str | None:
+        return extract_answer(completion, self.answer_style)
+
+    def score(self, prompt: Prompt, completion: str) -> Score:
+        found = self.extract(completion)
+        correct = answers_match(found, prompt.answer)
+        return Score(reward=1.0 if correct else 0.0, correct=correct, format_ok=found is not None)

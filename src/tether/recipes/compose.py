@@ -1,0 +1,222 @@
+"""A method at run time: the recipe's catalogue entries, their parameters and their state.
+
+The trainer hands :class:`Method` a dict of named inputs (the standard names of
+DEVELOPERS.md: ``logprobs``, ``old_logprobs``, ``response_mask``, ``rewards``, ``group_ids`` ...);
+each entry receives the inputs its signature asks for. Nothing here knows a method's name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tether.catalogue import get
+from tether.catalogue.aggregate import Aggregation
+from tether.catalogue.registry import Entry, Kind
+from tether.config import ConfigError, _coerce
+from tether.errors import TetherError
+
+# Inputs produced inside the method pipeline (not by the world): rewards are reshaped by reward
+# entries, advantages come from the advantage estimator.
+PIPELINE_INPUTS = frozenset({"advantages"})
+
+
+@dataclass
+class StateWiring:
+    """How a stateful entry's parameter is advanced after each optimizer step.
+
+    ``param`` is the entry's parameter (or input) that holds the state (e.g. ``lagrange_multiplier``);
+    the entry's registered ``state_update(current, **inputs, **params)`` gives its next value, with
+    ``inputs`` mapping the update's argument names to metric names of the step.
+    """
+
+    param: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Component:
+    kind: Kind
+    entry: Entry
+    params: dict[str, Any]
+    state: StateWiring | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+def _validate_params(entry: Entry, params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    allowed = entry.hyperparameters
+    hints = typing.get_type_hints(entry.fn)
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: {entry.kind} {entry.name!r} has no parameter {key!r}; "
+                f"its parameters are: {', '.join(sorted(allowed)) or '(none)'}"
+            )
+        if key == "aggregation":
+            Aggregation(mode=value)  # validates the mode
+            out[key] = value
+            continue
+        hint = hints.get(key, Any)
+        out[key] = _coerce(f"{where}.{key}", value, hint) if hint is not Any else value
+    return out
+
+
+def build_component(kind: Kind, spec: Mapping[str, Any], where: str) -> Component:
+    entry = get(kind, str(spec["name"]))
+    params = _validate_params(entry, spec.get("params") or {}, where)
+    state = None
+    raw = spec.get("state")
+    if raw is not None:
+        if entry.state_update is None:
+            raise ConfigError(f"{where}: {entry.name!r} has no registered state update; remove 'state'")
+        if not isinstance(raw, Mapping) or "param" not in raw:
+            raise ConfigError(
+                f"{where}.state must be a mapping with 'param' (and 'init', 'inputs', 'params')"
+            )
+        param = str(raw["param"])
+        if param not in inspect.signature(entry.fn).parameters:
+            raise ConfigError(f"{where}.state.param {param!r} is not a parameter of {entry.name!r}")
+        state = StateWiring(param, dict(raw.get("inputs") or {}), dict(raw.get("params") or {}))
+        if "init" in raw:
+            params[param] = raw["init"]
+        elif param in entry.hyperparameters:
+            params.setdefault(param, entry.hyperparameters[param])
+        else:
+            raise ConfigError(f"{where}.state: {param!r} has no default; give its first value as state.init")
+    return Component(kind=kind, entry=entry, params=params, state=state)
+
+
+def call_entry(
+    component: Component, inputs: Mapping[str, Any], aggregation: Aggregation | None = None
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Call an entry with the inputs its signature names, its parameters and the aggregation."""
+    entry = component.entry
+    sig = inspect.signature(entry.fn)
+    kwargs: dict[str, Any] = {}
+    missing = [n for n in entry.inputs if n not in inputs and n not in component.params]
+    if missing:
+        raise TetherError(
+            f"{entry.kind} {entry.name!r} needs inputs {missing} that this trainer did not provide"
+        )
+    for name, p in sig.parameters.items():
+        if name in component.params:
+            kwargs[name] = component.params[name]
+        elif p.default is inspect.Parameter.empty or (p.default is None and name in inputs):
+            kwargs[name] = inputs[name]
+    if "aggregation" in sig.parameters and aggregation is not None:
+        mode = component.params.get("aggregation", sig.parameters["aggregation"].default)
+        mode = mode.mode if isinstance(mode, Aggregation) else mode
+        kwargs["aggregation"] = Aggregation(
+            mode=mode,
+            num_tokens=aggregation.num_tokens,
+            num_sequences=aggregation.num_sequences,
+            norm_length=aggregation.norm_length,
+        )
+    out = entry.fn(**kwargs)
+    return out[0], dict(out[1])
+
+
+class Method:
+    """The composed method of a recipe."""
+
+    def __init__(self, recipe: Any) -> None:
+        self.recipe = recipe
+        name = getattr(recipe, "name", "recipe")
+        self.rewards = [
+            build_component("reward", spec, f"{name}.rewards[{i}]") for i, spec in enumerate(recipe.rewards)
+        ]
+        self.advantages = [
+            build_component("advantage", spec, f"{name}.advantage[{i}]")
+            for i, spec in enumerate(recipe.advantage)
+        ]
+        if not self.advantages:
+            raise ConfigError(f"{name}: a recipe needs an advantage estimator")
+        self.policy_loss = build_component("policy_loss", recipe.policy_loss, f"{name}.policy_loss")
+        self.regularizers = [
+            build_component("regularizer", spec, f"{name}.regularizers[{i}]")
+            for i, spec in enumerate(recipe.regularizers)
+        ]
+
+    @property
+    def components(self) -> list[Component]:
+        return [*self.rewards, *self.advantages, self.policy_loss, *self.regularizers]
+
+    def required_inputs(self) -> set[str]:
+        """Every input name some component needs from the world."""
+        names: set[str] = set()
+        for c in self.components:
+            names.update(n for n in c.entry.inputs if n not in c.params)
+        return names - PIPELINE_INPUTS
+
+    def check_inputs(self, available: set[str], world: str) -> None:
+        """Fail before any work when a component needs an input the world cannot provide."""
+        for c in self.components:
+            missing = sorted(set(c.entry.inputs) - set(c.params) - PIPELINE_INPUTS - available)
+            if missing:
+                raise TetherError(
+                    f"{c.kind} {c.name!r} needs {missing}, which the {world} trainer does not provide. "
+                    f"It provides: {', '.join(sorted(available))}."
+                )
+
+    def shape_rewards(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Apply the reward entries in order, updating ``inputs['rewards']``."""
+        metrics: dict[str, torch.Tensor] = {}
+        for c in self.rewards:
+            rewards, m = call_entry(c, inputs)
+            inputs["rewards"] = rewards
+            metrics.update(m)
+        return metrics
+
+    def compute_advantages(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the advantage chain: the first entry computes, later ones transform ``advantages``."""
+        metrics: dict[str, torch.Tensor] = {}
+        staged = dict(inputs)
+        for c in self.advantages:
+            adv, m = call_entry(c, staged)
+            staged["advantages"] = adv
+            metrics.update(m)
+        return staged["advantages"], metrics
+
+    def loss(
+        self, inputs: Mapping[str, Any], aggregation: Aggregation | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Policy loss plus every regularizer term."""
+        loss, metrics = call_entry(self.policy_loss, inputs, aggregation)
+        for c in self.regularizers:
+            term, m = call_entry(c, inputs, aggregation)
+            loss = loss + term
+            metrics.update(m)
+        return loss, metrics
+
+    def update_state(self, metrics: Mapping[str, float]) -> None:
+        """Advance stateful parameters after an optimizer step, from the step's metrics."""
+        for c in self.components:
+            if c.state is None or c.entry.state_update is None:
+                continue
+            kwargs = dict(c.state.params)
+            for arg, metric in c.state.inputs.items():
+                if metric not in metrics:
+                    raise TetherError(
+                        f"state of {c.name!r} reads metric {metric!r}, which the step did not log"
+                    )
+                kwargs[arg] = float(metrics[metric])
+            c.params[c.state.param] = c.entry.state_update(c.params[c.state.param], **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{i}:{c.name}": c.params[c.state.param] for i, c in enumerate(self.components) if c.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for i, c in enumerate(self.components):
+            key = f"{i}:{c.name}"
+            if c.state and key in state:
+                c.params[c.state.param] = state[key]

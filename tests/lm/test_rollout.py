@@ -1,0 +1,357 @@
+"""Rollout sampler, processed log-probs and the vLLM backend's guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tether.config import ConfigError, from_dict
+from tether.errors import TetherError
+from tether.lm.logprobs import completion_logprobs, entropy_from_logprobs, processed_logprobs
+from tether.lm.rollout import HFSampler, RolloutBatch, SamplingConfig, make_sampler
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 "
+PAD, BOS, EOS = 0, 1, 2
+
+
+class CharTok:
+    """A character tokenizer with the few methods the sampler uses: 0 pad, 1 bos, 2 eos."""
+
+    pad_token_id = PAD
+    bos_token_id = BOS
+    eos_token_id = EOS
+
+    def __init__(self) -> None:
+        self.stoi = {c: i + 3 for i, c in enumerate(CHARS)}
+        self.itos = {i: c for c, i in self.stoi.items()}
+
+    def __len__(self) -> int:
+        return len(CHARS) + 3
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        bos = [BOS] if add_special_tokens else []
+        return {"input_ids": [bos + [self.stoi[c] for c in t] for t in texts]}
+
+    def batch_decode(self, rows: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        return ["".join(self.itos.get(int(i), "") for i in row) for row in rows]
+
+
+def tiny_model(seed: int = 0, kv_heads: int = 2, scale: float = 1.0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(CHARS) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger logits than the 0.02-std init, so that sampling is not ~uniform
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+PROMPTS = ["a", "hello world", "xyz 12", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return tiny_model(scale=40.0)
+
+
+@pytest.fixture(scope="module")
+def tok() -> CharTok:
+    return CharTok()
+
+
+def gen(model, tok, seed=0, prompts=PROMPTS, fast=True, **cfg) -> RolloutBatch:
+    sampler = HFSampler(model, tok, SamplingConfig(**cfg), fast_decode=fast)
+    return sampler.generate(list(prompts), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ processed_logprobs
+
+
+def test_temperature_only_is_scaled_log_softmax() -> None:
+    logits = torch.randn(3, 5, 11)
+    got = processed_logprobs(logits, temperature=0.7, top_k=0, top_p=1.0)
+    torch.testing.assert_close(got, torch.log_softmax(logits / 0.7, dim=-1))
+
+
+def test_top_k_keeps_k_and_renormalises() -> None:
+    logits = torch.randn(4, 20)
+    lp = processed_logprobs(logits, temperature=1.0, top_k=5, top_p=1.0)
+    kept = torch.isfinite(lp)
+    assert (kept.sum(-1) == 5).all()
+    assert torch.equal(kept, logits >= logits.topk(5, dim=-1).values[:, -1:])
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.7, 0.95])
+def test_top_p_is_the_smallest_set_reaching_the_mass(top_p: float) -> None:
+    logits = torch.randn(8, 30) * 2
+    probs = torch.softmax(logits / 0.9, dim=-1)
+    lp = processed_logprobs(logits, temperature=0.9, top_k=0, top_p=top_p)
+    kept = torch.isfinite(lp)
+    for row in range(8):
+        mass = probs[row][kept[row]].sum()
+        assert mass >= top_p - 1e-6
+        assert kept[row][probs[row].argmax()]  # the argmax is always kept
+        smallest_kept = probs[row][kept[row]].min()
+        assert mass - smallest_kept < top_p  # minimal: dropping the least likely falls short
+        # every kept token is at least as likely as every dropped one
+        if (~kept[row]).any():
+            assert smallest_kept >= probs[row][~kept[row]].max()
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(8))
+
+
+def test_top_k_then_top_p() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    lp = processed_logprobs(logits, temperature=1.0, top_k=3, top_p=0.7)
+    # top-3 renormalised: [0.665, 0.245, 0.090]; the first alone is < 0.7, two reach it
+    assert torch.isfinite(lp).tolist() == [[True, True, False, False, False]]
+
+
+def test_processed_logprobs_is_differentiable() -> None:
+    logits = torch.randn(2, 3, 17, requires_grad=True)
+    lp = processed_logprobs(logits, temperature=0.8, top_k=6, top_p=0.8)
+    ent = entropy_from_logprobs(lp)
+    tokens = lp.detach().argmax(-1)
+    (lp.gather(-1, tokens[..., None]).sum() + ent.sum()).backward()
+    assert logits.grad is not None
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+    truncated = ~torch.isfinite(lp.detach())
+    assert (logits.grad[truncated] == 0).all()
+
+
+def test_entropy_of_uniform_logits_is_log_v() -> None:
+    lp = processed_logprobs(torch.zeros(3, 40), temperature=0.5)
+    torch.testing.assert_close(entropy_from_logprobs(lp), torch.full((3,), math.log(40)))
+    # ties at the k-th value are kept (as Hugging Face's top-k); 8 equal leaders, then top-k=8
+    lp = processed_logprobs(torch.cat([torch.zeros(1, 8), -torch.ones(1, 32)], 1), temperature=1.0, top_k=8)
+    torch.testing.assert_close(entropy_from_logprobs(lp), torch.tensor([math.log(8)]))
+
+
+# ------------------------------------------------------------------ sampler
+
+
+def test_shapes_masks_eos_and_truncation(model, tok) -> None:
+    prompts = PROMPTS * 4
+    b = gen(model, tok, seed=3, prompts=prompts, max_new_tokens=12, temperature=1.5)
+    n, t = b.completion_ids.shape
+    assert len(b) == n == len(prompts) and t <= 12
+    assert b.prompt_ids.shape == b.prompt_mask.shape and b.prompt_mask.dtype == torch.bool
+    assert b.completion_mask.dtype == torch.bool and b.truncated.dtype == torch.bool
+    assert b.sampler_logprobs.dtype == torch.float32
+    assert b.prompt_texts == prompts and len(b.completion_texts) == n
+    # prompts left-padded: padding only before the first real token
+    assert (b.prompt_mask.long().diff(dim=1) >= 0).all()
+    assert (b.prompt_ids[~b.prompt_mask] == PAD).all()
+    # completion mask is a prefix; padding after it
+    assert (b.completion_mask.long().diff(dim=1) <= 0).all()
+    assert (b.completion_ids[~b.completion_mask] == PAD).all()
+    assert (b.sampler_logprobs[~b.completion_mask] == 0).all()
+    assert (b.sampler_logprobs[b.completion_mask] <= 0).all()
+    lengths = b.completion_mask.sum(1)
+    assert b.truncated.any() and (~b.truncated).any(), "the fixture should produce both kinds of rows"
+    for i in range(n):
+        ids = b.completion_ids[i, : lengths[i]].tolist()
+        if b.truncated[i]:
+            assert EOS not in ids and lengths[i] == 12
+        else:
+            assert ids[-1] == EOS and EOS not in ids[:-1]  # EOS included, nothing after it
+        assert b.completion_texts[i] == tok.batch_decode([[x for x in ids if x > EOS]])[0]
+
+
+def test_same_seed_same_samples_and_other_seed_differs(model, tok) -> None:
+    a = gen(model, tok, seed=7, max_new_tokens=10)
+    b = gen(model, tok, seed=7, max_new_tokens=10)
+    c = gen(model, tok, seed=8, max_new_tokens=10)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.sampler_logprobs, b.sampler_logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def greedy_reference(model, tok, prompt: str, steps: int) -> list[int]:
+    ids = torch.tensor(tok([prompt])["input_ids"])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == EOS:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("settings", [{"top_k": 1}, {"temperature": 1e-4}])
+def test_greedy_limits_equal_argmax_decoding(model, tok, settings) -> None:
+    b = gen(model, tok, seed=0, max_new_tokens=8, **settings)
+    for i, prompt in enumerate(PROMPTS):
+        got = b.completion_ids[i, : b.completion_mask[i].sum()].tolist()
+        assert got == greedy_reference(model, tok, prompt, 8)
+    if settings.get("top_k") == 1:
+        assert (b.sampler_logprobs == 0).all()
+
+
+def test_left_padding_batch_equals_single_prompt(model, tok) -> None:
+    batch = gen(model, tok, seed=0, max_new_tokens=10, top_k=1)
+    for i, prompt in enumerate(PROMPTS):
+        single = gen(model, tok, seed=0, prompts=[prompt], max_new_tokens=10, top_k=1)
+        n = int(single.completion_mask.sum())
+        assert batch.completion_ids[i, :n].tolist() == single.completion_ids[0, :n].tolist()
+        assert int(batch.completion_mask[i].sum()) == n
+        torch.testing.assert_close(batch.sampler_logprobs[i, :n], single.sampler_logprobs[0, :n])
+
+
+SETTINGS = [
+    {"temperature": 1.0},
+    {"temperature": 0.7},
+    {"temperature": 1.6, "top_k": 5},
+    {"temperature": 0.9, "top_p": 0.8},
+    {"temperature": 1.3, "top_k": 10, "top_p": 0.9},
+]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-decode", "model-call"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_sampler_logprobs_equal_trainer_logprobs(tok, settings, fast) -> None:
+    model = tiny_model(seed=1, scale=20.0)
+    b = gen(model, tok, seed=5, prompts=PROMPTS * 2, fast=fast, max_new_tokens=14, **settings)
+    lp, ent = completion_logprobs(
+        model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, **settings
+    )
+    assert ent is not None
+    gap = (lp.detach() - b.sampler_logprobs).abs()
+    assert gap.max() < 1e-5, f"sampler/trainer log-prob gap {gap.max():.2e}"
+    assert (ent[~b.completion_mask] == 0).all() and (ent[b.completion_mask] >= 0).all()
+
+
+def test_fast_decode_matches_model_calls(tok) -> None:
+    model = tiny_model(seed=2, kv_heads=4, scale=20.0)
+    a = gen(model, tok, seed=1, fast=True, max_new_tokens=12, top_p=0.9)
+    b = gen(model, tok, seed=1, fast=False, max_new_tokens=12, top_p=0.9)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, atol=1e-5, rtol=0)
+
+
+def test_completion_logprobs_grad_chunks_and_entropy(model, tok) -> None:
+    b = gen(model, tok, seed=2, max_new_tokens=9, temperature=1.2, top_k=7)
+    args = (b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    kw = {"temperature": 1.2, "top_k": 7}
+    lp, ent = completion_logprobs(model, *args, **kw)
+    lp2, ent2 = completion_logprobs(model, *args, logits_chunk=3, **kw)
+    assert ent is not None and ent2 is not None
+    torch.testing.assert_close(lp, lp2)
+    torch.testing.assert_close(ent, ent2)
+    # the batch's tensors (made under inference_mode) can be used in a backward pass
+    model.zero_grad()
+    (lp2.sum() + ent2.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # entropy against a direct computation from the full logits
+    ids = torch.cat([b.prompt_ids, b.completion_ids], 1)
+    mask = torch.cat([b.prompt_mask, b.completion_mask], 1).long()
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+        ).logits
+    t = b.completion_ids.shape[1]
+    full = processed_logprobs(logits[:, -t - 1 : -1], **kw)
+    expect = torch.where(b.completion_mask, entropy_from_logprobs(full), 0.0)
+    torch.testing.assert_close(ent.detach(), expect, atol=1e-5, rtol=1e-5)
+    _, none = completion_logprobs(model, *args, compute_entropy=False, **kw)
+    assert none is None
+
+
+def test_training_mode_restored_and_no_grad_leak(tok) -> None:
+    model = tiny_model()
+    model.train()
+    b = gen(model, tok, max_new_tokens=4)
+    assert model.training
+    assert not b.sampler_logprobs.requires_grad
+    model.eval()
+    gen(model, tok, max_new_tokens=4)
+    assert not model.training
+
+
+def test_stops_early_when_all_rows_end(model, tok) -> None:
+    sampler = HFSampler(model, tok, SamplingConfig(max_new_tokens=16))
+    sampler.eos_ids = list(range(len(tok)))  # every token ends a row: all rows end at step 1
+    b = sampler.generate(PROMPTS, generator=torch.Generator().manual_seed(0))
+    assert b.completion_ids.shape == (len(PROMPTS), 1)
+    assert b.completion_mask.all() and not b.truncated.any()
+
+
+def test_sampling_config_validation() -> None:
+    assert from_dict(SamplingConfig, {"temperature": 0.5, "top_k": 3}).top_k == 3
+    for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(ConfigError):
+            from_dict(SamplingConfig, bad)
+    with pytest.raises(ConfigError):
+        from_dict(SamplingConfig, {"backend": "sglang"})
+
+
+def test_make_sampler_picks_backend(model, tok) -> None:
+    assert isinstance(make_sampler(model, tok, SamplingConfig()), HFSampler)
+
+
+# ------------------------------------------------------------------ vLLM backend
+
+
+def test_vllm_backend_without_vllm_or_gpu_says_what_to_install(model, tok) -> None:
+    from tether.lm.vllm_backend import vllm_unavailable_reason
+
+    if vllm_unavailable_reason() is None:
+        pytest.skip("vllm and a GPU are available here")
+    with pytest.raises(TetherError, match=r"pip install 'tether\[vllm\]'"):
+        make_sampler(model, tok, SamplingConfig(backend="vllm"))
+
+
+def test_vllm_sampler_matches_trainer_logprobs() -> None:  # pragma: no cover - GPU machines only
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("the vLLM backend needs a CUDA GPU")
+    from tether.lm.tokenizer import build_char_tokenizer
+    from tether.lm.vllm_backend import VLLMSampler
+
+    hf_tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(hf_tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=hf_tok.pad_token_id,
+            bos_token_id=hf_tok.bos_token_id,
+            eos_token_id=hf_tok.eos_token_id,
+        )
+    )
+    settings = {"temperature": 0.9, "top_k": 10, "top_p": 0.9}
+    sampler = VLLMSampler(model, hf_tok, SamplingConfig(max_new_tokens=12, backend="vllm", **settings))
+    b = sampler.generate(PROMPTS, generator=torch.Generator().manual_seed(0))
+    assert b.completion_ids.shape[0] == len(PROMPTS)
+    assert (b.completion_mask.long().diff(dim=1) <= 0).all()
+    model = model.cuda()
+    tensors = (b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    lp, _ = completion_logprobs(model, *(x.cuda() for x in tensors), **settings)
+    if sampler.processed_logprobs:
+        gap = (lp.detach().cpu() - b.sampler_logprobs)[b.completion_mask].abs()
+        assert gap.max() < 1e-2
+    sampler.sync_weights(model)
+    again = sampler.generate(PROMPTS, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.completion_ids, b.completion_ids)
