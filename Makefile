@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tether list
+	$(BIN)/tether demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -77,6 +77,17 @@ def as_aggregation(aggregation: AggregationLike) -> Aggregation:
     return Aggregation(mode=aggregation)  # type: ignore[arg-type]
 
 
+def local(aggregation: AggregationLike) -> Aggregation:
+    """The same mode without global counts: for metrics, which describe the batch at hand.
+
+    Convention: a metric whose name ends in ``loss`` is computed with the caller's aggregation and
+    adds up across micro-batches; every other metric is a statistic of the batch it was computed
+    on (use ``aggregate(values, mask, local(aggregation))``), averaged across micro-batches.
+    """
+    agg = as_aggregation(aggregation)
+    return Aggregation(mode=agg.mode, norm_length=agg.norm_length)
+
+
 def count_tokens(mask: torch.Tensor) -> float:
     """Valid tokens in a mask (for building a global :class:`Aggregation`)."""
     return float(mask.float().sum().item())

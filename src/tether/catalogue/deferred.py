@@ -18,7 +18,7 @@ class Deferred:
     reason: str
 
 
-LM_ISSUE = "language-model issue (#3)"
+LM_ISSUE = "to come as a loop plugin (tether.lm.loop)"
 
 DEFERRED: tuple[Deferred, ...] = (
     Deferred(
@@ -26,14 +26,14 @@ DEFERRED: tuple[Deferred, ...] = (
         "Scaf-GRPO: Scaffolded Group Relative Policy Optimization for Enhancing LLM Reasoning",
         "2510.19807",
         "adv#B12",
-        f"re-generates all-wrong groups with tiered hints inside the rollout loop; {LM_ISSUE}",
+        "re-generates all-wrong groups with tiered hints inside the rollout loop: loop plugin `scaf_grpo` (tether.lm.loop)",
     ),
     Deferred(
         "dypo_routing",
         "Bridging SFT and RL: Dynamic Policy Optimization for Robust Reasoning",
         "2604.08926",
         "ratio#17",
-        f"routes all-wrong groups to SFT on teacher trajectories sampled in the loop (the GAL loss is registered as `dypo`); {LM_ISSUE}",
+        "routes all-wrong groups to SFT on teacher trajectories: loop plugin `dypo_routing` (the GAL loss is the `dypo` entry)",
     ),
     Deferred(
         "svs",
@@ -61,28 +61,28 @@ DEFERRED: tuple[Deferred, ...] = (
         "Single-stream Policy Optimization",
         "2509.13232",
         "adv#B30",
-        f"prioritised prompt sampling over a per-prompt tracker that lives across steps; {LM_ISSUE}",
+        "prioritised prompt sampling over per-prompt trackers kept across steps: loop plugin `spo`",
     ),
     Deferred(
         "riskpo_bundling",
         "RiskPO: Risk-based Policy Optimization via Verifiable Reward for LLM Post-Training",
         "2510.00911",
         "adv#B2",
-        f"assigning prompts to bundles before rollout is a sampler; {LM_ISSUE}",
+        "assigning prompts to bundles and tracking quantiles across steps: loop plugin `riskpo_bundles`",
     ),
     Deferred(
         "knapsack_loop",
         "Knapsack RL: Unlocking Exploration of LLMs via Optimizing Budget Allocation",
         "2509.25849",
         "adv#B6",
-        f"per-prompt success history and variable group sizes in the rollout loop (the allocation DP is registered as `knapsack`); {LM_ISSUE}",
+        "per-prompt success history and variable group sizes: loop plugin `knapsack` (the allocation DP is the `knapsack` entry)",
     ),
     Deferred(
         "d3s_schedule",
         "Learning More with Less: A Dynamic Dual-Level Down-Sampling Framework for Efficient Policy Optimization",
         "2509.22115",
         "adv#B5",
-        f"the schedule that relaxes down-sampling over training (the selection is registered as `d3s`); {LM_ISSUE}",
+        "the schedule that relaxes down-sampling over training: loop plugin `d3s_schedule` (the selection is the `d3s` entry)",
     ),
     Deferred(
         "rlpr_reward",

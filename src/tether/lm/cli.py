@@ -124,7 +124,11 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("train", help="RL on a language model with a recipe")
     p.add_argument("--recipe", default=None, help="recipe name (tether recipes) or path to YAML")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (with none yet: start it again)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     common(p, "RL steps")
     p.set_defaults(func=cmd_train)

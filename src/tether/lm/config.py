@@ -62,6 +62,13 @@ class TrainSettings:
     mask_truncated: bool = field(
         default=False, metadata={"help": "overlong filtering: truncated completions carry no loss"}
     )
+    old_logprobs: Literal["auto", "recompute", "reuse"] = field(
+        default="auto",
+        metadata={
+            "help": "old log-probs for the ratio: recompute with a no-grad pass, or reuse the training pass's "
+            "(exact when one epoch has one mini-batch); auto = reuse exactly then, with the built-in sampler"
+        },
+    )
     max_nan_skips: int = field(
         default=3, metadata={"min": 1, "help": "consecutive non-finite steps before the run stops"}
     )
@@ -116,6 +123,11 @@ class LMConfig:
     )
 
     def validate(self) -> None:
+        if self.train.old_logprobs == "reuse" and (self.train.epochs > 1 or self.train.minibatches > 1):
+            raise ConfigError(
+                "train.old_logprobs=reuse is only exact for one epoch over one mini-batch; "
+                "use train.old_logprobs=auto or recompute"
+            )
         if self.train.minibatches > self.train.prompts_per_step * self.train.group_size:
             raise ConfigError(
                 f"train.minibatches={self.train.minibatches} exceeds the rollout batch "

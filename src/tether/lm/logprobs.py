@@ -181,3 +181,41 @@ def completion_logprobs(
         return token_logp, None
     entropy = torch.where(mask, torch.cat(ents, dim=0), 0.0)
     return token_logp, entropy
+
+
+def completion_distribution(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`completion_logprobs`, but also returns the whole processed distribution.
+
+    Returns ``(logprobs [N, T], entropy [N, T], distribution [N, T, V])`` where ``distribution``
+    holds the processed log-probabilities of every vocabulary entry at each completion position
+    (the ``logits`` input of catalogue entries that need the full distribution: SIREN, Lp-Reg,
+    GRPO-Guard, ROVER, DCPO). Padded positions hold zeros in all three.
+    """
+    t = completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    position_ids = position_ids_from_mask(attention_mask)
+    keep_kw: dict[str, Any] = {"logits_to_keep": t + 1} if _accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **keep_kw,
+    )
+    logp = processed_logprobs(out.logits[:, -(t + 1) : -1, :], temperature, top_k, top_p)
+    mask = completion_mask.bool()
+    token_logp = torch.where(mask, logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1), 0.0)
+    entropy = torch.where(mask, entropy_from_logprobs(logp), 0.0)
+    # -inf entries (truncated by top-k / top-p) stay finite for downstream arithmetic.
+    dist = torch.where(mask.unsqueeze(-1), logp.clamp(min=-1e4), 0.0)
+    return token_logp, entropy, dist

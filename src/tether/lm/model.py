@@ -293,6 +293,9 @@ def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
 
 def _load_pretrained(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tether draws its own progress; keep the terminal readable
 
     source, local_only = _resolve_source(config)
     try:

@@ -106,6 +106,52 @@ class RolloutBatch:
             prompt_texts=list(self.prompt_texts),
         )
 
+    def select(self, rows: Tensor | list[int]) -> RolloutBatch:
+        """The rows ``rows`` (indices or a bool mask), in that order."""
+        idx = torch.as_tensor(rows)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().squeeze(-1)
+        picked = idx.tolist()
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx],
+            completion_mask=self.completion_mask[idx],
+            sampler_logprobs=self.sampler_logprobs[idx],
+            truncated=self.truncated[idx],
+            completion_texts=[self.completion_texts[i] for i in picked],
+            prompt_texts=[self.prompt_texts[i] for i in picked],
+        )
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+        """Rows of several batches, re-padded (prompts on the left, completions on the right)."""
+        if len(batches) == 1:
+            return batches[0]
+
+        def cat(name: str, left: bool, fill: float | bool) -> Tensor:
+            ts = [getattr(b, name) for b in batches]
+            width = max(t.shape[1] for t in ts)
+            out = []
+            for t in ts:
+                pad = width - t.shape[1]
+                if pad:
+                    filler = torch.full((t.shape[0], pad), fill, dtype=t.dtype, device=t.device)
+                    t = torch.cat([filler, t] if left else [t, filler], dim=1)
+                out.append(t)
+            return torch.cat(out)
+
+        return RolloutBatch(
+            prompt_ids=cat("prompt_ids", True, pad_id),
+            prompt_mask=cat("prompt_mask", True, False),
+            completion_ids=cat("completion_ids", False, pad_id),
+            completion_mask=cat("completion_mask", False, False),
+            sampler_logprobs=cat("sampler_logprobs", False, 0.0),
+            truncated=torch.cat([b.truncated for b in batches]),
+            completion_texts=[t for b in batches for t in b.completion_texts],
+            prompt_texts=[t for b in batches for t in b.prompt_texts],
+        )
+
 
 class Sampler(Protocol):
     """What the trainer needs from a rollout backend."""

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,13 @@ from tether.catalogue.aggregate import Aggregation, count_sequences, count_token
 from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.config import LMConfig
-from tether.lm.logprobs import completion_logprobs
+from tether.lm.logprobs import completion_distribution, completion_logprobs
 from tether.lm.model import load_policy, load_reference
+from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, make_sampler
 from tether.lm.tasks import get_task
-from tether.lm.tasks.base import Prompt, Score, Task, safe_score
+from tether.lm.tasks.base import Prompt, Task, safe_score
 from tether.monitor import Monitor
 from tether.recipes import Method, load_recipe
 from tether.recipes.loader import Recipe
@@ -47,6 +47,8 @@ LM_INPUTS = frozenset(
         "token_ids",
         "truncated",
         "response_lengths",
+        "logits",
+        "old_logits",
     }
 )
 # Metrics that measure time, not math: excluded when comparing a resumed run with an unbroken one.
@@ -66,6 +68,7 @@ def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Reci
     pol = {**recipe.policy_loss, "params": dict(recipe.policy_loss["params"])}
     regs = [{**r, "params": dict(r["params"])} for r in recipe.regularizers]
     rews = [{**r, "params": dict(r["params"])} for r in recipe.rewards]
+    loop = [{**r, "params": dict(r["params"])} for r in recipe.loop]
     for target, params in overrides.items():
         if not isinstance(params, Mapping):
             raise TetherError(f"method.{target} must be set per parameter: method.{target}.<param>=value")
@@ -87,62 +90,22 @@ def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Reci
         for c in matches:
             c["params"].update(params)
     return dataclasses.replace(
-        recipe, advantage=tuple(advs), policy_loss=pol, regularizers=tuple(regs), rewards=tuple(rews)
+        recipe,
+        advantage=tuple(advs),
+        policy_loss=pol,
+        regularizers=tuple(regs),
+        rewards=tuple(rews),
+        loop=tuple(loop),
     )
 
 
-@dataclass
-class Rollout:
-    """One step's samples and scores (after dynamic sampling)."""
-
-    prompts: list[Prompt]  # one per sample
-    batch: RolloutBatch
-    scores: list[Score]
-    group_ids: torch.Tensor
-    rounds: int
-    dropped_groups: int
-
-
-def _combine(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
-    if len(batches) == 1:
-        return batches[0]
-
-    def cat(name: str, left: bool, fill: float | int | bool) -> torch.Tensor:
-        ts = [getattr(b, name) for b in batches]
-        width = max(t.shape[1] for t in ts)
-        out = []
-        for t in ts:
-            pad = width - t.shape[1]
-            if pad:
-                filler = torch.full((t.shape[0], pad), fill, dtype=t.dtype)
-                t = torch.cat([filler, t] if left else [t, filler], dim=1)
-            out.append(t)
-        return torch.cat(out)
-
-    return RolloutBatch(
-        prompt_ids=cat("prompt_ids", True, pad_id),
-        prompt_mask=cat("prompt_mask", True, False),
-        completion_ids=cat("completion_ids", False, pad_id),
-        completion_mask=cat("completion_mask", False, False),
-        sampler_logprobs=cat("sampler_logprobs", False, 0.0),
-        truncated=torch.cat([b.truncated for b in batches]),
-        completion_texts=[t for b in batches for t in b.completion_texts],
-        prompt_texts=[t for b in batches for t in b.prompt_texts],
-    )
-
-
-def _select(batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
-    idx = keep.nonzero().squeeze(-1)
-    rows = idx.tolist()
-    return RolloutBatch(
-        prompt_ids=batch.prompt_ids[idx],
-        prompt_mask=batch.prompt_mask[idx],
-        completion_ids=batch.completion_ids[idx],
-        completion_mask=batch.completion_mask[idx],
-        sampler_logprobs=batch.sampler_logprobs[idx],
-        truncated=batch.truncated[idx],
-        completion_texts=[batch.completion_texts[i] for i in rows],
-        prompt_texts=[batch.prompt_texts[i] for i in rows],
+def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
+    idx = rows.nonzero().squeeze(-1).tolist()
+    return Rollout(
+        prompts=[ro.prompts[i] for i in idx],
+        batch=ro.batch.select(rows),
+        scores=[ro.scores[i] for i in idx],
+        group_ids=ro.group_ids[rows],
     )
 
 
@@ -170,6 +133,7 @@ class RLTrainer:
         self.recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
         self.method = Method(self.recipe)
         self.task: Task = get_task(cfg.task.name, **cfg.task.params)
+        self.plugins: list[LoopPlugin] = [build_plugin(c["name"], c["params"]) for c in self.recipe.loop]
         needs_ref = "ref_logprobs" in self.method.required_inputs()
         self.use_ref = cfg.train.reference == "always" or (cfg.train.reference == "auto" and needs_ref)
         if needs_ref and not self.use_ref:
@@ -177,13 +141,18 @@ class RLTrainer:
                 f"recipe {self.recipe.name!r} needs a reference model; set train.reference=auto"
             )
         available = set(LM_INPUTS) if self.use_ref else set(LM_INPUTS) - {"ref_logprobs"}
+        available |= {name for plugin in self.plugins for name in plugin.provides}
         self.method.check_inputs(available, "language-model")
+        self.needs_distribution = bool({"logits", "old_logits"} & self.method.required_inputs())
         train_prompts = self.task.prompts("train", None, seed=cfg.train.seed)
         if not train_prompts:
             raise TetherError(f"task {cfg.task.name!r} has no train prompts")
 
         run_path = out or cfg.run.out or f"runs/{self.recipe.name}-{cfg.task.name}-s{cfg.train.seed}"
         self.run = RunDir(run_path)
+        # --resume of a run killed before its first checkpoint: nothing was lost but the logs of
+        # the unsaved steps, so start it again from scratch (dropping those logs).
+        resume = resume and self._resumable()
         self.run.prepare(resume)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -212,6 +181,7 @@ class RLTrainer:
         self.total_nan_skips = 0
         self.verifier_errors = 0
         self.tb: Any = None
+        self.last_rollout: Rollout | None = None
         self.on_step: Callable[[int, dict[str, float]], None] | None = None
         if resume:
             self._restore()
@@ -219,93 +189,114 @@ class RLTrainer:
             self.run.write_config({"recipe_resolved": _recipe_dict(self.recipe), **to_dict(cfg)})
 
     # ----------------------------------------------------------------------------- rollout
-    def _generate(self, prompts: list[Prompt]) -> tuple[RolloutBatch, list[Score]]:
+    def _plan(self, n: int) -> list[tuple[Prompt, int]]:
+        """Prompts for a rollout and samples per prompt: a loop plugin's plan, else the stream."""
         g = self.config.train.group_size
-        texts = [p.text for p in prompts for _ in range(g)]
-        batch = self.sampler.generate(texts, generator=self.generator)
-        per_sample = [p for p in prompts for _ in range(g)]
-        scores = [safe_score(self.task, p, c) for p, c in zip(per_sample, batch.completion_texts)]
-        return batch, scores
+        for plugin in self.plugins:
+            plan = plugin.plan(self, n, g)
+            if plan is not None:
+                return plan
+        return [(p, g) for p in self.prompts.next(n)]
+
+    def _generate(self, plan: list[tuple[Prompt, int]], first_group: int) -> Rollout:
+        per_row = [p for p, k in plan for _ in range(k)]
+        batch = self.sampler.generate([p.text for p in per_row], generator=self.generator)
+        scores = [safe_score(self.task, p, c) for p, c in zip(per_row, batch.completion_texts)]
+        group_ids = torch.cat(
+            [torch.full((k,), first_group + i, dtype=torch.long) for i, (_, k) in enumerate(plan)]
+        )
+        return Rollout(per_row, batch, scores, group_ids)
 
     def rollout(self) -> Rollout:
-        """Sample G completions for each prompt and score them; refill zero-variance groups (DAPO)."""
+        """Sample completions for each planned prompt and score them; with dynamic sampling, drop
+        groups whose rewards are all equal and refill the batch (DAPO)."""
         cfg = self.config.train
-        g = cfg.group_size
-        prompts = self.prompts.next(cfg.prompts_per_step)
-        batch, scores = self._generate(prompts)
-        if not cfg.dynamic_sampling:
-            group_ids = torch.arange(len(prompts)).repeat_interleave(g)
-            return Rollout([p for p in prompts for _ in range(g)], batch, scores, group_ids, 1, 0)
+        ro = self._generate(self._plan(cfg.prompts_per_step), 0)
+        if cfg.dynamic_sampling:
+            ro = self._refill(ro)
+        for plugin in self.plugins:
+            ro = plugin.after_rollout(self, ro)
+        return ro
+
+    def _refill(self, ro: Rollout) -> Rollout:
+        cfg = self.config.train
         keep_fn = get("selection", "dynamic_sampling").fn
-        kept_prompts: list[Prompt] = []
-        kept_batches: list[RolloutBatch] = []
-        kept_scores: list[Score] = []
+        kept: list[Rollout] = []
+        n_groups = 0
         dropped = 0
         rounds = 0
+        next_group = int(ro.group_ids.max()) + 1
         while True:
             rounds += 1
-            rewards = torch.tensor([s.reward for s in scores], dtype=torch.float64)
-            gids = torch.arange(len(prompts)).repeat_interleave(g)
-            keep, _ = keep_fn(rewards, gids)
-            keep_groups = keep.view(len(prompts), g)[:, 0]
-            dropped += int((~keep_groups).sum())
-            room = cfg.prompts_per_step - len(kept_prompts)
-            chosen = keep_groups.nonzero().squeeze(-1)[:room].tolist()
-            if chosen:
-                rows = torch.zeros(len(prompts) * g, dtype=torch.bool)
-                for i in chosen:
-                    rows[i * g : (i + 1) * g] = True
-                kept_batches.append(_select(batch, rows))
-                kept_scores += [scores[r] for r in rows.nonzero().squeeze(-1).tolist()]
-                kept_prompts += [prompts[i] for i in chosen]
-            if len(kept_prompts) >= cfg.prompts_per_step or rounds > cfg.max_refill_rounds:
+            rewards = torch.tensor([sc.reward for sc in ro.scores], dtype=torch.float64)
+            keep, _ = keep_fn(rewards, ro.group_ids)
+            good = sorted(set(ro.group_ids[keep].tolist()), key=ro.group_ids.tolist().index)
+            dropped += len(set(ro.group_ids.tolist())) - len(good)
+            good = good[: cfg.prompts_per_step - n_groups]
+            if good:
+                rows = torch.isin(ro.group_ids, torch.tensor(good))
+                kept.append(_take(ro, rows))
+                n_groups += len(good)
+            if n_groups >= cfg.prompts_per_step or rounds > cfg.max_refill_rounds:
                 break
-            prompts = self.prompts.next(cfg.prompts_per_step - len(kept_prompts))
-            batch, scores = self._generate(prompts)
-        if not kept_prompts:  # nothing with signal: train on the last round anyway (advantages are 0)
-            kept_prompts, kept_batches, kept_scores = prompts, [batch], scores
+            ro = self._generate(self._plan(cfg.prompts_per_step - n_groups), next_group)
+            next_group += cfg.prompts_per_step
+        if not kept:  # nothing with signal: train on the last round anyway (its advantages are 0)
+            kept = [ro]
         pad = int(self.tokenizer.pad_token_id or 0)
-        merged = _combine(kept_batches, pad)
-        group_ids = torch.arange(len(kept_prompts)).repeat_interleave(g)
-        return Rollout(
-            [p for p in kept_prompts for _ in range(g)], merged, kept_scores, group_ids, rounds, dropped
+        merged = Rollout(
+            prompts=[p for r in kept for p in r.prompts],
+            batch=RolloutBatch.concat([r.batch for r in kept], pad),
+            scores=[sc for r in kept for sc in r.scores],
+            group_ids=torch.cat([r.group_ids for r in kept]),
+            rounds=rounds,
+            dropped_groups=dropped,
         )
+        return merged
 
     # ----------------------------------------------------------------------------- log-probs
     def _logprobs(
         self, model: torch.nn.Module, batch: RolloutBatch, rows: torch.Tensor | slice, grad: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs (and entropy, and the full distribution when a component needs ``logits``)."""
         s = self.config.sampling
+        args = (
+            model,
+            batch.prompt_ids[rows].to(self.device),
+            batch.prompt_mask[rows].to(self.device),
+            batch.completion_ids[rows].to(self.device),
+            batch.completion_mask[rows].to(self.device),
+        )
         with torch.set_grad_enabled(grad):
-            return completion_logprobs(
-                model,
-                batch.prompt_ids[rows].to(self.device),
-                batch.prompt_mask[rows].to(self.device),
-                batch.completion_ids[rows].to(self.device),
-                batch.completion_mask[rows].to(self.device),
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p,
-                compute_entropy=grad,
+            if self.needs_distribution:
+                return completion_distribution(*args, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+            lp, ent = completion_logprobs(
+                *args, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, compute_entropy=grad
             )
+            return lp, ent, None
 
-    def _no_grad_logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    def _no_grad_logprobs(
+        self, model: torch.nn.Module, batch: RolloutBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = len(batch)
         size = self.config.train.micro_batch_size or n
-        parts = []
+        parts, dists = [], []
         was_training = model.training
         model.eval()
         for start in range(0, n, size):
-            lp, _ = self._logprobs(model, batch, slice(start, start + size), grad=False)
+            lp, _, dist = self._logprobs(model, batch, slice(start, start + size), grad=False)
             parts.append(lp.detach().float().cpu())
+            if dist is not None:
+                dists.append(dist.detach().float().cpu())
         model.train(was_training)
-        return torch.cat(parts)
+        return torch.cat(parts), (torch.cat(dists) if dists else None)
 
     # ----------------------------------------------------------------------------- one RL step
     def step(self) -> dict[str, float]:
         cfg = self.config
         t0 = time.perf_counter()
         ro = self.rollout()
+        self.last_rollout = ro
         t_rollout = time.perf_counter() - t0
         batch = ro.batch
         n = len(batch)
@@ -316,8 +307,25 @@ class RLTrainer:
 
         # Inputs for the catalogue, by standard name.
         t1 = time.perf_counter()
-        old_logprobs = self._no_grad_logprobs(self.model, batch)
-        ref_logprobs = self._no_grad_logprobs(self.ref_model, batch) if self.ref_model is not None else None
+        # One epoch over one mini-batch never moves the policy before its single update, so the
+        # old log-probs are the training pass's own (detached), as in TRL; before the update the
+        # sampler's log-probs stand in for them (equal up to float error for the built-in sampler).
+        reuse_old = (
+            cfg.train.old_logprobs == "reuse"
+            or (
+                cfg.train.old_logprobs == "auto"
+                and cfg.train.epochs == 1
+                and cfg.train.minibatches == 1
+                and cfg.sampling.backend == "hf"
+            )
+        ) and not self.needs_distribution
+        if reuse_old:
+            old_logprobs, old_dist = batch.sampler_logprobs.float(), None
+        else:
+            old_logprobs, old_dist = self._no_grad_logprobs(self.model, batch)
+        ref_logprobs = (
+            self._no_grad_logprobs(self.ref_model, batch)[0] if self.ref_model is not None else None
+        )
         response_mask = mask.clone()
         if cfg.train.mask_truncated:
             response_mask &= ~batch.truncated.unsqueeze(-1)
@@ -333,6 +341,11 @@ class RLTrainer:
         }
         if ref_logprobs is not None:
             inputs["ref_logprobs"] = ref_logprobs
+        if old_dist is not None:
+            inputs["old_logits"] = old_dist
+            inputs["logits"] = old_dist  # before the update the current distribution is the old one
+        for plugin in self.plugins:
+            plugin.extra_inputs(self, ro, inputs)
         metrics: dict[str, float] = {k: float(v) for k, v in self.method.shape_rewards(inputs).items()}
         advantages, adv_metrics = self.method.compute_advantages(inputs)
         advantages = advantages.float()
@@ -340,16 +353,22 @@ class RLTrainer:
             advantages = advantages.unsqueeze(-1).expand_as(mask)
         advantages = torch.where(errors.unsqueeze(-1), torch.zeros_like(advantages), advantages)
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
+        inputs["advantages"] = advantages
+        for plugin in self.plugins:
+            plugin.after_advantages(self, ro, inputs)
+        advantages = inputs["advantages"]
+        response_mask = inputs["response_mask"]
         t_prep = time.perf_counter() - t1
 
         # K epochs of mini-batch updates.
         t2 = time.perf_counter()
         self.model.train()
         records: list[dict[str, float]] = []
+        trainer_lp = old_logprobs.clone()  # filled by the training pass when old log-probs are reused
         grad_norms: list[float] = []
         skipped = 0
         micro = cfg.train.micro_batch_size or n
-        entropies: list[float] = []
+        ent_sum, ent_tokens = 0.0, 0.0  # token-mean over every update: independent of micro-batching
         for _epoch in range(cfg.train.epochs):
             order = torch.randperm(n, generator=self.generator)
             for mb in order.chunk(cfg.train.minibatches):
@@ -361,26 +380,43 @@ class RLTrainer:
                 finite = True
                 mb_metrics: dict[str, float] = {}
                 for rows in mb.split(micro):
-                    lp, ent = self._logprobs(self.model, batch, rows, grad=True)
+                    lp, ent, dist = self._logprobs(self.model, batch, rows, grad=True)
+                    # Per-row inputs are sliced to the micro-batch; batch-level ones pass whole.
                     step_inputs = {
-                        k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()
+                        k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+                        for k, v in inputs.items()
                     }
                     step_inputs = {
                         k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                         for k, v in step_inputs.items()
                     }
                     step_inputs.update(logprobs=lp, entropy=ent, advantages=advantages[rows].to(self.device))
+                    if reuse_old:
+                        step_inputs["old_logprobs"] = lp.detach()
+                        trainer_lp[rows] = lp.detach().float().cpu()
+                    if dist is not None:
+                        step_inputs["logits"] = dist
                     loss, m = self.method.loss(step_inputs, agg)
+                    for plugin in self.plugins:
+                        extra = plugin.extra_loss(self, ro, rows)
+                        if extra is not None:
+                            loss = loss + extra[0] * (len(rows) / len(mb))
+                            m = {**m, **{k: torch.tensor(v) for k, v in extra[1].items()}}
                     if not torch.isfinite(loss):
                         finite = False
                         break
                     loss.backward()
+                    # Metrics ending in "loss" are partial sums under the mini-batch's global
+                    # aggregation; the others describe this micro-batch (see aggregate.local).
                     share = len(rows) / len(mb)
                     for k, v in m.items():
-                        mb_metrics[k] = mb_metrics.get(k, 0.0) + float(v) * share
+                        mb_metrics[k] = mb_metrics.get(k, 0.0) + float(v) * (
+                            1.0 if k.endswith("loss") else share
+                        )
                     if ent is not None:
                         rm = step_inputs["response_mask"]
-                        entropies.append(float((ent.detach() * rm).sum() / rm.sum().clamp(min=1)))
+                        ent_sum += float((ent.detach() * rm).sum())
+                        ent_tokens += float(rm.sum())
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], cfg.train.max_grad_norm
                 )
@@ -403,12 +439,16 @@ class RLTrainer:
             self.nan_skips = 0
 
         metrics.update(_reduce_metrics(records))
-        metrics.update(self._rollout_metrics(ro, rewards, old_logprobs, ref_logprobs, response_mask))
+        metrics.update(
+            self._rollout_metrics(
+                ro, rewards, trainer_lp if reuse_old else old_logprobs, ref_logprobs, response_mask
+            )
+        )
         n_tokens = float(mask.sum())
         step_time = time.perf_counter() - t0
         metrics.update(
             {
-                "policy/entropy": sum(entropies) / max(len(entropies), 1),
+                "policy/entropy": ent_sum / max(ent_tokens, 1.0),
                 "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
                 "train/lr": float(self.scheduler.get_last_lr()[0]),
                 "train/nan_skips": float(self.total_nan_skips),
@@ -420,7 +460,10 @@ class RLTrainer:
                 "perf/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
             }
         )
-        self.method.update_state(metrics)
+        for plugin in self.plugins:
+            plugin.after_step(self, ro, inputs, metrics)
+        if records:  # a step whose every update was skipped (NaN) leaves the method's state as is
+            self.method.update_state(metrics)
         return metrics
 
     def _rollout_metrics(
@@ -433,16 +476,18 @@ class RLTrainer:
     ) -> dict[str, float]:
         batch = ro.batch
         mask = batch.completion_mask
-        g = self.config.train.group_size
-        grouped = rewards.view(-1, g)
         m = mask.float()
+        zero_std = [
+            float(rewards[ro.group_ids == gid].std()) == 0.0 if int((ro.group_ids == gid).sum()) > 1 else True
+            for gid in ro.group_ids.unique().tolist()
+        ]
         gap = ((old_logprobs - batch.sampler_logprobs.float()).abs() * m).sum() / m.sum().clamp(min=1)
         out = {
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "reward/accuracy": sum(s.correct for s in ro.scores) / len(ro.scores),
             "reward/format": sum(s.format_ok for s in ro.scores) / len(ro.scores),
-            "reward/zero_std_frac": float((grouped.std(dim=1) == 0).float().mean()),
+            "reward/zero_std_frac": sum(zero_std) / max(len(zero_std), 1),
             "reward/verifier_errors": float(sum(s.error is not None for s in ro.scores)),
             "response/length_mean": float(mask.sum(-1).float().mean()),
             "response/length_max": float(mask.sum(-1).max()),
@@ -483,6 +528,7 @@ class RLTrainer:
                     )
                 record = {"step": self.step_idx, **metrics, "alarms": len(alarms)}
                 self.run.metrics.append(record)
+                self._log_samples()
                 for a in alarms:
                     self.run.alarms.append(a.as_dict())
                     progress.alarm(a.kind, a.message)
@@ -511,6 +557,25 @@ class RLTrainer:
         self.run.write_summary(summary)
         return summary
 
+    def _log_samples(self) -> None:
+        """The first ``run.log_samples`` completions of the step to ``samples.jsonl``."""
+        ro = self.last_rollout
+        if ro is None:
+            return
+        for i in range(min(self.config.run.log_samples, len(ro.scores))):
+            score = ro.scores[i]
+            record: dict[str, Any] = {
+                "step": self.step_idx,
+                "prompt": ro.prompts[i].text,
+                "completion": ro.batch.completion_texts[i],
+                "answer": ro.prompts[i].answer,
+                "reward": float(score.reward),
+                "correct": bool(score.correct),
+            }
+            if score.error is not None:
+                record["error"] = score.error
+            self.run.samples.append(record)
+
     # ----------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         o_tensors, o_meta = optimizer_to_flat(self.optimizer.state_dict())
@@ -525,6 +590,7 @@ class RLTrainer:
             "prompts": self.prompts.state_dict(),
             "method": self.method.state_dict(),
             "monitor": self.monitor.state_dict(),
+            "plugins": [p.state_dict() for p in self.plugins],
             "nan_skips": self.nan_skips,
             "total_nan_skips": self.total_nan_skips,
             "verifier_errors": self.verifier_errors,
@@ -541,6 +607,16 @@ class RLTrainer:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
+    def _resumable(self) -> bool:
+        """Whether the run directory has a checkpoint to resume from. Without one, the logs of a
+        run killed before its first checkpoint are removed so that it starts again cleanly."""
+        if latest_checkpoint(self.run.path) is not None:
+            return True
+        for log in (self.run.metrics, self.run.alarms, self.run.samples):
+            log.path.unlink(missing_ok=True)
+        self.run.summary_path.unlink(missing_ok=True)
+        return False
+
     def _restore(self) -> None:
         path = latest_checkpoint(self.run.path)
         if path is None:
@@ -552,6 +628,8 @@ class RLTrainer:
         self.prompts.load_state_dict(ck.state["prompts"])
         self.method.load_state_dict(ck.state["method"])
         self.monitor.load_state_dict(ck.state["monitor"])
+        for plugin, state in zip(self.plugins, ck.state["plugins"]):
+            plugin.load_state_dict(state)
         self.nan_skips = int(ck.state["nan_skips"])
         self.total_nan_skips = int(ck.state["total_nan_skips"])
         self.verifier_errors = int(ck.state["verifier_errors"])
@@ -568,6 +646,7 @@ def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
         "policy_loss": recipe.policy_loss,
         "regularizers": list(recipe.regularizers),
         "rewards": list(recipe.rewards),
+        "loop": list(recipe.loop),
     }
 
 

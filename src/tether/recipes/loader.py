@@ -22,6 +22,7 @@ TOP_KEYS = (
     "regularizers",
     "rewards",
     "train",
+    "loop",
 )
 
 
@@ -35,6 +36,7 @@ class Recipe:
     policy_loss: dict[str, Any]
     regularizers: tuple[dict[str, Any], ...] = ()
     rewards: tuple[dict[str, Any], ...] = ()
+    loop: tuple[dict[str, Any], ...] = ()  # loop plugins (tether.lm.plugins), world-specific
     train: dict[str, Any] = field(default_factory=dict)
     status: str = "exact"
     path: str = ""
@@ -99,6 +101,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         policy_loss=_component(src, "policy_loss", data["policy_loss"]),
         regularizers=tuple(_component(src, "regularizers", r) for r in data.get("regularizers") or ()),
         rewards=tuple(_component(src, "rewards", r) for r in data.get("rewards") or ()),
+        loop=tuple(_component(src, "loop", r) for r in data.get("loop") or ()),
         train=dict(data.get("train") or {}),
         path=str(path),
     )

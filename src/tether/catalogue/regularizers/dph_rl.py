@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tether.catalogue.aggregate import AggregationLike, aggregate
+from tether.catalogue.aggregate import AggregationLike, aggregate, local
 from tether.catalogue.contracts import LossOutput, check_2d, check_same_shape, detached
 from tether.catalogue.ratio import log_ratio
 from tether.catalogue.registry import register
@@ -86,6 +86,6 @@ def dph_rl(
     log_u = log_ratio(logprobs, ref_logprobs.to(logprobs.dtype))
     log_u = torch.where(valid, log_u, torch.zeros((), dtype=log_u.dtype, device=log_u.device))
     per_token = f_term(log_u, divergence, alpha)
-    div = aggregate(per_token, response_mask, aggregation)
-    term = coef * div
+    term = coef * aggregate(per_token, response_mask, aggregation)
+    div = aggregate(per_token.detach(), response_mask, local(aggregation))
     return term, {"dph/divergence": detached(div), "reg/dph_loss": detached(term)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.aggregate import AggregationLike, aggregate
+from tether.catalogue.aggregate import AggregationLike, aggregate, local
 from tether.catalogue.contracts import LossOutput, check_2d, check_same_shape, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
@@ -74,10 +74,9 @@ def entropy_bonus(
     check_same_shape("entropy", entropy, response_mask=response_mask)
     if coef < 0:
         raise InvalidInputError(f"entropy_bonus: coef must be >= 0 (a bonus), got {coef}")
-    h = aggregate(entropy, response_mask, aggregation)
-    term = -coef * h
+    term = -coef * aggregate(entropy, response_mask, aggregation)
     return term, {
-        "reg/entropy": detached(h),
+        "reg/entropy": detached(aggregate(entropy.detach(), response_mask, local(aggregation))),
         "reg/entropy_loss": detached(term),
         "reg/entropy_coef": detached(coef),
     }

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tether.catalogue.aggregate import AggregationLike, aggregate, masked_mean
+from tether.catalogue.aggregate import AggregationLike, aggregate, local, masked_mean
 from tether.catalogue.contracts import LossOutput, check_2d, check_same_shape, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
@@ -125,8 +125,8 @@ def epo(
         e = entropy.detach()
         out_frac = masked_mean(((e < lo) | (e > hi)).to(e.dtype), response_mask)
     return term, {
-        "reg/entropy": detached(h_bar),
-        "epo/band_penalty": detached(penalty),
+        "reg/entropy": detached(aggregate(entropy.detach(), response_mask, local(aggregation))),
+        "epo/band_penalty": detached(aggregate(per_token.detach(), response_mask, local(aggregation))),
         "epo/out_of_band_frac": detached(out_frac),
         "reg/epo_loss": detached(term),
     }

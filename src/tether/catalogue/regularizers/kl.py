@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.aggregate import AggregationLike, aggregate
+from tether.catalogue.aggregate import AggregationLike, aggregate, local
 from tether.catalogue.contracts import LossOutput, check_2d, check_same_shape, detached
 from tether.catalogue.ratio import log_ratio
 from tether.catalogue.registry import register
@@ -75,8 +75,8 @@ def _finish(
 ) -> LossOutput:
     if coef < 0:
         raise InvalidInputError(f"coef must be >= 0 (a KL penalty), got {coef}")
-    kl = aggregate(per_token, response_mask, aggregation)
-    term = coef * kl
+    term = coef * aggregate(per_token, response_mask, aggregation)
+    kl = aggregate(per_token.detach(), response_mask, local(aggregation))
     return term, {"reg/kl": detached(kl), "reg/kl_loss": detached(term)}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.aggregate import AggregationLike, aggregate
+from tether.catalogue.aggregate import AggregationLike, aggregate, local
 from tether.catalogue.contracts import LossOutput, check_2d, check_same_shape, detached
 from tether.catalogue.registry import register
 from tether.catalogue.regularizers.kl import low_var_kl_per_token
@@ -61,9 +61,10 @@ def papo(
     ent_o = aggregate(-lp, response_mask, aggregation)
     ent_a = aggregate(-lp_aug, response_mask, aggregation)
     term = -gamma * kl_prcp + eta_o * ent_o + eta_a * ent_a
+    loc = local(aggregation)
     return term, {
-        "papo/kl_prcp": detached(kl_prcp),
-        "papo/entropy_orig": detached(ent_o),
-        "papo/entropy_aug": detached(ent_a),
+        "papo/kl_prcp": detached(aggregate(kl_tok.detach(), response_mask, loc)),
+        "papo/entropy_orig": detached(aggregate(-lp.detach(), response_mask, loc)),
+        "papo/entropy_aug": detached(aggregate(-lp_aug.detach(), response_mask, loc)),
         "reg/papo_loss": detached(term),
     }

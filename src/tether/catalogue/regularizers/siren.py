@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.catalogue.aggregate import AggregationLike, aggregate, masked_mean
+from tether.catalogue.aggregate import AggregationLike, aggregate, local, masked_mean
 from tether.catalogue.contracts import LossOutput, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
@@ -102,12 +102,17 @@ def siren(
         raise InvalidInputError(f"siren: peak_quantile must be in [0, 1), got {peak_quantile}")
     hp = nucleus_entropy(logits, top_p, top_k)
     g = peak_mask(hp, response_mask, peak_quantile)
-    h_sel = aggregate(hp, g, aggregation)
+    # The anchor penalty is not linear in the batch: each call computes its own selective entropy
+    # and weighs its penalty by its share of the (global) aggregation, so micro-batches sum to the
+    # mini-batch penalty when their selective entropies agree (exactly so without micro-batching).
+    h_sel = aggregate(hp, g, local(aggregation))
+    ones = torch.ones_like(hp.detach())
+    share = aggregate(ones, response_mask, aggregation) / aggregate(ones, response_mask, local(aggregation))
     if anchor_entropy is None:
         anchor = h_sel.detach()
     else:
         anchor = torch.as_tensor(anchor_entropy, dtype=h_sel.dtype, device=h_sel.device).detach().reshape(())
-    term = coef * (h_sel - anchor).square()
+    term = share * coef * (h_sel - anchor).square()
     metrics = {
         "siren/selective_entropy": detached(h_sel),
         "siren/nucleus_entropy": detached(masked_mean(hp.detach(), response_mask)),

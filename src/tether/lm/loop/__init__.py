@@ -1,0 +1,1 @@
+"""Loop plugins (see tether.lm.plugins): samplers, injections, schedules of seed methods."""

@@ -1,0 +1,205 @@
+"""``tether train | sft | eval | recipes`` on the tiny model: run files, bad configs, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.lm.test_trainer import ARITH, COIN, TINY, math_only, read_jsonl
+from tether.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    cache = tmp_path_factory.mktemp("tether_cache")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TETHER_CACHE", str(cache))
+        yield cache
+    torch.set_num_threads(threads)
+
+
+def test_train_then_eval_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out), "--steps", "2", *TINY, *ARITH])
+    assert rc == 0
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and {"accuracy", "pass@2", "entropy"} <= set(summary["eval"])
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    capsys.readouterr()
+
+    # (overrides go before the options: argparse cannot take positionals after them here)
+    rc = main(
+        ["eval", str(out), "task.params.digits=2", "sampling.max_new_tokens=6", "--prompts", "3", "--k", "2"]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "pass@2", "entropy"} <= set(result)
+    assert 0.0 <= result["accuracy"] <= result["pass@2"] <= 1.0
+    assert result["entropy"] > 0 and result["prompts"] == 3.0
+
+
+def test_eval_refuses_a_directory_without_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_sft_writes_model_and_eval(tmp_path: Path) -> None:
+    out = tmp_path / "sft"
+    tiny = [o for o in TINY if not o.startswith("train.")]
+    rc = main(
+        ["sft", "--out", str(out), "--steps", "3", *tiny, *ARITH, "sft.batch_size=8", "sft.warmup_steps=1"]
+    )
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and "accuracy" in summary["eval"]
+    assert (out / "model" / "config.json").is_file()
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    # The SFT model is a starting point for RL.
+    rl = tmp_path / "rl"
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(rl),
+                "--steps",
+                "1",
+                "--no-eval",
+                *TINY,
+                *ARITH,
+                f"model.name_or_path={out}/model",
+            ]
+        )
+        == 0
+    )
+
+
+def test_recipes_command_lists_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    from tether.recipes import recipe_names
+
+    assert main(["recipes", "--json"]) == 0
+    listed = [r["name"] for r in json.loads(capsys.readouterr().out)]
+    assert listed == recipe_names() and "grpo" in listed and "dapo" in listed
+
+
+# ------------------------------------------------------------------------------- bad configs
+def _bad_file(tmp_path: Path) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4"}\n')
+    return str(path)
+
+
+BAD = [
+    (["--recipe", "grpoo"], "unknown recipe 'grpoo'.*Did you mean 'grpo'"),
+    (["train.lrr=1"], "unknown config key 'train.lrr'.*Did you mean 'train.lr'"),
+    (["train.group_size=1"], "train.group_size.*>= 2"),
+    (["train.lr=-0.1"], "train.lr.*> 0"),
+    (["task.name=file", "task.params.path={bad}"], "prompt"),
+    (["method.kl_k4.coef=0"], "no such component"),
+    (["method.policy_loss.eps_hi=0.3"], "no parameter 'eps_hi'"),
+    (["task.name=arithmetc"], "unknown task 'arithmetc'.*Did you mean 'arithmetic'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[b[1].split(".")[0][:20] for b in BAD])
+def test_bad_config_stops_before_any_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+) -> None:
+    import tether.lm.model as model_module
+    import tether.lm.trainer as trainer_module
+
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("a model was built for a bad config")
+
+    monkeypatch.setattr(trainer_module, "load_policy", no_model)
+    monkeypatch.setattr(model_module, "load_policy", no_model)
+    out = tmp_path / "run"
+    args = [a.replace("{bad}", _bad_file(tmp_path)) for a in args]
+    rc = main(["train", "--out", str(out), "--steps", "1", *TINY, *ARITH, *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("tether: error:") and "Traceback" not in err
+    import re
+
+    assert re.search(message, err, flags=re.S), err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- kill and resume
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import tests.lm.test_trainer  # registers the test_coin task
+from tether.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def _wait_and_kill(proc: subprocess.Popen[bytes], out: Path, mode: str, delay: float) -> bool:
+    """Kill ``proc`` once ``mode`` is reached: ``start`` (config written, no checkpoint yet),
+    ``writing`` (a checkpoint is being written) or ``after`` (``delay`` s after a new checkpoint)."""
+    ckpts = out / "checkpoints"
+    pointer = ckpts / "latest"
+    before = pointer.read_text() if pointer.exists() else ""
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        if mode == "start" and (out / "config.yaml").exists():
+            break
+        if mode == "writing" and ckpts.is_dir() and any(ckpts.glob(".tmp-*")):
+            break
+        if mode == "after" and pointer.exists() and pointer.read_text() != before:
+            time.sleep(delay)
+            break
+        time.sleep(0.001)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    return True
+
+
+def test_sigkill_at_random_times_then_resume_equals_unbroken_run(tmp_path: Path) -> None:
+    args = ["train", "--no-eval", "--steps", "8", *TINY, *COIN, "run.checkpoint_every=1", "run.log_samples=2"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    expected = read_jsonl(ref / "metrics.jsonl")
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    plan = [("start", 0.0), ("writing", 0.0), ("after", rng.uniform(0.0, 0.05))]
+    kills = 0
+    for attempt in range(8):
+        cmd = [sys.executable, str(script), *args, "--out", str(out)] + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if attempt < len(plan):
+            kills += _wait_and_kill(proc, out, *plan[attempt])
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+    assert proc.returncode == 0
+    assert kills >= 2
+    got = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 9))  # nothing duplicated or missing
+    assert math_only(got) == math_only(expected)
+    assert read_jsonl(out / "samples.jsonl") == read_jsonl(ref / "samples.jsonl")
+    assert not list((out / "checkpoints").glob(".tmp-*"))
