@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tether.lm.cli import add_commands
 
     add_commands(sub)
+    from tether.arena.cli import add_commands as add_arena_commands
+
+    add_arena_commands(sub)
     return parser
 
 

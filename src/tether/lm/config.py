@@ -81,9 +81,6 @@ class RunSettings:
     )
     checkpoint_every: int = field(default=25, metadata={"min": 1, "help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"min": 1})
-    eval_every: int = field(
-        default=0, metadata={"min": 0, "help": "held-out evaluation every N steps (0: end only)"}
-    )
     log_samples: int = field(
         default=4, metadata={"min": 0, "help": "completions written to samples.jsonl per step"}
     )
@@ -117,9 +114,6 @@ class LMConfig:
     method: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "parameter overrides per component: method.<slot or entry name>.<param>=value"},
-    )
-    init_from: str | None = field(
-        default=None, metadata={"help": "start from this checkpoint's weights (e.g. an SFT run)"}
     )
 
     def validate(self) -> None:

@@ -31,7 +31,7 @@ def evaluate(
     settings: EvalSettings,
     sampling: SamplingConfig,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Score ``settings.k`` samples per held-out prompt and one greedy completion."""
     prompts = task.prompts("test", settings.prompts, seed=seed)
     device = next(model.parameters()).device
@@ -88,4 +88,6 @@ def evaluate(
         "length_mean": len_sum / max(n_samples, 1),
         "prompts": float(len(prompts)),
         "k": float(k),
+        # Fraction of the k samples that were correct, per held-out prompt (the arena's risk view).
+        "per_prompt_success": [c / k for c in correct],
     }

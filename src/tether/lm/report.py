@@ -33,7 +33,8 @@ def print_run_summary(summary: dict[str, Any], run_dir: Path | str) -> None:
         if key in final:
             table.add_row(key, f"{final[key]:.4g}")
     for key, value in (summary.get("eval") or {}).items():
-        table.add_row(f"eval/{key}", f"{value:.4g}")
+        if isinstance(value, int | float):
+            table.add_row(f"eval/{key}", f"{value:.4g}")
     if "alarm_count" in summary:
         table.add_row("alarms", str(summary["alarm_count"]))
     console.print(table)

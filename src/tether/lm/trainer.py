@@ -428,7 +428,8 @@ class RLTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(float(norm))
                 records.append(mb_metrics)
-        self.scheduler.step()
+        if grad_norms:  # the schedule advances with the optimizer, not on fully skipped steps
+            self.scheduler.step()
         t_update = time.perf_counter() - t2
 
         # Non-finite steps never reach the weights; repeated ones stop the run.

@@ -10,6 +10,10 @@ space, must be exactly one integer (``-?\\d+``), and it is correct when it equal
 though :meth:`ArithmeticTask.extract` still reports ``"46"`` (the first number) for logging.
 With ``answer_format="hash"`` the completion may reason first and must end its answer as
 ``#### 46`` (GSM8K style); correct when the number after the last ``####`` equals the answer.
+With ``answer_format="reversed"`` the digits are written least-significant first (``"12+39="``
+-> ``"15"`` for 51, a sign stays in front): each output digit then depends only on the digits
+already seen and a carry, which small transformers learn far faster (Lee et al., "Teaching
+Arithmetic to Small Transformers", arXiv 2307.03381).
 
 Reward: 1.0 when correct, else 0.0. ``format_ok`` says whether the completion has the
 expected form. Train and test are disjoint sets of distinct problems, fixed by ``seed``.
@@ -50,7 +54,7 @@ class ArithmeticTask(Task):
         train_size: int = 5000,
         test_size: int = 500,
         seed: int = 1234,
-        answer_format: Literal["plain", "hash"] = "plain",
+        answer_format: Literal["plain", "hash", "reversed"] = "plain",
     ) -> None:
         if digits < 1:
             raise TetherError(f"task.digits={digits}: must be >= 1")
@@ -62,8 +66,8 @@ class ArithmeticTask(Task):
                 f"task.operations={operations!r}: {'unsupported operator ' + repr(bad[0]) if bad else 'empty'}; "
                 f"use a non-empty subset of {_OPS!r}"
             )
-        if answer_format not in ("plain", "hash"):
-            raise TetherError(f"task.answer_format={answer_format!r}: choose 'plain' or 'hash'")
+        if answer_format not in ("plain", "hash", "reversed"):
+            raise TetherError(f"task.answer_format={answer_format!r}: choose 'plain', 'hash' or 'reversed'")
         if train_size < 0 or test_size < 0:
             raise TetherError("task.train_size and task.test_size must be >= 0")
         self.digits = digits
@@ -114,14 +118,22 @@ class ArithmeticTask(Task):
         return self._splits[split]
 
     def reference(self, prompt: Prompt) -> str:
-        return f"#### {prompt.answer}" if self.answer_format == "hash" else prompt.answer
+        if self.answer_format == "hash":
+            return f"#### {prompt.answer}"
+        if self.answer_format == "reversed":
+            return _reverse_digits(prompt.answer)
+        return prompt.answer
 
     def extract(self, completion: str) -> str | None:
         if self.answer_format == "hash":
             found = extract_hash_answer(completion)
             return normalize_number(found) if found is not None else None
         m = _INT.search(completion)
-        return normalize_number(m.group(0)) if m else None
+        if not m:
+            return None
+        return normalize_number(
+            _reverse_digits(m.group(0)) if self.answer_format == "reversed" else m.group(0)
+        )
 
     def score(self, prompt: Prompt, completion: str) -> Score:
         if self.answer_format == "hash":
@@ -130,8 +142,16 @@ class ArithmeticTask(Task):
         else:
             found = completion.strip()
             format_ok = _INT.fullmatch(found) is not None
+            if format_ok and self.answer_format == "reversed":
+                found = _reverse_digits(found)
         correct = format_ok and found is not None and int(found) == int(prompt.answer)
         return Score(reward=1.0 if correct else 0.0, correct=correct, format_ok=format_ok)
+
+
+def _reverse_digits(number: str) -> str:
+    """``"51"`` <-> ``"15"``, ``"-120"`` <-> ``"-021"``: the sign stays in front."""
+    sign = "-" if number.startswith("-") else ""
+    return sign + number[len(sign) :][::-1]
 
 
 def _evaluate(expr: str) -> int:
