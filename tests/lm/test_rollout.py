@@ -10,7 +10,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tether.config import ConfigError, from_dict
 from tether.errors import TetherError
-from tether.lm.logprobs import completion_logprobs, entropy_from_logprobs, processed_logprobs
+from tether.lm.logprobs import (
+    completion_logprobs,
+    entropy_from_logprobs,
+    processed_logprobs,
+    truncation_mask,
+)
 from tether.lm.rollout import HFSampler, RolloutBatch, SamplingConfig, make_sampler
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 "
@@ -355,3 +360,44 @@ def test_vllm_sampler_matches_trainer_logprobs() -> None:  # pragma: no cover - 
     sampler.sync_weights(model)
     again = sampler.generate(PROMPTS, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.completion_ids, b.completion_ids)
+
+
+TEMPLATE_PROMPTS = ["what is 1 2", "what is 13 27", "what is 1 2", "what is 7 5", "what is 1 2"]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_fast_prefill_shared_prefix_and_repeated_prompts(tok, kv_heads) -> None:
+    """The fast prefill computes repeated prompts and a common prefix once; same samples."""
+    model = tiny_model(seed=3, kv_heads=kv_heads, scale=20.0)
+    settings = {"temperature": 0.9, "top_k": 12, "top_p": 0.9}
+    a = gen(model, tok, seed=4, prompts=TEMPLATE_PROMPTS, fast=True, max_new_tokens=10, **settings)
+    b = gen(model, tok, seed=4, prompts=TEMPLATE_PROMPTS, fast=False, max_new_tokens=10, **settings)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, atol=1e-5, rtol=0)
+    lp, _ = completion_logprobs(
+        model, a.prompt_ids, a.prompt_mask, a.completion_ids, a.completion_mask, **settings
+    )
+    assert (lp - a.sampler_logprobs).abs().max() < 1e-5
+
+
+def _reference_truncation(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+    keep = x >= kth
+    x = x.masked_fill(~keep, float("-inf"))
+    sorted_logits, order = torch.sort(x, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    keep_sorted = (probs.cumsum(dim=-1) - probs) < top_p
+    keep_sorted[..., 0] = True
+    return keep & torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.9), (20, 0.95), (3, 0.5), (1, 0.3)])
+def test_top_k_then_top_p_shortcut_equals_full_sort(top_k: int, top_p: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 7, 40) * 3
+    assert torch.equal(truncation_mask(x, top_k, top_p), _reference_truncation(x, top_k, top_p))
+    tied = x.clone()
+    tied[..., :4] = tied.amax(dim=-1, keepdim=True) + 1.0  # ties at the k-th logit: the full sort
+    got = truncation_mask(tied, 2, top_p)
+    assert got is not None and (got.sum(dim=-1) >= 1).all()
+    assert torch.equal(got, _reference_truncation(tied, 2, top_p))

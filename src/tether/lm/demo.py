@@ -64,7 +64,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> dict[str, Any]:
         sft_summary = RunDir(sft_dir).read_summary() or {}
     sft_eval = sft_summary["eval"]
     rows: dict[str, dict[str, Any]] = {"sft": _row(sft_eval, None)}
-    result: dict[str, Any] = {"sft": {"accuracy": sft_eval["accuracy"], **sft_eval}, "recipes": {}}
+    sft_numbers = {k: v for k, v in sft_eval.items() if k != "per_prompt_success"}
+    result: dict[str, Any] = {"sft": sft_numbers, "recipes": {}}
     for name in RECIPES:
         run_dir = root / name
         existing = RunDir(run_dir).read_summary()
@@ -93,6 +94,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> dict[str, Any]:
         rows[name] = _row(summary["eval"], summary.get("alarm_count", 0))
         result["recipes"][name] = {
             "accuracy": summary["eval"]["accuracy"],
+            "accuracy_gain_over_sft": summary["eval"]["accuracy"] - sft_eval["accuracy"],
             f"pass@{EVAL['k']}": summary["eval"][f"pass@{EVAL['k']}"],
             "greedy_accuracy": summary["eval"]["greedy_accuracy"],
             "entropy": summary["eval"]["entropy"],

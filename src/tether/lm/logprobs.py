@@ -42,8 +42,15 @@ def truncation_mask(scaled_logits: Tensor, top_k: int = 0, top_p: float = 1.0) -
     keep: Tensor | None = None
     x = scaled_logits
     if 0 < top_k < vocab:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        keep = x >= kth
+        top_vals, top_idx = torch.topk(x, top_k, dim=-1)
+        keep = x >= top_vals[..., -1:]
+        if top_p < 1.0 and bool((keep.sum(dim=-1) == top_k).all()):
+            # no ties at the k-th logit: the sorted kept logits are topk's own (sorted) output,
+            # and the nucleus is taken among them without sorting the whole vocabulary
+            probs = top_vals.float().softmax(dim=-1)
+            keep_sorted = (probs.cumsum(dim=-1) - probs) < top_p
+            keep_sorted[..., 0] = True
+            return torch.zeros_like(keep).scatter_(-1, top_idx, keep_sorted)
         x = x.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(x, dim=-1, descending=True)

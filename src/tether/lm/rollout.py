@@ -6,9 +6,11 @@ log-probability of every sampled token under the distribution it was drawn from
 (:func:`tether.lm.logprobs.processed_logprobs`: temperature applied, top-k / top-p
 truncation accounted for). The trainer recomputes the same quantity with
 :func:`tether.lm.logprobs.completion_logprobs`; for this sampler the gap is ~0 (float
-rounding). It is several times faster than ``model.generate`` on CPU for tiny models
-(``bench/rollout_speed.py``): no logits processors, stopping criteria or per-step input
-preparation, a precomputed attention mask and position ids, ``torch.inference_mode``.
+rounding). It is faster than ``model.generate`` on CPU for tiny models (1.35-1.9x,
+``bench/rollout_speed.py``): no logits processors, stopping criteria or per-step input
+preparation, a precomputed attention mask and position ids, ``torch.inference_mode``, and
+for Llama-style models a module-free prefill and decode (:class:`_FastDecoder`) that computes
+repeated prompts and the prefix common to all prompts once.
 
 :func:`make_sampler` picks it or the vLLM backend (:mod:`tether.lm.vllm_backend`) from
 ``SamplingConfig.backend``.
@@ -208,11 +210,9 @@ def _encode_left_padded(tokenizer: Any, prompts: list[str], pad_id: int) -> tupl
             f"prompt {bad!r} encodes to no tokens; give a non-empty prompt or a tokenizer that adds a BOS token"
         )
     width = max(lengths)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for row, seq in enumerate(encoded):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = True
+    ids = torch.tensor([[pad_id] * (width - len(seq)) + list(seq) for seq in encoded], dtype=torch.long)
+    starts = width - torch.tensor(lengths, dtype=torch.long)
+    mask = torch.arange(width)[None, :] >= starts[:, None]
     return ids, mask
 
 
@@ -238,36 +238,49 @@ _FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 class _FastDecoder:
-    """Decode steps of Llama-style models (Llama, Mistral, Qwen2) without the module stack.
+    """Prefill and decode steps of Llama-style models (Llama, Mistral, Qwen2) without the module stack.
 
     For tiny models the per-step cost of ``model(...)`` is Python and mask-building overhead,
     not arithmetic. This runs the same computation as Hugging Face's modules (RMSNorm, fused
-    q/k/v and gate/up projections, the model's own rotary table, SDPA over a preallocated
-    KV cache filled from the prefill's ``DynamicCache``) with the model's own weights. It is
-    used only for architectures whose structure it checks; anything else goes through
+    q/k/v and gate/up projections, the model's own rotary table, attention over a
+    preallocated KV cache) with the model's own weights, read at each ``generate`` call. The
+    prefill runs once per distinct prompt (GRPO groups repeat prompts) and, in the last layer,
+    only the attention output and MLP of the last position (the one whose logits are kept).
+    It is used only for architectures whose structure it checks; anything else goes through
     ``model(...)``. The log-prob test against ``completion_logprobs`` (a plain forward pass)
     keeps the two paths equal.
     """
 
-    def __init__(self, model: Any, cache: Any, full_mask: Tensor, positions: Tensor, max_len: int) -> None:
+    # attention scores held at once in the prefill before switching to SDPA (elements)
+    _MAX_PREFILL_SCORES = 1 << 24
+
+    def __init__(self, model: Any, full_mask: Tensor, positions: Tensor, max_len: int) -> None:
         base = model.model
         cfg = model.config
         self.embed = base.embed_tokens.weight
         self.final_norm = (base.norm.weight, float(base.norm.variance_epsilon))
         self.lm_head = model.lm_head
         dtype = self.embed.dtype
+        device = full_mask.device
+        self.dtype = dtype
+        n = full_mask.shape[0]
         # additive mask [N, 1, 1, max_len]: 0 where attended, the dtype's minimum on padding
-        self.attn_mask = torch.zeros(full_mask.shape, dtype=dtype, device=full_mask.device)
+        self.attn_mask = torch.zeros(full_mask.shape, dtype=dtype, device=device)
         self.attn_mask.masked_fill_(full_mask == 0, torch.finfo(dtype).min)
         self.attn_mask = self.attn_mask[:, None, None, :]
         # rotary cos/sin of every position, computed once by the model's own rotary module
-        all_pos = torch.arange(max_len, device=full_mask.device)[None, :]
+        all_pos = torch.arange(max_len, device=device)[None, :]
         cos, sin = base.rotary_emb(self.embed[:1, None, :], all_pos)
-        self.cos = cos[0][positions]  # [N, T, d]
-        self.sin = sin[0][positions]
+        self.cos_all = cos[0]  # [max_len, d]
+        # rotate_half(x) * sin == roll(x, d / 2) * sin_signed: one op instead of four per step
+        half = cos.shape[-1] // 2
+        self.sin_all = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        self.cos = self.cos_all[positions][:, :, None, :]  # [N, T, 1, d]
+        self.sin = self.sin_all[positions][:, :, None, :]
         fuse = sum(p.numel() for p in model.parameters()) <= 200_000_000
+        n_q = int(cfg.num_attention_heads)
         self.layers = []
-        for i, layer in enumerate(base.layers):
+        for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
             projections = [att.q_proj, att.k_proj, att.v_proj]
             biases = [m.bias for m in projections]
@@ -280,13 +293,8 @@ class _FastDecoder:
                 b = None if biases[0] is None else torch.cat(biases, dim=0)
             if fuse and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
                 gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
-            keys = cache.layers[i].keys
-            values = cache.layers[i].values
-            n, h_kv, p, d = keys.shape
-            k_buf = keys.new_empty((n, h_kv, max_len, d))
-            v_buf = values.new_empty((n, h_kv, max_len, d))
-            k_buf[:, :, :p] = keys
-            v_buf[:, :, :p] = values
+            d = int(att.head_dim)
+            h_kv = int(att.k_proj.weight.shape[0]) // d
             self.layers.append(
                 {
                     "ln1": (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon)),
@@ -296,23 +304,22 @@ class _FastDecoder:
                     ),
                     "qkv": (w, b),
                     "proj": projections,
-                    "o": att.o_proj,
+                    "o": att.o_proj.weight,
                     "gu": gu,
                     "mlp": mlp,
-                    "k": k_buf,
-                    "v": v_buf,
-                    "n_q": cfg.num_attention_heads,
-                    "n_qk": cfg.num_attention_heads + h_kv,
+                    "down": mlp.down_proj.weight,
+                    "k": torch.empty((n, h_kv, max_len, d), dtype=dtype, device=device),
+                    "v": torch.empty((n, h_kv, max_len, d), dtype=dtype, device=device),
+                    "n_q": n_q,
+                    "n_kv": h_kv,
+                    "n_qk": n_q + h_kv,
                     "head_dim": d,
                     "scaling": float(att.scaling),
-                    "gqa": cfg.num_attention_heads != h_kv,
                 }
             )
 
     @classmethod
-    def build(
-        cls, model: Any, cache: Any, full_mask: Tensor, positions: Tensor, max_len: int
-    ) -> _FastDecoder | None:
+    def build(cls, model: Any, full_mask: Tensor, positions: Tensor, max_len: int) -> _FastDecoder | None:
         """The fast decoder when ``model`` has the structure it implements, else None."""
         cfg = getattr(model, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in _FAST_MODEL_TYPES:
@@ -323,8 +330,7 @@ class _FastDecoder:
             return None
         base = getattr(model, "model", None)
         layers = getattr(base, "layers", None)
-        cache_layers = getattr(cache, "layers", None)
-        if base is None or layers is None or cache_layers is None or len(cache_layers) != len(layers):
+        if base is None or layers is None or len(layers) == 0:
             return None
         for layer in layers:
             att = getattr(layer, "self_attn", None)
@@ -332,62 +338,213 @@ class _FastDecoder:
                 return None
             if hasattr(att, "q_norm") or hasattr(att, "k_norm"):
                 return None
+            mlp = getattr(layer, "mlp", None)
+            if mlp is None or getattr(mlp.down_proj, "bias", None) is not None:
+                return None
+            n_q = int(cfg.num_attention_heads)
+            if att.q_proj.weight.shape[0] != n_q * int(att.head_dim):
+                return None
         try:
-            return cls(model, cache, full_mask, positions, max_len)
-        except (AttributeError, TypeError, ValueError, IndexError):
+            return cls(model, full_mask, positions, max_len)
+        except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):
             return None
 
     @staticmethod
     def _rms(x: Tensor, weight_eps: tuple[Tensor, float]) -> Tensor:
         weight, eps = weight_eps
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)  # one op; the same products
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    @staticmethod
+    def _qkv(x: Tensor, ly: dict[str, Any]) -> Tensor:
+        w, b = ly["qkv"]
+        if w is not None:
+            return F.linear(x, w, b)
+        return torch.cat([m(x) for m in ly["proj"]], dim=-1)
+
+    @staticmethod
+    def _mlp(x: Tensor, ly: dict[str, Any]) -> Tensor:
+        if ly["gu"] is not None:
+            gate, up = F.linear(x, ly["gu"]).chunk(2, dim=-1)
+        else:
+            mlp = ly["mlp"]
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        return F.linear(F.silu(gate) * up, ly["down"])
+
+    @staticmethod
+    def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        """Softmax attention of q [N, Hkv, G*Q, d] (G query heads per KV head) over k/v [N, Hkv, L, d].
+
+        ``mask`` [N, 1, Q, L] is additive. Returns [N, Hkv, G*Q, d].
+        """
+        n, h_kv, gq, _ = q.shape
+        q_len, kv_len = mask.shape[-2], mask.shape[-1]
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores.view(n, h_kv, gq // q_len, q_len, kv_len).mul_(scale).add_(mask[:, :, None])
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+    def _additive(self, allowed: Tensor) -> Tensor:
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+
+    def _forward(
+        self,
+        ids: Tensor,
+        pos: Tensor,
+        mask: Tensor,
+        past: list[tuple[Tensor, Tensor]] | None,
+        want_logits: bool,
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """Run ``ids`` [B, S] at positions ``pos`` [B, S] after the keys/values ``past`` (one
+        [1, Hkv, C, d] pair per layer, shared by all rows) under the additive ``mask``
+        [B, 1, S, C + S]. Returns the new keys/values of each layer and, if ``want_logits``,
+        the logits [B, V] of the last position."""
+        bsz, seq = ids.shape
+        cos = self.cos_all[pos][:, :, None, :]  # [B, S, 1, d]
+        sin = self.sin_all[pos][:, :, None, :]
+        half = self.cos_all.shape[-1] // 2
+        h = F.embedding(ids, self.embed)  # [B, S, D]
+        last = len(self.layers) - 1
+        kvs: list[tuple[Tensor, Tensor]] = []
+        for i, ly in enumerate(self.layers):
+            d, n_q, n_kv, n_qk = ly["head_dim"], ly["n_q"], ly["n_kv"], ly["n_qk"]
+            x = self._rms(h, ly["ln1"])
+            qkv = self._qkv(x, ly).view(bsz, seq, -1, d)  # [B, S, Hq + 2 Hkv, d]
+            qk = qkv[:, :, :n_qk]
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            k = qk[:, :, n_q:].transpose(1, 2)  # [B, Hkv, S, d]
+            v = qkv[:, :, n_qk:].transpose(1, 2)
+            kvs.append((k, v))
+            if i == last and not want_logits:
+                break
+            if past is not None:
+                pk, pv = past[i]
+                k = torch.cat([pk.expand(bsz, -1, -1, -1), k], dim=2)
+                v = torch.cat([pv.expand(bsz, -1, -1, -1), v], dim=2)
+            q = qk[:, :, :n_q]
+            att_mask = mask
+            if i == last:  # only the last position's output is needed from here on
+                q = q[:, -1:]
+                h = h[:, -1:]
+                att_mask = mask[:, :, -1:]
+            q_len = q.shape[1]
+            q = q.transpose(1, 2)  # [B, Hq, Q, d]
+            if bsz * n_q * q_len * k.shape[2] <= self._MAX_PREFILL_SCORES:
+                g = n_q // n_kv
+                att = self._attend(q.reshape(bsz, n_kv, g * q_len, d), k, v, att_mask, ly["scaling"]).view(
+                    bsz, n_q, q_len, d
+                )
+            else:
+                att = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=att_mask, scale=ly["scaling"], enable_gqa=n_q != n_kv
+                )
+            h = h + F.linear(att.transpose(1, 2).reshape(bsz, q_len, n_q * d), ly["o"])
+            h = h + self._mlp(self._rms(h, ly["ln2"]), ly)
+        if not want_logits:
+            return kvs, None
+        logits: Tensor = self.lm_head(self._rms(h[:, -1], self.final_norm))
+        return kvs, logits
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Fill the KV cache with the prompts; logits [N, V] of each row's last position.
+
+        Identical rows (a prompt repeated for a group of samples) are computed once, and so is
+        the prefix common to all prompts (a shared template): its keys and values take the
+        first cache slots of every row, before each row's left-padded remainder (attention
+        does not depend on the order of the keys; positions are explicit).
+        """
+        n, p = prompt_ids.shape
+        device = prompt_ids.device
+        ids, mask = prompt_ids, prompt_mask
+        inverse: Tensor | None = None
+        if n > 1:
+            # rows of the same prompt are equal (and have the same mask: left padding)
+            first: dict[tuple[int, ...], int] = {}
+            reps: list[int] = []  # the first row of each distinct prompt
+            inv: list[int] = []
+            for r, row in enumerate(ids.tolist()):
+                j = first.setdefault(tuple(row), len(reps))
+                if j == len(reps):
+                    reps.append(r)
+                inv.append(j)
+            if len(reps) < n:
+                keep = torch.tensor(reps, dtype=torch.long, device=device)
+                inverse = torch.tensor(inv, dtype=torch.long, device=device)
+                ids, mask = ids[keep], mask[keep]
+        # longest common prefix of the rows' tokens, leaving every row at least one token
+        lengths = mask.sum(dim=1)
+        min_len = int(lengths.min())
+        shared = 0
+        if ids.shape[0] > 1 and min_len > 2:
+            starts = p - lengths  # first real column of each row
+            cols = (starts[:, None] + torch.arange(min_len - 1, device=device)).clamp(max=p - 1)
+            real = ids.gather(1, cols)  # [U, min_len - 1]
+            same = (real == real[:1]).all(dim=0)
+            shared = int(same.long().cumprod(dim=0).sum())
+        causal = torch.ones((p, p), dtype=torch.bool, device=device).tril_()
+        if shared >= 2:
+            c = shared
+            row0 = int(p - lengths[0])
+            pre_ids = ids[:1, row0 : row0 + c]
+            pre_pos = torch.arange(c, device=device)[None, :]
+            past, _ = self._forward(pre_ids, pre_pos, self._additive(causal[None, None, :c, :c]), None, False)
+            s = p - c
+            suf_ids = ids[:, c:]
+            suf_mask = mask[:, :s]  # row i's suffix starts at column p - len_i of the suffix block
+            suf_pos = position_ids_from_mask(suf_mask) + c
+            allowed = torch.cat(
+                [
+                    torch.ones((ids.shape[0], 1, s, c), dtype=torch.bool, device=device),
+                    causal[None, None, :s, :s] & suf_mask[:, None, None, :],
+                ],
+                dim=-1,
+            )
+            kvs, logits = self._forward(suf_ids, suf_pos, self._additive(allowed), past, True)
+            for ly, (pk, pv), (k, v) in zip(self.layers, past, kvs, strict=True):
+                ly["k"][:, :, :c] = pk
+                ly["v"][:, :, :c] = pv
+                ly["k"][:, :, c:p] = k if inverse is None else k[inverse]
+                ly["v"][:, :, c:p] = v if inverse is None else v[inverse]
+            # cache slots: the shared prefix, then each row's left-padded remainder
+            self.attn_mask[:, :, :, :c] = 0.0
+            self.attn_mask[:, :, :, c:p] = self._additive(prompt_mask[:, None, None, :s])
+        else:
+            allowed = causal[None, None] & mask[:, None, None, :]
+            kvs, logits = self._forward(
+                ids, position_ids_from_mask(mask), self._additive(allowed), None, True
+            )
+            for ly, (k, v) in zip(self.layers, kvs, strict=True):
+                ly["k"][:, :, :p] = k if inverse is None else k[inverse]
+                ly["v"][:, :, :p] = v if inverse is None else v[inverse]
+        assert logits is not None
+        return logits if inverse is None else logits[inverse]
 
     def step(self, tok: Tensor, step: int, kv_len: int) -> Tensor:
         """Logits [N, V] after feeding ``tok`` (sampled at ``step``) at cache slot ``kv_len - 1``."""
         n = tok.shape[0]
         h = F.embedding(tok, self.embed)  # [N, D]
-        cos = self.cos[:, step, None, :]  # [N, 1, d]
-        sin = self.sin[:, step, None, :]
+        cos = self.cos[:, step]  # [N, 1, d]
+        sin = self.sin[:, step]
+        half = self.cos_all.shape[-1] // 2
         mask = self.attn_mask[..., :kv_len]
         slot = kv_len - 1
         for ly in self.layers:
+            d, n_q, n_kv, n_qk = ly["head_dim"], ly["n_q"], ly["n_kv"], ly["n_qk"]
             x = self._rms(h, ly["ln1"])
-            w, b = ly["qkv"]
-            d = ly["head_dim"]
-            if w is not None:
-                qkv = F.linear(x, w, b).view(n, -1, d)  # [N, Hq + 2 Hkv, d]
-            else:
-                qkv = torch.cat([m(x) for m in ly["proj"]], dim=-1).view(n, -1, d)
-            n_qk = ly["n_qk"]
+            qkv = self._qkv(x, ly).view(n, -1, d)  # [N, Hq + 2 Hkv, d]
             qk = qkv[:, :n_qk]
-            qk = qk * cos + _rotate_half(qk) * sin
-            n_q = ly["n_q"]
-            q = qk[:, :n_q, None, :]  # [N, Hq, 1, d]
-            ly["k"][:, :, slot] = qk[:, n_q:]
-            ly["v"][:, :, slot] = qkv[:, n_qk:]
-            att = F.scaled_dot_product_attention(
-                q,
-                ly["k"][:, :, :kv_len],
-                ly["v"][:, :, :kv_len],
-                attn_mask=mask,
-                scale=ly["scaling"],
-                enable_gqa=ly["gqa"],
-            )
-            h = h + ly["o"](att.reshape(n, -1))
-            x = self._rms(h, ly["ln2"])
-            mlp = ly["mlp"]
-            if ly["gu"] is not None:
-                gate, up = F.linear(x, ly["gu"]).chunk(2, dim=-1)
-            else:
-                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            h = h + mlp.down_proj(F.silu(gate) * up)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            k_buf, v_buf = ly["k"], ly["v"]
+            k_buf[:, :, slot] = qk[:, n_q:]
+            v_buf[:, :, slot] = qkv[:, n_qk:]
+            q = qk[:, :n_q].reshape(n, n_kv, n_q // n_kv, d)  # [N, Hkv, G, d]
+            att = self._attend(q, k_buf[:, :, :kv_len], v_buf[:, :, :kv_len], mask, ly["scaling"])
+            h = h + F.linear(att.reshape(n, -1), ly["o"])
+            h = h + self._mlp(self._rms(h, ly["ln2"]), ly)
         logits: Tensor = self.lm_head(self._rms(h, self.final_norm))
         return logits
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class HFSampler:
@@ -431,7 +588,9 @@ class HFSampler:
         completion_mask = completion_mask.cpu().clone()
         logprobs = logprobs.cpu().clone()
         truncated = truncated.cpu().clone()
-        rows = [ids[m].tolist() for ids, m in zip(completion_ids, completion_mask)]
+        # the mask is a prefix of each row (alive until EOS)
+        lengths = completion_mask.sum(dim=1).tolist()
+        rows = [ids[:k] for ids, k in zip(completion_ids.tolist(), lengths, strict=True)]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return RolloutBatch(
             prompt_ids=prompt_ids,
@@ -473,16 +632,19 @@ class HFSampler:
         done = torch.zeros(n, dtype=torch.bool, device=device)
         pad = torch.full((n,), self.pad_id, dtype=torch.long, device=device)
 
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=full_mask[:, :p],
-            position_ids=position_ids_from_mask(prompt_mask),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :]
-        fast = _FastDecoder.build(model, cache, full_mask, positions, p + t_max) if self.fast_decode else None
+        fast = _FastDecoder.build(model, full_mask, positions, p + t_max) if self.fast_decode else None
+        if fast is not None:
+            logits = fast.prefill(prompt_ids, prompt_mask)
+        else:
+            out = model(
+                input_ids=prompt_ids,
+                attention_mask=full_mask[:, :p],
+                position_ids=position_ids_from_mask(prompt_mask),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1, :]
         steps = 0
         for step in range(t_max):
             lp = processed_logprobs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
