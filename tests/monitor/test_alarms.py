@@ -62,3 +62,15 @@ def test_state_roundtrip_gives_same_alarms() -> None:
     c.load_state_dict(b.state_dict())
     for i, s in enumerate(seq[3:], start=3):
         assert kinds(a.check(i, s)) == kinds(c.check(i, s))
+
+
+def test_combine_update_metrics_means_and_extremes() -> None:
+    from tether.monitor.updates import combine_update_metrics
+
+    out = combine_update_metrics(
+        [
+            {"policy/loss": 1.0, "policy/ratio_max": 1.5, "policy/ratio_min": 0.9},
+            {"policy/loss": 3.0, "policy/ratio_max": 1.2},
+        ]
+    )
+    assert out == {"policy/loss": 2.0, "policy/ratio_max": 1.5, "policy/ratio_min": 0.9}

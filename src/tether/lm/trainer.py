@@ -29,6 +29,7 @@ from tether.lm.rollout import RolloutBatch, make_sampler
 from tether.lm.tasks import get_task
 from tether.lm.tasks.base import Prompt, Task, safe_score
 from tether.monitor import Monitor
+from tether.monitor.updates import combine_update_metrics
 from tether.recipes import Method, load_recipe
 from tether.recipes.loader import Recipe
 from tether.runs import Checkpoint, RunDir, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -107,21 +108,6 @@ def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
         scores=[ro.scores[i] for i in idx],
         group_ids=ro.group_ids[rows],
     )
-
-
-def _reduce_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over mini-batch updates; extremes for ``*_max`` / ``*_min``."""
-    out: dict[str, float] = {}
-    keys = {k for r in records for k in r}
-    for k in sorted(keys):
-        values = [r[k] for r in records if k in r]
-        if k.endswith("_max"):
-            out[k] = max(values)
-        elif k.endswith("_min"):
-            out[k] = min(values)
-        else:
-            out[k] = sum(values) / len(values)
-    return out
 
 
 class RLTrainer:
@@ -439,7 +425,7 @@ class RLTrainer:
         else:
             self.nan_skips = 0
 
-        metrics.update(_reduce_metrics(records))
+        metrics.update(combine_update_metrics(records))
         metrics.update(
             self._rollout_metrics(
                 ro, rewards, trainer_lp if reuse_old else old_logprobs, ref_logprobs, response_mask

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ import torch
 
 from tether.catalogue.aggregate import Aggregation
 from tether.errors import TetherError
+from tether.monitor.updates import combine_update_metrics
 from tether.recipes import Method, Recipe, load_recipe
 
 # Inputs the bandit can hand to catalogue entries (standard names of DEVELOPERS.md plus two
@@ -237,19 +238,6 @@ class PromptBandit:
 
 
 # ----------------------------------------------------------------------------- training
-def _reduce(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k in sorted({k for r in records for k in r}):
-        values = [r[k] for r in records if k in r]
-        if k.endswith("_max"):
-            out[k] = max(values)
-        elif k.endswith("_min"):
-            out[k] = min(values)
-        else:
-            out[k] = sum(values) / len(values)
-    return out
-
-
 def _row_inputs(
     logits: torch.Tensor, rows_prompt: torch.Tensor, answers: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,7 +367,7 @@ def train_bandit(
                 records.append({k: float(v) for k, v in m.items()})
                 last_lp = lp.detach()
         current_entropy = float((-last_lp).mean())
-        metrics.update(_reduce(records))
+        metrics.update(combine_update_metrics(records))
         ev, per_prompt = world.evaluate(logits.detach())
         metrics.update(ev)
         metrics.update(
