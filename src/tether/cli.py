@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tether.arena.cli import add_commands as add_arena_commands
 
     add_arena_commands(sub)
+    from tether.control.cli import add_control_commands
+
+    add_control_commands(sub)
     return parser
 
 

@@ -1,0 +1,580 @@
+"""CleanRL-style PPO for Gymnasium: vectorized rollout, GAE, clipped updates; the math from a recipe.
+
+The loop reads top to bottom: collect ``num_steps`` steps from ``num_envs`` environments, turn
+rewards and critic values into advantages with the recipe's advantage chain, then run
+``epochs`` passes of ``minibatches`` minibatches through the recipe's policy loss (plus
+regularizers) and a critic loss. The trainer never looks at the method's name.
+
+How the control time series meets the catalogue's ``[B, T]`` estimators: every episode
+segment of one environment inside the rollout becomes one row (``token_rewards``,
+``values``, ``response_mask``). The catalogue's ``gae`` takes the value after a row's last
+valid step to be 0, which is right for a terminated episode. A segment that does not end in a
+termination (a time-limit truncation, or the end of the rollout) needs the bootstrap
+gamma * V(s_next); it is folded into the segment's last reward, r'_T = r_T + gamma V(s_{T+1}),
+which gives exactly delta_T = r_T + gamma V(s_{T+1}) - V(s_T) and so the exact GAE of every step
+(see :func:`segment_advantages`). Critic targets are the catalogue's ``gae_returns`` (A + V).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import pickle
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from tether.catalogue.advantages.broadcast import masked_whiten
+from tether.catalogue.advantages.gae import gae_returns
+from tether.config import ConfigError, to_dict
+from tether.control.config import ControlConfig
+from tether.control.envs import make_vec_env
+from tether.control.policy import ActorCritic
+from tether.errors import TetherError, UnknownNameError
+from tether.monitor import Monitor
+from tether.recipes.compose import Method
+from tether.recipes.loader import Recipe, load_recipe
+from tether.runs import Checkpoint, RunDir, latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.runs.checkpoint import capture_rng, optimizer_from_flat, optimizer_to_flat, restore_rng
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+#: The inputs this trainer gives recipe entries (DEVELOPERS.md names); time steps are "tokens".
+CONTROL_INPUTS = frozenset(
+    {"logprobs", "old_logprobs", "advantages", "response_mask", "entropy", "token_rewards", "values"}
+)
+
+#: Metrics that measure time, not math: excluded when comparing a resumed run with an unbroken one.
+TIMING_PREFIXES = ("perf/",)
+
+DEFAULT_GAMMA = 0.99
+DEFAULT_LAMBDA = 0.95
+
+
+def control_recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str) -> Recipe:
+    """A control recipe by name (``ppo``, from ``tether/control/recipes``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return load_recipe(str(path))
+    local = RECIPE_DIR / f"{name_or_path}.yaml"
+    if local.is_file():
+        return load_recipe(str(local))
+    names = control_recipe_names()
+    close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownNameError(
+        f"unknown control recipe {name_or_path!r}.{hint} Control recipes: {', '.join(names)}; "
+        "or pass a path to a .yaml file."
+    )
+
+
+def check_env_id(env_id: str) -> None:
+    """Fail with a clear error when ``env_id`` is not a registered Gymnasium id."""
+    import tether.control  # noqa: F401  (registers the tether/... ids)
+
+    if env_id in gym.registry:
+        return
+    close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise TetherError(
+        f"unknown environment id {env_id!r}.{hint} Use a registered Gymnasium id such as "
+        "'CartPole-v1', 'Pendulum-v1' or 'tether/SafeCartPole-v0' (set env.id or --env)."
+    )
+
+
+def segment_advantages(
+    method: Method,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    terminations: torch.Tensor,
+    truncations: torch.Tensor,
+    next_values: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-step advantages and critic targets of a ``[T, N]`` rollout from the recipe's advantage chain.
+
+    Each episode segment of each env becomes a row. ``next_values[t, n]`` is V(s_{t+1}) of the
+    state after step t, read only where a segment ends without termination (a truncation, where
+    it is V of the final observation, or the rollout's last step). Returns advantages and returns
+    of shape ``[T, N]`` and the chain's metrics.
+    """
+    num_steps, num_envs = rewards.shape
+    rows: list[tuple[int, int, int]] = []
+    ends = (terminations | truncations).tolist()
+    for n in range(num_envs):
+        start = 0
+        for t in range(num_steps):
+            if ends[t][n] or t == num_steps - 1:
+                rows.append((n, start, t))
+                start = t + 1
+    width = max(e - s + 1 for _, s, e in rows)
+    tok_r = torch.zeros(len(rows), width, dtype=rewards.dtype)
+    vals = torch.zeros(len(rows), width, dtype=values.dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (n, s, e) in enumerate(rows):
+        k = e - s + 1
+        tok_r[i, :k] = rewards[s : e + 1, n]
+        vals[i, :k] = values[s : e + 1, n]
+        mask[i, :k] = True
+        if not bool(terminations[e, n]):
+            tok_r[i, k - 1] += gamma * next_values[e, n]
+    adv_rows, metrics = method.compute_advantages(
+        {"token_rewards": tok_r, "values": vals, "response_mask": mask}
+    )
+    ret_rows = gae_returns(tok_r, vals, mask, gamma, lam)
+    adv = torch.zeros_like(rewards)
+    ret = torch.zeros_like(rewards)
+    for i, (n, s, e) in enumerate(rows):
+        k = e - s + 1
+        adv[s : e + 1, n] = adv_rows[i, :k].to(adv.dtype)
+        ret[s : e + 1, n] = ret_rows[i, :k].to(ret.dtype)
+    return adv, ret, metrics
+
+
+def _wrappers(envs: Any) -> list[Any]:
+    out = []
+    while envs is not None:
+        out.append(envs)
+        envs = getattr(envs, "env", None)
+    return out
+
+
+class ControlTrainer:
+    """PPO-family training on a Gymnasium task, with the method given by a recipe."""
+
+    def __init__(self, config: ControlConfig, resume: bool = False, out: str | Path | None = None) -> None:
+        cfg = config
+        self.config = cfg
+        # Everything a user can get wrong is checked before any work.
+        check_env_id(cfg.env.id)
+        self.recipe = resolve_recipe(cfg.recipe)
+        self.method = Method(self.recipe)
+        self.method.check_inputs(set(CONTROL_INPUTS), "control")
+        self.gamma, self.lam = self._wire_discount()
+        self.run = RunDir(out or cfg.run.out)
+        resume = resume and self._resumable()
+        self.run.prepare(resume)
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        seed = cfg.train.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            self.envs = make_vec_env(
+                cfg.env.id,
+                cfg.env.num_envs,
+                seed=seed,
+                vectorization_mode="async" if cfg.env.vectorization == "async" else "sync",
+                normalize_obs=cfg.env.normalize_obs,
+                normalize_reward=cfg.env.normalize_reward,
+                gamma=self.gamma,
+                vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+                wrappers=[gym.wrappers.RecordEpisodeStatistics],
+            )
+        except (gym.error.Error, ImportError) as err:
+            raise TetherError(f"cannot build environment {cfg.env.id!r}: {err}") from None
+        obs, _ = self.envs.reset()
+        self.obs = torch.as_tensor(obs, dtype=torch.float32)
+        self.model = ActorCritic(
+            self.envs.single_observation_space,
+            self.envs.single_action_space,
+            hidden=tuple(cfg.train.hidden),
+            cost_critic=cfg.train.cost_critic,
+        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
+        self.monitor = Monitor(cfg.monitor)
+        spec = gym.spec(cfg.env.id)
+        self.target = (
+            cfg.train.target_return if cfg.train.target_return is not None else spec.reward_threshold
+        )
+        self.update = 0
+        self.env_steps = 0
+        self.episodes = 0
+        self.recent_returns: list[float] = []
+        self.recent_costs: list[float] = []
+        self.first_reached: int | None = None
+        self.env_reset_on_resume = False
+        self.on_update: Callable[[int, dict[str, float]], None] | None = None
+        self.run.write_config({**to_dict(cfg), "recipe_path": self.recipe.path})
+        if resume:
+            self._restore()
+
+    def _wire_discount(self) -> tuple[float, float]:
+        """gamma and lambda: the config's when set, else the recipe's, else 0.99 / 0.95.
+
+        They are written into the parameters of every advantage entry that takes them, so the
+        advantages, the bootstrap and the critic targets use the same values.
+        """
+        t = self.config.train
+        chosen: dict[str, float] = {}
+        for key, value, default in (("gamma", t.gamma, DEFAULT_GAMMA), ("lam", t.gae_lambda, DEFAULT_LAMBDA)):
+            for c in self.method.advantages:
+                if key not in c.entry.hyperparameters:
+                    continue
+                if value is not None:
+                    c.params[key] = value
+                else:
+                    c.params.setdefault(key, chosen.get(key, default))
+                chosen.setdefault(key, float(c.params[key]))
+                if float(c.params[key]) != chosen[key]:
+                    raise ConfigError(
+                        f"recipe {self.recipe.name}: advantage entries disagree on {key} "
+                        f"({chosen[key]} vs {c.params[key]}); set train.{'gamma' if key == 'gamma' else 'gae_lambda'}"
+                    )
+        gamma = chosen.get("gamma", t.gamma if t.gamma is not None else DEFAULT_GAMMA)
+        lam = chosen.get("lam", t.gae_lambda if t.gae_lambda is not None else DEFAULT_LAMBDA)
+        return float(gamma), float(lam)
+
+    # ----------------------------------------------------------------------------- rollout
+    def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
+        """Apply the observation normalizer (without updating it) to a raw final observation."""
+        for w in _wrappers(self.envs):
+            if isinstance(w, gym.wrappers.vector.NormalizeObservation):
+                rms = w.obs_rms
+                return np.asarray((obs - rms.mean) / np.sqrt(rms.var + w.epsilon), dtype=np.float32)
+        return obs
+
+    def rollout(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        steps, n = cfg.train.num_steps, cfg.env.num_envs
+        model = self.model
+        buf_obs = torch.zeros((steps, n, *self.obs.shape[1:]))
+        buf_act = torch.zeros((steps, n, *model.action_shape))
+        buf = {k: torch.zeros(steps, n) for k in ("logprobs", "rewards", "costs", "values", "cvalues")}
+        next_v = torch.zeros(steps, n)
+        next_cv = torch.zeros(steps, n)
+        terms = torch.zeros(steps, n, dtype=torch.bool)
+        truncs = torch.zeros(steps, n, dtype=torch.bool)
+        ep_returns: list[float] = []
+        ep_costs: list[float] = []
+        ep_lengths: list[float] = []
+        for t in range(steps):
+            with torch.no_grad():
+                action, logp = model.act(self.obs)
+                buf["values"][t] = model.critic(self.obs)
+                if model.cost_critic is not None:
+                    buf["cvalues"][t] = model.cost_critic(self.obs)
+            buf_obs[t] = self.obs
+            buf_act[t] = action
+            buf["logprobs"][t] = logp
+            obs, reward, term, trunc, infos = self.envs.step(model.env_action(action))
+            buf["rewards"][t] = torch.as_tensor(reward, dtype=torch.float32)
+            cost = np.asarray(infos.get("cost", np.zeros(n)), dtype=np.float64).copy()
+            terms[t] = torch.as_tensor(term)
+            truncs[t] = torch.as_tensor(trunc)
+            if "final_info" in infos:
+                fin = infos["final_info"]
+                for i in np.nonzero(np.logical_or(term, trunc))[0]:
+                    cost[i] = float(fin["cost"][i])
+                    ep_returns.append(float(fin["episode"]["r"][i]))
+                    ep_lengths.append(float(fin["episode"]["l"][i]))
+                    ep_costs.append(float(fin["episode_cost"][i]))
+                    if trunc[i] and not term[i]:
+                        final = torch.as_tensor(
+                            self._normalize_obs(infos["final_obs"][i]), dtype=torch.float32
+                        )
+                        with torch.no_grad():
+                            next_v[t, i] = model.critic(final[None])[0]
+                            if model.cost_critic is not None:
+                                next_cv[t, i] = model.cost_critic(final[None])[0]
+            buf["costs"][t] = torch.as_tensor(cost, dtype=torch.float32)
+            self.obs = torch.as_tensor(obs, dtype=torch.float32)
+        with torch.no_grad():
+            next_v[-1] = torch.where(truncs[-1], next_v[-1], model.critic(self.obs))
+            if model.cost_critic is not None:
+                next_cv[-1] = torch.where(truncs[-1], next_cv[-1], model.cost_critic(self.obs))
+        self.env_steps += steps * n
+        self.episodes += len(ep_returns)
+        self.recent_returns = (self.recent_returns + ep_returns)[-100:]
+        self.recent_costs = (self.recent_costs + ep_costs)[-100:]
+        episode = torch.tensor([ep_returns, ep_costs, ep_lengths]) if ep_returns else torch.zeros(3, 0)
+        return {
+            "obs": buf_obs,
+            "actions": buf_act,
+            **buf,
+            "next_values": next_v,
+            "next_cvalues": next_cv,
+            "terminations": terms,
+            "truncations": truncs,
+            "episode": episode,
+        }
+
+    # ----------------------------------------------------------------------------- update
+    def step(self) -> dict[str, float]:
+        """One rollout and one PPO update; returns the update's metrics."""
+        cfg, tc = self.config, self.config.train
+        start = time.perf_counter()
+        frac = 1.0 - self.update / self.config.num_updates if tc.anneal_lr else 1.0
+        lr = tc.lr * frac
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ro = self.rollout()
+        rollout_time = time.perf_counter() - start
+        adv, ret, adv_metrics = segment_advantages(
+            self.method,
+            ro["rewards"],
+            ro["values"],
+            ro["terminations"],
+            ro["truncations"],
+            ro["next_values"],
+            self.gamma,
+            self.lam,
+        )
+        cret = None
+        if self.model.cost_critic is not None:
+            _, cret, _ = segment_advantages(
+                self.method,
+                ro["costs"],
+                ro["cvalues"],
+                ro["terminations"],
+                ro["truncations"],
+                ro["next_cvalues"],
+                self.gamma,
+                self.lam,
+            )
+            cret = cret.reshape(-1)
+        batch = cfg.batch_size
+        b_obs = ro["obs"].reshape(batch, *ro["obs"].shape[2:])
+        b_act = ro["actions"].reshape(batch, *ro["actions"].shape[2:])
+        b_logp, b_adv = ro["logprobs"].reshape(-1), adv.reshape(-1)
+        b_ret, b_val = ret.reshape(-1), ro["values"].reshape(-1)
+        b_cval = ro["cvalues"].reshape(-1)
+        params = list(self.model.parameters())
+        sums: dict[str, float] = {}
+        count = 0
+        mb_size = math.ceil(batch / tc.minibatches)
+        for _ in range(tc.epochs):
+            perm = torch.randperm(batch)
+            for lo in range(0, batch, mb_size):
+                idx = perm[lo : lo + mb_size]
+                m = idx.numel()
+                mask = torch.ones(m, 1, dtype=torch.bool)
+                logp, entropy = self.model.evaluate(b_obs[idx], b_act[idx])
+                mb_adv = b_adv[idx, None]
+                if tc.norm_adv:
+                    mb_adv = masked_whiten(mb_adv, mask)
+                inputs = {
+                    "logprobs": logp[:, None],
+                    "old_logprobs": b_logp[idx, None],
+                    "advantages": mb_adv,
+                    "response_mask": mask,
+                    "entropy": entropy[:, None],
+                    "token_rewards": ro["rewards"].reshape(-1)[idx, None],
+                    "values": b_val[idx, None],
+                }
+                pg_loss, metrics = self.method.loss(inputs)
+                v_loss = self._value_loss(self.model.critic(b_obs[idx]), b_val[idx], b_ret[idx])
+                loss = pg_loss + tc.vf_coef * v_loss
+                if self.model.cost_critic is not None and cret is not None:
+                    c_loss = self._value_loss(self.model.cost_critic(b_obs[idx]), b_cval[idx], cret[idx])
+                    loss = loss + tc.vf_coef * c_loss
+                    metrics["cost/value_loss"] = c_loss.detach()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                self.optimizer.step()
+                metrics.update(
+                    {
+                        "losses/policy_loss": pg_loss.detach(),
+                        "losses/value_loss": v_loss.detach(),
+                        "losses/total": loss.detach(),
+                        "policy/entropy": entropy.detach().mean(),
+                        "grad/norm": gnorm.detach(),
+                    }
+                )
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        out = {k: v / count for k, v in sums.items()}
+        out.update({k: float(v) for k, v in adv_metrics.items()})
+        var_ret = float(b_ret.var())
+        if var_ret > 0:
+            out["losses/explained_variance"] = 1.0 - float((b_ret - b_val).var()) / var_ret
+        out["train/lr"] = lr
+        out["env_steps"] = float(self.env_steps)
+        ep = ro["episode"]
+        if ep.shape[1]:
+            out["episode/return"] = float(ep[0].mean())
+            out["episode/cost"] = float(ep[1].mean())
+            out["episode/length"] = float(ep[2].mean())
+            out["episode/count"] = float(ep.shape[1])
+        if self.recent_returns:
+            last10 = float(np.mean(self.recent_returns[-10:]))
+            out["episode/return_last10"] = last10
+            if self.target is not None and self.first_reached is None and last10 >= self.target:
+                self.first_reached = self.env_steps
+        elapsed = time.perf_counter() - start
+        out["perf/sps"] = batch / max(elapsed, 1e-9)
+        out["perf/rollout_s"] = rollout_time
+        out["perf/update_s"] = elapsed - rollout_time
+        self.method.update_state(out)
+        return out
+
+    def _value_loss(self, new: torch.Tensor, old: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """mean((V - R)^2) (SB3's form); with clip_vloss, CleanRL's max(unclipped, clipped)."""
+        unclipped = (new - target) ** 2
+        if not self.config.train.clip_vloss:
+            return unclipped.mean()
+        eps = self.config.train.vclip
+        clipped = (old + torch.clamp(new - old, -eps, eps) - target) ** 2
+        return torch.maximum(unclipped, clipped).mean()
+
+    # ----------------------------------------------------------------------------- loop
+    def train(self) -> dict[str, Any]:
+        cfg = self.config
+        last: dict[str, float] = {}
+        while self.update < cfg.num_updates:
+            metrics = self.step()
+            self.update += 1
+            alarms = self.monitor.check(self.update, metrics)
+            self.run.metrics.append({"step": self.update, **metrics, "alarms": len(alarms)})
+            for a in alarms:
+                self.run.alarms.append(a.as_dict())
+            last = metrics
+            if self.update % cfg.run.checkpoint_every == 0 or self.update == cfg.num_updates:
+                self.save()
+            if self.on_update is not None:
+                self.on_update(self.update, metrics)
+        self.envs.close()
+        summary = self.summary(last)
+        self.run.write_summary(summary)
+        return summary
+
+    def summary(self, last: dict[str, float]) -> dict[str, Any]:
+        final = float(np.mean(self.recent_returns[-10:])) if self.recent_returns else None
+        return {
+            "recipe": self.recipe.name,
+            "env": self.config.env.id,
+            "seed": self.config.train.seed,
+            "updates": self.update,
+            "total_env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "final_return_last10": final,
+            "final_cost_last10": float(np.mean(self.recent_costs[-10:])) if self.recent_costs else None,
+            "target_return": self.target,
+            "reached_target": bool(final is not None and self.target is not None and final >= self.target),
+            "first_reached_env_steps": self.first_reached,
+            "env_reset_on_resume": self.env_reset_on_resume,
+            "final": {k: v for k, v in last.items() if not k.startswith(TIMING_PREFIXES)},
+            "alarms": dict(self.monitor.counts),
+            "alarm_count": sum(self.monitor.counts.values()),
+        }
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _env_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Normalizer statistics (tensors) and a snapshot of the sub-environments (sync only)."""
+        tensors: dict[str, torch.Tensor] = {}
+        state: dict[str, Any] = {}
+        for w in _wrappers(self.envs):
+            if isinstance(w, gym.wrappers.vector.NormalizeObservation):
+                tensors["norm.obs.mean"] = torch.as_tensor(w.obs_rms.mean)
+                tensors["norm.obs.var"] = torch.as_tensor(w.obs_rms.var)
+                state["norm_obs_count"] = float(w.obs_rms.count)
+            if isinstance(w, gym.wrappers.vector.NormalizeReward):
+                tensors["norm.ret.mean"] = torch.as_tensor(w.return_rms.mean)
+                tensors["norm.ret.var"] = torch.as_tensor(w.return_rms.var)
+                tensors["norm.ret.acc"] = torch.as_tensor(w.accumulated_reward)
+                tensors["norm.ret.prev_dones"] = torch.as_tensor(w._prev_dones)
+                state["norm_ret_count"] = float(w.return_rms.count)
+        base = self.envs.unwrapped
+        if isinstance(base, gym.vector.SyncVectorEnv):
+            try:
+                blob = pickle.dumps(base.envs)
+                tensors["envs.pickle"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            except Exception:
+                pass
+        return tensors, state
+
+    def _load_env_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        for w in _wrappers(self.envs):
+            if isinstance(w, gym.wrappers.vector.NormalizeObservation) and "norm.obs.mean" in tensors:
+                w.obs_rms.mean = tensors["norm.obs.mean"].numpy().copy()
+                w.obs_rms.var = tensors["norm.obs.var"].numpy().copy()
+                w.obs_rms.count = state["norm_obs_count"]
+            if isinstance(w, gym.wrappers.vector.NormalizeReward) and "norm.ret.mean" in tensors:
+                w.return_rms.mean = tensors["norm.ret.mean"].numpy().copy()
+                w.return_rms.var = tensors["norm.ret.var"].numpy().copy()
+                w.return_rms.count = state["norm_ret_count"]
+                w.accumulated_reward = tensors["norm.ret.acc"].numpy().copy()
+                w._prev_dones = tensors["norm.ret.prev_dones"].numpy().copy()
+        base = self.envs.unwrapped
+        if "envs.pickle" in tensors and isinstance(base, gym.vector.SyncVectorEnv):
+            # A snapshot of this run's own environments (trust your run directory as you trust its code).
+            base.envs = pickle.loads(tensors["envs.pickle"].numpy().tobytes())
+        else:
+            self.env_reset_on_resume = True
+            obs, _ = self.envs.reset(seed=self.config.train.seed + 7919 * self.update)
+            self.obs = torch.as_tensor(obs, dtype=torch.float32)
+            self.run.alarms.append(
+                {
+                    "step": self.update,
+                    "kind": "env_reset_on_resume",
+                    "message": "these environments cannot be snapshotted; they were reset on resume",
+                    "value": float("nan"),
+                }
+            )
+
+    def save(self) -> Path:
+        o_tensors, o_meta = optimizer_to_flat(self.optimizer.state_dict())
+        r_tensors, r_state = capture_rng()
+        e_tensors, e_state = self._env_state()
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update(o_tensors)
+        tensors.update(r_tensors)
+        tensors.update(e_tensors)
+        tensors["state.obs"] = self.obs
+        state = {
+            "optim": o_meta,
+            "method": self.method.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "recent_returns": self.recent_returns,
+            "recent_costs": self.recent_costs,
+            "first_reached": self.first_reached,
+            **e_state,
+            **r_state,
+        }
+        return save_checkpoint(
+            self.run.path, Checkpoint(self.update, tensors, state), keep=self.config.run.keep_checkpoints
+        )
+
+    def _resumable(self) -> bool:
+        if latest_checkpoint(self.run.path) is not None:
+            return True
+        for log in (self.run.metrics, self.run.alarms, self.run.samples):
+            log.path.unlink(missing_ok=True)
+        self.run.summary_path.unlink(missing_ok=True)
+        return False
+
+    def _restore(self) -> None:
+        path = latest_checkpoint(self.run.path)
+        if path is None:
+            raise TetherError(f"nothing to resume in {str(self.run.path)!r}: it has no checkpoint")
+        ck = load_checkpoint(path)
+        self.model.load_state_dict({k[6:]: v for k, v in ck.tensors.items() if k.startswith("model.")})
+        self.optimizer.load_state_dict(optimizer_from_flat(ck.tensors, ck.state["optim"]))
+        self.method.load_state_dict(ck.state["method"])
+        self.monitor.load_state_dict(ck.state["monitor"])
+        self.update = ck.step
+        self.env_steps = int(ck.state["env_steps"])
+        self.episodes = int(ck.state["episodes"])
+        self.recent_returns = [float(v) for v in ck.state["recent_returns"]]
+        self.recent_costs = [float(v) for v in ck.state["recent_costs"]]
+        self.first_reached = ck.state["first_reached"]
+        self.obs = ck.tensors["state.obs"].clone()
+        self.run.truncate_logs(ck.step)
+        self._load_env_state(ck.tensors, ck.state)
+        restore_rng(ck.tensors, ck.state)

@@ -1,0 +1,171 @@
+"""ControlTrainer: a short run, GAE over episode ends, exact resume, early errors, Gaussian log-probs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from gymnasium import spaces
+
+from tether.config import ConfigError, apply_overrides, from_dict
+from tether.control.config import ControlConfig
+from tether.control.policy import ActorCritic
+from tether.control.trainer import (
+    TIMING_PREFIXES,
+    ControlTrainer,
+    resolve_recipe,
+    segment_advantages,
+)
+from tether.errors import TetherError
+from tether.recipes.compose import Method
+from tether.runs import RunDir
+
+
+def make_config(out: Path, *overrides: str) -> ControlConfig:
+    base = {
+        "env": {"id": "CartPole-v1", "num_envs": 2},
+        "train": {"total_steps": 256, "num_steps": 32, "epochs": 2, "minibatches": 2, "seed": 3},
+        "run": {"out": str(out), "checkpoint_every": 2},
+    }
+    return from_dict(ControlConfig, apply_overrides(base, list(overrides)))
+
+
+def test_short_run_writes_run_dir(tmp_path: Path) -> None:
+    summary = ControlTrainer(make_config(tmp_path / "run")).train()
+    run = RunDir(tmp_path / "run")
+    records = run.metrics.read()
+    assert len(records) == 4 and summary["updates"] == 4 and summary["total_env_steps"] == 256
+    for key in ("policy/entropy", "policy/ratio_max", "grad/norm", "losses/explained_variance", "perf/sps"):
+        assert key in records[-1]
+    assert any("episode/return" in r for r in records)
+    for r in records:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert run.read_summary() is not None and summary["target_return"] == 475.0
+
+
+def _hand_gae(r: list[float], v: list[float], boot: float, gamma: float, lam: float) -> list[float]:
+    adv, nxt_v, nxt_a = [0.0] * len(r), boot, 0.0
+    for t in reversed(range(len(r))):
+        delta = r[t] + gamma * nxt_v - v[t]
+        nxt_a = delta + gamma * lam * nxt_a
+        adv[t], nxt_v = nxt_a, v[t]
+    return adv
+
+
+def test_segment_advantages_match_hand_gae_across_episode_ends() -> None:
+    method = Method(resolve_recipe("ppo"))
+    gamma, lam = 0.9, 0.8
+    method.advantages[0].params.update(gamma=gamma, lam=lam)  # as ControlTrainer wires them
+    # env 0: terminates at t=1, truncated at t=3 (bootstrap V(final)=2.0), rollout ends at t=5.
+    # env 1: no episode end (bootstrap V(s_6)=-1.0).
+    rewards = torch.tensor([[1.0, 0.5], [2.0, 0.5], [0.0, 1.0], [1.0, 0.0], [3.0, 2.0], [1.0, 1.0]])
+    values = torch.tensor([[0.5, 0.1], [1.0, 0.2], [0.3, 0.3], [0.7, 0.4], [1.5, 0.5], [0.2, 0.6]])
+    term = torch.zeros(6, 2, dtype=torch.bool)
+    trunc = torch.zeros(6, 2, dtype=torch.bool)
+    term[1, 0] = True
+    trunc[3, 0] = True
+    next_values = torch.zeros(6, 2)
+    next_values[3, 0] = 2.0
+    next_values[5, 0] = 0.25
+    next_values[5, 1] = -1.0
+    adv, ret, _ = segment_advantages(method, rewards, values, term, trunc, next_values, gamma, lam)
+    col0 = [rewards[t, 0].item() for t in range(6)]
+    val0 = [values[t, 0].item() for t in range(6)]
+    expected0 = (
+        _hand_gae(col0[0:2], val0[0:2], 0.0, gamma, lam)
+        + _hand_gae(col0[2:4], val0[2:4], 2.0, gamma, lam)
+        + _hand_gae(col0[4:6], val0[4:6], 0.25, gamma, lam)
+    )
+    expected1 = _hand_gae(rewards[:, 1].tolist(), values[:, 1].tolist(), -1.0, gamma, lam)
+    torch.testing.assert_close(adv[:, 0], torch.tensor(expected0))
+    torch.testing.assert_close(adv[:, 1], torch.tensor(expected1))
+    torch.testing.assert_close(ret, adv + values)
+
+
+def test_resume_reproduces_unbroken_run(tmp_path: Path) -> None:
+    ControlTrainer(make_config(tmp_path / "a")).train()
+    stopped = ControlTrainer(make_config(tmp_path / "b"))
+
+    def kill(update: int, _: dict[str, float]) -> None:
+        if update == 3:  # after the checkpoint of update 2 and the log record of update 3
+            raise KeyboardInterrupt
+
+    stopped.on_update = kill
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    resumed = ControlTrainer(make_config(tmp_path / "b"), resume=True)
+    assert resumed.update == 2
+    resumed.train()
+
+    def strip(records: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in records]
+
+    a = strip(RunDir(tmp_path / "a").metrics.read())
+    b = strip(RunDir(tmp_path / "b").metrics.read())
+    assert len(a) == len(b) == 4 and a == b
+
+
+def test_bad_env_id_fails_before_work(tmp_path: Path) -> None:
+    with pytest.raises(TetherError, match="CartPole-v1"):
+        ControlTrainer(make_config(tmp_path / "run", "env.id=CartPol-v1"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_and_recipe_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        make_config(tmp_path, "train.lr=-1")
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
+        make_config(tmp_path, "train.epoch=3")
+    with pytest.raises(ConfigError, match="minibatches"):
+        make_config(tmp_path, "train.minibatches=1000")
+    with pytest.raises(TetherError, match="control recipe"):
+        ControlTrainer(make_config(tmp_path / "run", "recipe=pp"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_gaussian_log_probs_match_torch_normal() -> None:
+    torch.manual_seed(0)
+    obs_space = spaces.Box(-1.0, 1.0, shape=(3,))
+    act_space = spaces.Box(-2.0, 2.0, shape=(2,))
+    model = ActorCritic(obs_space, act_space)
+    with torch.no_grad():
+        model.actor.log_std.copy_(torch.tensor([-0.3, 0.4]))
+    obs = torch.randn(5, 3)
+    action = torch.randn(5, 2)
+    logp, entropy = model.evaluate(obs, action)
+    mean = model.actor.net(obs)
+    ref = torch.distributions.Normal(mean, torch.tensor([-0.3, 0.4]).exp())
+    torch.testing.assert_close(logp, ref.log_prob(action).sum(-1))
+    torch.testing.assert_close(entropy, ref.entropy().sum(-1))
+    assert model.env_action(torch.full((1, 2), 5.0)).tolist() == [[2.0, 2.0]]
+
+
+def test_mhpo_recipe_runs(tmp_path: Path) -> None:
+    summary = ControlTrainer(make_config(tmp_path / "run", "recipe=ppo_mhpo", "train.total_steps=64")).train()
+    assert summary["recipe"] == "ppo_mhpo" and summary["updates"] == 1
+
+
+def test_cli_control_train(tmp_path: Path) -> None:
+    from tether.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "control",
+            "train",
+            "--env",
+            "CartPole-v1",
+            "--steps",
+            "64",
+            "--out",
+            str(out),
+            "env.num_envs=2",
+            "train.num_steps=32",
+        ]
+    )
+    assert rc == 0 and (out / "summary.json").exists()
+    assert main(["control", "train", "--env", "Nope-v0", "--out", str(tmp_path / "x")]) == 2
