@@ -163,7 +163,7 @@ class ControlTrainer:
         self.method.check_inputs(set(CONTROL_INPUTS), "control")
         self.gamma, self.lam = self._wire_discount()
         self.run = RunDir(out or cfg.run.out)
-        resume = resume and self._resumable()
+        resume = resume and self.run.resumable()
         self.run.prepare(resume)
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
@@ -550,14 +550,6 @@ class ControlTrainer:
         return save_checkpoint(
             self.run.path, Checkpoint(self.update, tensors, state), keep=self.config.run.keep_checkpoints
         )
-
-    def _resumable(self) -> bool:
-        if latest_checkpoint(self.run.path) is not None:
-            return True
-        for log in (self.run.metrics, self.run.alarms, self.run.samples):
-            log.path.unlink(missing_ok=True)
-        self.run.summary_path.unlink(missing_ok=True)
-        return False
 
     def _restore(self) -> None:
         path = latest_checkpoint(self.run.path)

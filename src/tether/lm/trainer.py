@@ -138,7 +138,7 @@ class RLTrainer:
         self.run = RunDir(run_path)
         # --resume of a run killed before its first checkpoint: nothing was lost but the logs of
         # the unsaved steps, so start it again from scratch (dropping those logs).
-        resume = resume and self._resumable()
+        resume = resume and self.run.resumable()
         self.run.prepare(resume)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -593,16 +593,6 @@ class RLTrainer:
         """The policy in Hugging Face format (loadable with from_pretrained / model.name_or_path)."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-
-    def _resumable(self) -> bool:
-        """Whether the run directory has a checkpoint to resume from. Without one, the logs of a
-        run killed before its first checkpoint are removed so that it starts again cleanly."""
-        if latest_checkpoint(self.run.path) is not None:
-            return True
-        for log in (self.run.metrics, self.run.alarms, self.run.samples):
-            log.path.unlink(missing_ok=True)
-        self.run.summary_path.unlink(missing_ok=True)
-        return False
 
     def _restore(self) -> None:
         path = latest_checkpoint(self.run.path)

@@ -46,6 +46,17 @@ class RunDir:
             )
         self.path.mkdir(parents=True, exist_ok=True)
 
+    def resumable(self) -> bool:
+        """Whether there is a checkpoint to resume from. Without one, the logs of a run killed
+        before its first checkpoint are removed, so that it starts again cleanly (nothing is lost:
+        nothing had been saved)."""
+        if latest_checkpoint(self.path) is not None:
+            return True
+        for log in (self.metrics, self.alarms, self.samples):
+            log.path.unlink(missing_ok=True)
+        self.summary_path.unlink(missing_ok=True)
+        return False
+
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(dict(config), sort_keys=False))
 
