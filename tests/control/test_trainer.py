@@ -11,7 +11,7 @@ from gymnasium import spaces
 
 from tether.config import ConfigError, apply_overrides, from_dict
 from tether.control.config import ControlConfig
-from tether.control.policy import ActorCritic
+from tether.control.policy import ActorCritic, RunningNormalizer
 from tether.control.trainer import (
     TIMING_PREFIXES,
     ControlTrainer,
@@ -86,9 +86,14 @@ def test_segment_advantages_match_hand_gae_across_episode_ends() -> None:
     torch.testing.assert_close(ret, adv + values)
 
 
-def test_resume_reproduces_unbroken_run(tmp_path: Path) -> None:
-    ControlTrainer(make_config(tmp_path / "a")).train()
-    stopped = ControlTrainer(make_config(tmp_path / "b"))
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("env.id=Pendulum-v1", "env.normalize_obs=true", "env.normalize_reward=true")],
+    ids=["plain", "normalized"],
+)
+def test_resume_reproduces_unbroken_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    ControlTrainer(make_config(tmp_path / "a", *extra)).train()
+    stopped = ControlTrainer(make_config(tmp_path / "b", *extra))
 
     def kill(update: int, _: dict[str, float]) -> None:
         if update == 3:  # after the checkpoint of update 2 and the log record of update 3
@@ -97,7 +102,7 @@ def test_resume_reproduces_unbroken_run(tmp_path: Path) -> None:
     stopped.on_update = kill
     with pytest.raises(KeyboardInterrupt):
         stopped.train()
-    resumed = ControlTrainer(make_config(tmp_path / "b"), resume=True)
+    resumed = ControlTrainer(make_config(tmp_path / "b", *extra), resume=True)
     assert resumed.update == 2
     resumed.train()
 
@@ -169,3 +174,34 @@ def test_cli_control_train(tmp_path: Path) -> None:
     )
     assert rc == 0 and (out / "summary.json").exists()
     assert main(["control", "train", "--env", "Nope-v0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_running_normalizer_matches_batch_statistics() -> None:
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 3, generator=g, dtype=torch.float64) * 4 + 3 for n in (1, 7, 20)]
+    norm = RunningNormalizer(3)
+    for c in chunks:
+        norm.update(c)
+    data = torch.cat(chunks)
+    # The prior (mean 0, var 1, count 1e-4) weighs 1e-4 / 28 of the total: within 1e-4 of the data's.
+    assert torch.allclose(norm.get_buffer("mean"), data.mean(0), atol=1e-4)
+    assert torch.allclose(norm.get_buffer("var"), data.var(0, unbiased=False), rtol=1e-4)
+    z = norm(data)
+    assert z.dtype == torch.float32
+    assert torch.allclose(z.mean(0).double(), torch.zeros(3, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(norm(torch.full((1, 3), 1e9)), torch.full((1, 3), 10.0))  # clipped
+
+
+def test_observation_normalizer_is_trained_and_saved_with_the_policy(tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path / "run", "env.id=Pendulum-v1", "env.normalize_obs=true", "train.total_steps=128"
+    )
+    trainer = ControlTrainer(cfg)
+    trainer.train()
+    norm = trainer.model.obs_norm
+    assert norm is not None and float(norm.get_buffer("count")) == pytest.approx(128 + 1e-4)
+    state = trainer.model.state_dict()
+    assert "obs_norm.mean" in state and "obs_norm.var" in state
+    # The stored rollout observations are the normalized ones, so the networks never see raw input.
+    raw = torch.tensor([[1.0, 0.0, 8.0]])
+    assert not torch.allclose(trainer.model.normalize(raw), raw)

@@ -4,6 +4,11 @@ Every network is a tanh MLP (64x64 by default) with orthogonal initialisation as
 ``ppo.py`` / ``ppo_continuous_action.py``: hidden layers gain sqrt(2), the actor's output layer
 gain 0.01, a critic's output layer gain 1, biases 0. The Gaussian actor has a
 state-independent log standard deviation initialised at 0.
+
+Observation normalization lives in the policy (:class:`RunningNormalizer`, buffers saved with
+the weights), so an evaluation or a resumed run sees exactly the statistics the policy was
+trained with. It replaces Gymnasium's vector ``NormalizeObservation``, which cannot run with
+the same-step autoreset the trainer uses and keeps its statistics outside the checkpointed model.
 """
 
 from __future__ import annotations
@@ -37,6 +42,47 @@ def mlp(in_dim: int, out_dim: int, hidden: Sequence[int], out_std: float) -> nn.
     return nn.Sequential(*layers)
 
 
+class RunningNormalizer(nn.Module):
+    """Running mean and variance of a stream of vectors, and the clipped standardization by them.
+
+    The statistics are merged batch by batch with Chan et al.'s parallel update (the same as
+    Gymnasium's ``RunningMeanStd``: initial mean 0, variance 1, count ``1e-4``), kept in float64
+    buffers. ``forward`` returns ``clip((x - mean) / sqrt(var + eps), -clip, clip)`` in float32 and
+    never changes the statistics; only :meth:`update` does.
+    """
+
+    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.clip = float(clip)
+        self.eps = float(eps)
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge a batch ``[N, dim]`` into the running statistics."""
+        x = x.detach().to(torch.float64).reshape(-1, self.get_buffer("mean").shape[0])
+        mean, var, count = self.get_buffer("mean"), self.get_buffer("var"), self.get_buffer("count")
+        n = x.shape[0]
+        if n == 0:
+            return
+        b_mean = x.mean(0)
+        b_var = x.var(0, unbiased=False)
+        delta = b_mean - mean
+        total = count + n
+        new_mean = mean + delta * n / total
+        m2 = var * count + b_var * n + delta.pow(2) * count * n / total
+        mean.copy_(new_mean)
+        var.copy_(m2 / total)
+        count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.get_buffer("mean"), self.get_buffer("var")
+        z = (x.to(torch.float64) - mean) / torch.sqrt(var + self.eps)
+        return z.clamp(-self.clip, self.clip).to(torch.float32)
+
+
 class CategoricalActor(nn.Module):
     """pi(a|s) = Categorical(logits = MLP(s)) for a Discrete action space."""
 
@@ -49,6 +95,10 @@ class CategoricalActor(nn.Module):
 
     def log_prob(self, dist: Any, action: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = dist.log_prob(action.long())
+        return out
+
+    def mode(self, dist: Any) -> torch.Tensor:
+        out: torch.Tensor = dist.probs.argmax(-1)
         return out
 
     def entropy(self, dist: Any) -> torch.Tensor:
@@ -70,6 +120,10 @@ class GaussianActor(nn.Module):
 
     def log_prob(self, dist: Any, action: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = dist.log_prob(action).sum(-1)
+        return out
+
+    def mode(self, dist: Any) -> torch.Tensor:
+        out: torch.Tensor = dist.mean
         return out
 
     def entropy(self, dist: Any) -> torch.Tensor:
@@ -94,7 +148,11 @@ class CostCritic(ValueCritic):
 
 
 class ActorCritic(nn.Module):
-    """An actor, a value critic and (optionally) a cost critic with separate networks."""
+    """An actor, a value critic and (optionally) a cost critic with separate networks.
+
+    With ``normalize_obs`` the module holds a :class:`RunningNormalizer`; the networks take
+    normalized observations, :meth:`normalize` maps raw ones (identity without a normalizer).
+    """
 
     def __init__(
         self,
@@ -102,6 +160,7 @@ class ActorCritic(nn.Module):
         action_space: spaces.Space[Any],
         hidden: Sequence[int] = (64, 64),
         cost_critic: bool = False,
+        normalize_obs: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
@@ -130,6 +189,18 @@ class ActorCritic(nn.Module):
             )
         self.critic = ValueCritic(obs_dim, hidden)
         self.cost_critic = CostCritic(obs_dim, hidden) if cost_critic else None
+        self.obs_norm = RunningNormalizer(obs_dim) if normalize_obs else None
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        """Raw observations -> the networks' input (the running normalizer, or float32 as is)."""
+        if self.obs_norm is None:
+            return obs.to(torch.float32)
+        out: torch.Tensor = self.obs_norm(obs)
+        return out
+
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The most likely action (argmax for categorical, the mean for Gaussian) of normalized ``obs``."""
+        return self.actor.mode(self.actor.distribution(obs))
 
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample actions; returns (action, log-prob)."""

@@ -177,7 +177,6 @@ class ControlTrainer:
                 cfg.env.num_envs,
                 seed=seed,
                 vectorization_mode="async" if cfg.env.vectorization == "async" else "sync",
-                normalize_obs=cfg.env.normalize_obs,
                 normalize_reward=cfg.env.normalize_reward,
                 gamma=self.gamma,
                 vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
@@ -192,6 +191,7 @@ class ControlTrainer:
             self.envs.single_action_space,
             hidden=tuple(cfg.train.hidden),
             cost_critic=cfg.train.cost_critic,
+            normalize_obs=cfg.env.normalize_obs,
         )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
         self.monitor = Monitor(cfg.monitor)
@@ -238,14 +238,6 @@ class ControlTrainer:
         return float(gamma), float(lam)
 
     # ----------------------------------------------------------------------------- rollout
-    def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
-        """Apply the observation normalizer (without updating it) to a raw final observation."""
-        for w in _wrappers(self.envs):
-            if isinstance(w, gym.wrappers.vector.NormalizeObservation):
-                rms = w.obs_rms
-                return np.asarray((obs - rms.mean) / np.sqrt(rms.var + w.epsilon), dtype=np.float32)
-        return obs
-
     def rollout(self) -> dict[str, torch.Tensor]:
         cfg = self.config
         steps, n = cfg.train.num_steps, cfg.env.num_envs
@@ -261,12 +253,15 @@ class ControlTrainer:
         ep_costs: list[float] = []
         ep_lengths: list[float] = []
         for t in range(steps):
+            if model.obs_norm is not None:
+                model.obs_norm.update(self.obs)
             with torch.no_grad():
-                action, logp = model.act(self.obs)
-                buf["values"][t] = model.critic(self.obs)
+                obs_n = model.normalize(self.obs)
+                action, logp = model.act(obs_n)
+                buf["values"][t] = model.critic(obs_n)
                 if model.cost_critic is not None:
-                    buf["cvalues"][t] = model.cost_critic(self.obs)
-            buf_obs[t] = self.obs
+                    buf["cvalues"][t] = model.cost_critic(obs_n)
+            buf_obs[t] = obs_n
             buf_act[t] = action
             buf["logprobs"][t] = logp
             obs, reward, term, trunc, infos = self.envs.step(model.env_action(action))
@@ -282,19 +277,18 @@ class ControlTrainer:
                     ep_lengths.append(float(fin["episode"]["l"][i]))
                     ep_costs.append(float(fin["episode_cost"][i]))
                     if trunc[i] and not term[i]:
-                        final = torch.as_tensor(
-                            self._normalize_obs(infos["final_obs"][i]), dtype=torch.float32
-                        )
                         with torch.no_grad():
+                            final = model.normalize(torch.as_tensor(infos["final_obs"][i]))
                             next_v[t, i] = model.critic(final[None])[0]
                             if model.cost_critic is not None:
                                 next_cv[t, i] = model.cost_critic(final[None])[0]
             buf["costs"][t] = torch.as_tensor(cost, dtype=torch.float32)
             self.obs = torch.as_tensor(obs, dtype=torch.float32)
         with torch.no_grad():
-            next_v[-1] = torch.where(truncs[-1], next_v[-1], model.critic(self.obs))
+            last = model.normalize(self.obs)
+            next_v[-1] = torch.where(truncs[-1], next_v[-1], model.critic(last))
             if model.cost_critic is not None:
-                next_cv[-1] = torch.where(truncs[-1], next_cv[-1], model.cost_critic(self.obs))
+                next_cv[-1] = torch.where(truncs[-1], next_cv[-1], model.cost_critic(last))
         self.env_steps += steps * n
         self.episodes += len(ep_returns)
         self.recent_returns = (self.recent_returns + ep_returns)[-100:]
@@ -474,14 +468,13 @@ class ControlTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def _env_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Normalizer statistics (tensors) and a snapshot of the sub-environments (sync only)."""
+        """Reward-normalizer statistics (tensors) and a snapshot of the sub-environments (sync only).
+
+        The observation normalizer is part of the model (its buffers are in the model's tensors).
+        """
         tensors: dict[str, torch.Tensor] = {}
         state: dict[str, Any] = {}
         for w in _wrappers(self.envs):
-            if isinstance(w, gym.wrappers.vector.NormalizeObservation):
-                tensors["norm.obs.mean"] = torch.as_tensor(w.obs_rms.mean)
-                tensors["norm.obs.var"] = torch.as_tensor(w.obs_rms.var)
-                state["norm_obs_count"] = float(w.obs_rms.count)
             if isinstance(w, gym.wrappers.vector.NormalizeReward):
                 tensors["norm.ret.mean"] = torch.as_tensor(w.return_rms.mean)
                 tensors["norm.ret.var"] = torch.as_tensor(w.return_rms.var)
@@ -499,10 +492,6 @@ class ControlTrainer:
 
     def _load_env_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         for w in _wrappers(self.envs):
-            if isinstance(w, gym.wrappers.vector.NormalizeObservation) and "norm.obs.mean" in tensors:
-                w.obs_rms.mean = tensors["norm.obs.mean"].numpy().copy()
-                w.obs_rms.var = tensors["norm.obs.var"].numpy().copy()
-                w.obs_rms.count = state["norm_obs_count"]
             if isinstance(w, gym.wrappers.vector.NormalizeReward) and "norm.ret.mean" in tensors:
                 w.return_rms.mean = tensors["norm.ret.mean"].numpy().copy()
                 w.return_rms.var = tensors["norm.ret.var"].numpy().copy()
