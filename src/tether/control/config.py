@@ -46,7 +46,17 @@ class TrainSettings:
     vf_coef: float = field(default=0.5, metadata={"min": 0.0, "help": "loss += vf_coef * mean((V - R)^2)"})
     clip_vloss: bool = field(default=True, metadata={"help": "clip the value update (CleanRL, PPO2)"})
     vclip: float = field(default=0.2, metadata={"min": 0.0, "min_exclusive": True})
-    cost_critic: bool = field(default=False, metadata={"help": "also learn V_c on the env's cost signal"})
+    cost_critic: bool = field(
+        default=False, metadata={"help": "also learn V_c on the env's cost signal (on with a constraint)"}
+    )
+    cost_limit: float | None = field(
+        default=None,
+        metadata={
+            "min": 0.0,
+            "help": "episode-cost limit d: overrides a constrained recipe's; with any recipe, logs the "
+            "violation rate",
+        },
+    )
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     seed: int = 1
     torch_threads: int = field(default=0, metadata={"min": 0, "help": "torch.set_num_threads; 0 leaves it"})

@@ -37,6 +37,7 @@ __all__ = [
     "CostInfo",
     "ForbiddenRegionCartPole",
     "PointHazardEnv",
+    "PointWallEnv",
     "TorqueBudgetPendulum",
     "VelocityCost",
     "make_env",
@@ -232,6 +233,10 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
     to a fresh random position. Cost: 1.0 on every step that ends inside a hazard
     (distance to a hazard centre < ``hazard_radius``), else 0.0, reported as ``info["cost"]``.
 
+    Constraint signal (for a safety layer, ``tether.control.safety_layer``): after reset and every
+    step ``info["constraint"]`` is a float array [num_hazards] of c_i(s) = hazard_radius - ||p - h_i||,
+    safe when c_i(s) <= 0 (limit 0); a step costs 1 exactly when some c_i(s') > 0.
+
     Observation (float32): position (2), velocity (2), goal - position (2), then
     hazard_i - position for each hazard (2 each): 6 + 2 * num_hazards values.
     Action: Box [-1, 1]^2 (acceleration command).
@@ -363,8 +368,20 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
         obs = np.concatenate(parts).astype(np.float32)
         return np.clip(obs, self._obs_low, self._obs_high)
 
+    def constraint_values(self) -> np.ndarray:
+        """c_i(s) = hazard_radius - ||p - h_i|| for each hazard (float64 [num_hazards]); safe when <= 0."""
+        if self.num_hazards == 0:
+            return np.zeros(0, dtype=np.float64)
+        distances = np.linalg.norm(self.hazards - self.position, axis=1)
+        return np.asarray(self.hazard_radius - distances, dtype=np.float64)
+
     def _info(self, cost: float, reached: bool) -> dict[str, Any]:
-        return {"cost": cost, "goal_reached": reached, "goal_distance": self.goal_distance()}
+        return {
+            "cost": cost,
+            "goal_reached": reached,
+            "goal_distance": self.goal_distance(),
+            "constraint": self.constraint_values(),
+        }
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -405,6 +422,93 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
         return self._obs(), float(reward), terminated, False, self._info(cost, bool(reached))
 
 
+# --------------------------------------------------------------------------- point wall
+
+
+class PointWallEnv(gym.Env[np.ndarray, np.ndarray]):
+    """A point moved directly by the action, with a wall it must not cross (NumPy, fast).
+
+    The ball tasks of Dalal et al. 2018 ("Safe Exploration in Continuous Action Spaces", arXiv
+    1801.08757), card control#A5: the action sets the displacement, p <- clip(p + max_step * clip(a,
+    -1, 1), -size, size) in ``dim`` dimensions, so the constraint changes linearly with the action.
+
+    Constraint: c(s) = p_0 - wall, the signed distance of the first coordinate past the wall (the
+    position itself with the default wall at 0), safe when c(s) <= 0 (limit 0). Reported after reset
+    and every step as ``info["constraint"]`` (float array [1]). Cost: 1.0 on every step that ends
+    beyond the wall (c(s') > 0), else 0.0, as ``info["cost"]``. Away from the arena's edges
+    c(s') = c(s) + g^T a exactly, with g = (max_step, 0, ...).
+
+    Reward: -||p - goal|| per step. The goal is drawn uniformly over the whole arena at each reset,
+    so it lies beyond the wall about half the time (the ball tasks' temptation). Start: p_0 uniform in
+    [-size, wall - start_margin], the other coordinates uniform in [-size, size].
+    Observation (float32): position (dim), goal - position (dim). Action: Box [-1, 1]^dim.
+    Registered as ``tether/PointWall-v0`` with 100 steps per episode.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": [], "render_fps": 10}  # noqa: RUF012
+
+    def __init__(
+        self,
+        *,
+        dim: int = 2,
+        size: float = 1.0,
+        wall: float = 0.0,
+        max_step: float = 0.1,
+        start_margin: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"PointWallEnv dim must be >= 1, got {dim}")
+        if not -size < wall - start_margin < size or start_margin < 0:
+            raise ValueError(
+                f"PointWallEnv needs -size < wall - start_margin < size and start_margin >= 0, got "
+                f"size {size}, wall {wall}, start_margin {start_margin}"
+            )
+        self.dim = int(dim)
+        self.size = float(size)
+        self.wall = float(wall)
+        self.max_step = float(max_step)
+        self.start_margin = float(start_margin)
+        bound = np.full(2 * self.dim, 2 * self.size, np.float32)
+        bound[: self.dim] = self.size
+        self._obs_bound = bound
+        self.observation_space = spaces.Box(-bound, bound, dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(self.dim,), dtype=np.float32)
+        self.position = np.zeros(self.dim)
+        self.position[0] = self.wall - self.start_margin
+        self.goal = np.zeros(self.dim)
+
+    def constraint_values(self) -> np.ndarray:
+        """c(s) = p_0 - wall (float64 [1]); safe when <= 0."""
+        return np.array([self.position[0] - self.wall], dtype=np.float64)
+
+    def beyond_wall(self) -> bool:
+        return bool(self.position[0] > self.wall)
+
+    def _obs(self) -> np.ndarray:
+        obs = np.concatenate([self.position, self.goal - self.position]).astype(np.float32)
+        return np.clip(obs, -self._obs_bound, self._obs_bound)
+
+    def _info(self, cost: float) -> dict[str, Any]:
+        return {"cost": cost, "constraint": self.constraint_values()}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.position = self.np_random.uniform(-self.size, self.size, size=self.dim)
+        self.position[0] = self.np_random.uniform(-self.size, self.wall - self.start_margin)
+        self.goal = self.np_random.uniform(-self.size, self.size, size=self.dim)
+        return self._obs(), self._info(0.0)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(self.dim), -1.0, 1.0)
+        self.position = np.clip(self.position + self.max_step * a, -self.size, self.size)
+        reward = -float(np.linalg.norm(self.position - self.goal))
+        cost = 1.0 if self.beyond_wall() else 0.0
+        return self._obs(), reward, False, False, self._info(cost)
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -429,6 +533,7 @@ TETHER_ENV_IDS: tuple[str, ...] = (
     "tether/SafeCartPole-v0",
     "tether/SafePendulum-v0",
     "tether/PointHazard-v0",
+    "tether/PointWall-v0",
 )
 
 
@@ -475,6 +580,13 @@ def register_envs() -> None:
             id="tether/PointHazard-v0",
             entry_point=f"{__name__}:PointHazardEnv",
             max_episode_steps=200,
+            additional_wrappers=(_COST_INFO_SPEC,),
+        )
+    if "tether/PointWall-v0" not in gym.registry:
+        gym.register(
+            id="tether/PointWall-v0",
+            entry_point=f"{__name__}:PointWallEnv",
+            max_episode_steps=100,
             additional_wrappers=(_COST_INFO_SPEC,),
         )
 

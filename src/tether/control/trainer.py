@@ -36,6 +36,7 @@ from tether.config import ConfigError, to_dict
 from tether.control.config import ControlConfig
 from tether.control.envs import make_vec_env
 from tether.control.policy import ActorCritic
+from tether.control.trust_region import cpo_update
 from tether.errors import TetherError, UnknownNameError
 from tether.monitor import Monitor
 from tether.recipes.compose import Method
@@ -159,8 +160,14 @@ class ControlTrainer:
         # Everything a user can get wrong is checked before any work.
         check_env_id(cfg.env.id)
         self.recipe = resolve_recipe(cfg.recipe)
-        self.method = Method(self.recipe)
+        self.method = Method(self.recipe, cost_limit=cfg.train.cost_limit)
         self.method.check_inputs(set(CONTROL_INPUTS), "control")
+        self.constraint = self.method.constraint
+        self.cost_limit = (
+            cfg.train.cost_limit
+            if cfg.train.cost_limit is not None
+            else (self.constraint.cost_limit if self.constraint is not None else None)
+        )
         self.gamma, self.lam = self._wire_discount()
         self.run = RunDir(out or cfg.run.out)
         resume = resume and self.run.resumable()
@@ -190,10 +197,17 @@ class ControlTrainer:
             self.envs.single_observation_space,
             self.envs.single_action_space,
             hidden=tuple(cfg.train.hidden),
-            cost_critic=cfg.train.cost_critic,
+            cost_critic=cfg.train.cost_critic or self.constraint is not None,
             normalize_obs=cfg.env.normalize_obs,
         )
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
+        # A trust-region recipe (CPO) moves the actor by its own step; Adam then trains the critics only.
+        self.trust_region = self.constraint.trust_region if self.constraint is not None else None
+        trained = (
+            [p for name, p in self.model.named_parameters() if not name.startswith("actor.")]
+            if self.trust_region is not None
+            else list(self.model.parameters())
+        )
+        self.optimizer = torch.optim.Adam(trained, lr=cfg.train.lr, eps=cfg.train.adam_eps)
         self.monitor = Monitor(cfg.monitor)
         spec = gym.spec(cfg.env.id)
         self.target = (
@@ -327,8 +341,9 @@ class ControlTrainer:
             self.lam,
         )
         cret = None
+        cadv = torch.zeros_like(adv)
         if self.model.cost_critic is not None:
-            _, cret, _ = segment_advantages(
+            cadv, cret, _ = segment_advantages(
                 self.method,
                 ro["costs"],
                 ro["cvalues"],
@@ -339,15 +354,20 @@ class ControlTrainer:
                 self.lam,
             )
             cret = cret.reshape(-1)
+        adv, combined, safety_metrics = self._constrain(adv, cadv, ro["episode"])
         batch = cfg.batch_size
         b_obs = ro["obs"].reshape(batch, *ro["obs"].shape[2:])
         b_act = ro["actions"].reshape(batch, *ro["actions"].shape[2:])
         b_logp, b_adv = ro["logprobs"].reshape(-1), adv.reshape(-1)
         b_ret, b_val = ret.reshape(-1), ro["values"].reshape(-1)
         b_cval = ro["cvalues"].reshape(-1)
-        params = list(self.model.parameters())
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         sums: dict[str, float] = {}
         count = 0
+        if self.trust_region is not None:
+            safety_metrics.update(
+                self._trust_region_update(b_obs, b_act, b_logp, b_adv, cadv.reshape(-1), ro["episode"])
+            )
         mb_size = math.ceil(batch / tc.minibatches)
         for _ in range(tc.epochs):
             perm = torch.randperm(batch)
@@ -355,20 +375,24 @@ class ControlTrainer:
                 idx = perm[lo : lo + mb_size]
                 m = idx.numel()
                 mask = torch.ones(m, 1, dtype=torch.bool)
-                logp, entropy = self.model.evaluate(b_obs[idx], b_act[idx])
-                mb_adv = b_adv[idx, None]
-                if tc.norm_adv:
-                    mb_adv = masked_whiten(mb_adv, mask)
-                inputs = {
-                    "logprobs": logp[:, None],
-                    "old_logprobs": b_logp[idx, None],
-                    "advantages": mb_adv,
-                    "response_mask": mask,
-                    "entropy": entropy[:, None],
-                    "token_rewards": ro["rewards"].reshape(-1)[idx, None],
-                    "values": b_val[idx, None],
-                }
-                pg_loss, metrics = self.method.loss(inputs)
+                if self.trust_region is None:
+                    logp, entropy = self.model.evaluate(b_obs[idx], b_act[idx])
+                    mb_adv = b_adv[idx, None]
+                    if tc.norm_adv and not combined:
+                        mb_adv = masked_whiten(mb_adv, mask)
+                    inputs = {
+                        "logprobs": logp[:, None],
+                        "old_logprobs": b_logp[idx, None],
+                        "advantages": mb_adv,
+                        "response_mask": mask,
+                        "entropy": entropy[:, None],
+                        "token_rewards": ro["rewards"].reshape(-1)[idx, None],
+                        "values": b_val[idx, None],
+                    }
+                    pg_loss, metrics = self.method.loss(inputs)
+                    metrics["policy/entropy"] = entropy.detach().mean()
+                else:  # the actor already took its trust-region step; the critics learn here
+                    pg_loss, metrics = torch.zeros(()), {}
                 v_loss = self._value_loss(self.model.critic(b_obs[idx]), b_val[idx], b_ret[idx])
                 loss = pg_loss + tc.vf_coef * v_loss
                 if self.model.cost_critic is not None and cret is not None:
@@ -384,7 +408,6 @@ class ControlTrainer:
                         "losses/policy_loss": pg_loss.detach(),
                         "losses/value_loss": v_loss.detach(),
                         "losses/total": loss.detach(),
-                        "policy/entropy": entropy.detach().mean(),
                         "grad/norm": gnorm.detach(),
                     }
                 )
@@ -393,6 +416,7 @@ class ControlTrainer:
                 count += 1
         out = {k: v / count for k, v in sums.items()}
         out.update({k: float(v) for k, v in adv_metrics.items()})
+        out.update(safety_metrics)
         var_ret = float(b_ret.var())
         if var_ret > 0:
             out["losses/explained_variance"] = 1.0 - float((b_ret - b_val).var()) / var_ret
@@ -415,6 +439,107 @@ class ControlTrainer:
         out["perf/update_s"] = elapsed - rollout_time
         self.method.update_state(out)
         return out
+
+    def _constrain(
+        self, adv: torch.Tensor, cadv: torch.Tensor, episode: torch.Tensor
+    ) -> tuple[torch.Tensor, bool, dict[str, float]]:
+        """The multiplier update and the penalized advantages of a constrained recipe (OmniSafe order).
+
+        J_c is the mean cost of the episodes that ended in this rollout (the last ten episodes
+        when none ended; no update before the first episode ends). The multiplier is updated
+        first, then used for this rollout's policy update. With an objective, the reward
+        advantages are standardized and the cost advantages centered over the whole batch before
+        they are combined (OmniSafe's buffer), and the combined advantages are not whitened again
+        per minibatch (that would undo the 1 / (1 + lambda) scale). Returns (advantages, whether
+        they were combined, metrics).
+        """
+        out: dict[str, float] = {}
+        mean_cost = self._mean_episode_cost(episode)
+        if self.cost_limit is not None:
+            out["safety/cost_limit"] = self.cost_limit
+            if episode.shape[1]:
+                out["safety/violation_rate"] = float((episode[1] > self.cost_limit).float().mean())
+        c = self.constraint
+        if c is None:
+            return adv, False, out
+        if mean_cost is not None:
+            out.update({k: float(v) for k, v in c.update(mean_cost).items()})
+        out["lagrange/multiplier"] = c.value
+        if c.objective is None:
+            return adv, False, out
+        flat = adv.reshape(-1)
+        reward_adv = (flat - flat.mean()) / (flat.std() + 1e-8)
+        cost_adv = cadv.reshape(-1) - cadv.mean()
+        combined, metrics = c.combine(reward_adv, cost_adv)
+        out.update({k: float(v) for k, v in metrics.items()})
+        return combined.reshape(adv.shape).to(adv.dtype), True, out
+
+    def _mean_episode_cost(self, episode: torch.Tensor) -> float | None:
+        """J_c: the mean cost of the episodes that ended in this rollout, else of the last ten (None: none yet)."""
+        costs = episode[1].tolist() if episode.shape[1] else self.recent_costs[-10:]
+        return float(np.mean(costs)) if costs else None
+
+    def _trust_region_update(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        old_logp: torch.Tensor,
+        adv: torch.Tensor,
+        cadv: torch.Tensor,
+        episode: torch.Tensor,
+    ) -> dict[str, float]:
+        """CPO's actor step on the whole rollout (OmniSafe's order: actor first, then the critics).
+
+        Reward advantages are standardized and cost advantages centered over the batch (OmniSafe's
+        buffer). The reward surrogate is minus the recipe's policy loss (``is_surrogate`` gives
+        E[r A]), the cost surrogate E[r A_C]; the trust region is KL(pi_old || pi_theta) averaged
+        over the batch (summed over action dimensions). Before the first episode ends J_c is taken
+        as 0 (the constraint counts as satisfied) and ``cpo/no_cost_estimate`` is 1.
+        """
+        assert self.trust_region is not None
+        model = self.model
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        cadv = cadv - cadv.mean()
+        mask = torch.ones(adv.shape[0], 1, dtype=torch.bool)
+        with torch.no_grad():
+            old_dist = model.actor.distribution(obs)
+
+        def surrogate() -> torch.Tensor:
+            logp, entropy = model.evaluate(obs, actions)
+            inputs = {
+                "logprobs": logp[:, None],
+                "old_logprobs": old_logp[:, None],
+                "advantages": adv[:, None],
+                "response_mask": mask,
+                "entropy": entropy[:, None],
+            }
+            loss, _ = self.method.loss(inputs)
+            return -loss
+
+        def cost_surrogate() -> torch.Tensor:
+            logp, _ = model.evaluate(obs, actions)
+            return (torch.exp(logp - old_logp) * cadv).mean()
+
+        def kl() -> torch.Tensor:
+            div = torch.distributions.kl_divergence(old_dist, model.actor.distribution(obs))
+            return (div.sum(-1) if div.dim() > 1 else div).mean()
+
+        mean_cost = self._mean_episode_cost(episode)
+        params = self.trust_region.params
+        metrics = cpo_update(
+            list(model.actor.parameters()),
+            surrogate,
+            cost_surrogate,
+            kl,
+            mean_episode_cost=0.0 if mean_cost is None else mean_cost,
+            cost_limit=self.constraint.cost_limit if self.constraint is not None else 0.0,
+            target_kl=float(params.get("target_kl", 0.01)),
+            omnisafe_dual=bool(params.get("omnisafe_dual", False)),
+        )
+        metrics["cpo/no_cost_estimate"] = float(mean_cost is None)
+        with torch.no_grad():
+            metrics["policy/entropy"] = float(model.evaluate(obs, actions)[1].mean())
+        return metrics
 
     def _value_loss(self, new: torch.Tensor, old: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """mean((V - R)^2) (SB3's form); with clip_vloss, CleanRL's max(unclipped, clipped)."""
@@ -457,6 +582,12 @@ class ControlTrainer:
             "episodes": self.episodes,
             "final_return_last10": final,
             "final_cost_last10": float(np.mean(self.recent_costs[-10:])) if self.recent_costs else None,
+            "cost_limit": self.cost_limit,
+            "within_cost_limit": (
+                None
+                if self.cost_limit is None or not self.recent_costs
+                else bool(np.mean(self.recent_costs[-10:]) <= self.cost_limit)
+            ),
             "target_return": self.target,
             "reached_target": bool(final is not None and self.target is not None and final >= self.target),
             "first_reached_env_steps": self.first_reached,

@@ -118,6 +118,11 @@ class RLTrainer:
         cfg = config
         self.recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
         self.method = Method(self.recipe)
+        if self.method.constraint is not None:
+            raise TetherError(
+                f"recipe {self.recipe.name!r} has a cost constraint, which the language-model trainer "
+                "does not drive yet; run it in the control world (tether control train --recipe ...)"
+            )
         self.task: Task = get_task(cfg.task.name, **cfg.task.params)
         self.plugins: list[LoopPlugin] = [build_plugin(c["name"], c["params"]) for c in self.recipe.loop]
         needs_ref = "ref_logprobs" in self.method.required_inputs()

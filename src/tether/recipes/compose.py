@@ -126,12 +126,114 @@ def call_entry(
     return out[0], dict(out[1])
 
 
+def _state_default_multiplier(entry: Entry, state_input: str) -> float:
+    """The multiplier of an update rule's initial state (its state dataclass with no arguments)."""
+    hint = typing.get_type_hints(entry.fn).get(state_input)
+    for cls in typing.get_args(hint) or (hint,):
+        if isinstance(cls, type) and hasattr(cls, "from_dict"):
+            return float(cls.from_dict({}).multiplier)
+    return 0.0
+
+
+class Constraint:
+    """A recipe's cost constraint J_c <= cost_limit: its multiplier rule, objective and trust region.
+
+    - ``multiplier``: a ``constraint`` entry that is an update rule, ``fn(<state>, mean_cost, ...)
+      -> (new state, metrics)`` (``lagrange_update``, ``pid_lagrange_update``,
+      ``clipped_lagrange_update``); its JSON state lives here and is checkpointed with the method.
+    - ``objective``: how the multiplier enters the policy, ``fn(advantages, cost_advantages,
+      lagrange_multiplier, ...) -> (advantages, metrics)`` (``lagrangian_advantage``).
+    - ``trust_region``: a constrained trust-region step (``cpo_step``) that the world's trainer
+      drives instead of a first-order update.
+    ``cost_limit`` (the recipe's, or the world's configuration when set) is written into every
+    role whose entry takes a ``cost_limit`` parameter.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], where: str, cost_limit: float | None = None) -> None:
+        roles = {
+            role: build_component("constraint", spec[role], f"{where}.{role}")
+            for role in ("multiplier", "objective", "trust_region")
+            if spec.get(role)
+        }
+        self.multiplier = roles.get("multiplier")
+        self.objective = roles.get("objective")
+        self.trust_region = roles.get("trust_region")
+        limit = cost_limit if cost_limit is not None else spec.get("cost_limit")
+        if limit is None:
+            for c in roles.values():
+                if "cost_limit" in c.params:
+                    limit = c.params["cost_limit"]
+                    break
+        if limit is None:
+            raise ConfigError(f"{where}: set the constraint's cost_limit (in the recipe or the config)")
+        self.cost_limit = float(limit)
+        for c in roles.values():
+            if "cost_limit" in c.entry.hyperparameters:
+                c.params["cost_limit"] = self.cost_limit
+        self.state: dict[str, Any] = {}
+        self._state_input = ""
+        self.value = 0.0
+        if self.multiplier is not None:
+            others = [n for n in self.multiplier.entry.inputs if n != "mean_cost"]
+            if "mean_cost" not in self.multiplier.entry.inputs or len(others) != 1:
+                raise ConfigError(
+                    f"{where}.multiplier: {self.multiplier.name!r} is not a multiplier update rule "
+                    "(one takes its state and mean_cost), e.g. lagrange_update or pid_lagrange_update"
+                )
+            self._state_input = others[0]
+            self.value = _state_default_multiplier(self.multiplier.entry, self._state_input)
+        if self.objective is not None:
+            needs = {"advantages", "cost_advantages", "lagrange_multiplier"}
+            if not needs <= set(self.objective.entry.inputs):
+                raise ConfigError(
+                    f"{where}.objective: {self.objective.name!r} does not combine advantages, "
+                    "cost_advantages and lagrange_multiplier; use lagrangian_advantage"
+                )
+
+    @property
+    def components(self) -> list[Component]:
+        return [c for c in (self.multiplier, self.objective, self.trust_region) if c is not None]
+
+    def update(self, mean_cost: float) -> dict[str, torch.Tensor]:
+        """Advance the multiplier with this epoch's mean episode cost J_c; returns the rule's metrics."""
+        if self.multiplier is None:
+            return {}
+        new, metrics = call_entry(self.multiplier, {self._state_input: self.state, "mean_cost": mean_cost})
+        self.state = new.as_dict() if hasattr(new, "as_dict") else dict(new)
+        self.value = float(self.state["multiplier"])
+        return metrics
+
+    def combine(
+        self, advantages: torch.Tensor, cost_advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy's advantages under the current multiplier (the objective entry)."""
+        if self.objective is None:
+            return advantages, {}
+        return call_entry(
+            self.objective,
+            {
+                "advantages": advantages,
+                "cost_advantages": cost_advantages,
+                "lagrange_multiplier": self.value,
+            },
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "value": self.value}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = dict(state.get("state") or {})
+        self.value = float(state.get("value", self.value))
+
+
 class Method:
     """The composed method of a recipe."""
 
-    def __init__(self, recipe: Any) -> None:
+    def __init__(self, recipe: Any, cost_limit: float | None = None) -> None:
         self.recipe = recipe
         name = getattr(recipe, "name", "recipe")
+        spec = getattr(recipe, "constraint", None)
+        self.constraint = Constraint(spec, f"{name}.constraint", cost_limit) if spec else None
         self.rewards = [
             build_component("reward", spec, f"{name}.rewards[{i}]") for i, spec in enumerate(recipe.rewards)
         ]
@@ -213,9 +315,14 @@ class Method:
             c.params[c.state.param] = c.entry.state_update(c.params[c.state.param], **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {f"{i}:{c.name}": c.params[c.state.param] for i, c in enumerate(self.components) if c.state}
+        out = {f"{i}:{c.name}": c.params[c.state.param] for i, c in enumerate(self.components) if c.state}
+        if self.constraint is not None:
+            out["constraint"] = self.constraint.state_dict()
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.constraint is not None and "constraint" in state:
+            self.constraint.load_state_dict(state["constraint"])
         for i, c in enumerate(self.components):
             key = f"{i}:{c.name}"
             if c.state and key in state:

@@ -23,7 +23,11 @@ TOP_KEYS = (
     "rewards",
     "train",
     "loop",
+    "constraint",
 )
+
+#: Roles of a recipe's ``constraint`` block (a cost constraint J_c <= cost_limit); see compose.Constraint.
+CONSTRAINT_ROLES = ("multiplier", "objective", "trust_region")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Recipe:
     regularizers: tuple[dict[str, Any], ...] = ()
     rewards: tuple[dict[str, Any], ...] = ()
     loop: tuple[dict[str, Any], ...] = ()  # loop plugins (tether.lm.plugins), world-specific
+    constraint: dict[str, Any] | None = None  # roles -> component specs, plus cost_limit
     train: dict[str, Any] = field(default_factory=dict)
     status: str = "exact"
     path: str = ""
@@ -59,6 +64,39 @@ def _component(source: str, key: str, value: Any) -> dict[str, Any]:
             f"recipe {source}: {key} has unknown keys {sorted(unknown)}; allowed: name, params, state"
         )
     return {"name": value["name"], "params": dict(value.get("params") or {}), "state": value.get("state")}
+
+
+def _constraint(source: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TetherError(
+            f"recipe {source}: constraint must be a mapping with cost_limit and roles "
+            f"({', '.join(CONSTRAINT_ROLES)}), got {value!r}"
+        )
+    unknown = set(value) - {*CONSTRAINT_ROLES, "cost_limit"}
+    if unknown:
+        raise TetherError(
+            f"recipe {source}: constraint has unknown keys {sorted(unknown)}; "
+            f"allowed: cost_limit, {', '.join(CONSTRAINT_ROLES)}"
+        )
+    roles = {r: _component(source, f"constraint.{r}", value[r]) for r in CONSTRAINT_ROLES if r in value}
+    if not roles:
+        raise TetherError(
+            f"recipe {source}: constraint needs at least one of {', '.join(CONSTRAINT_ROLES)} "
+            "(e.g. multiplier: lagrange_update, objective: lagrangian_advantage)"
+        )
+    if "objective" in roles and "multiplier" not in roles:
+        raise TetherError(f"recipe {source}: constraint.objective needs a constraint.multiplier to set it")
+    out: dict[str, Any] = dict(roles)
+    if "cost_limit" in value:
+        try:
+            out["cost_limit"] = float(value["cost_limit"])
+        except (TypeError, ValueError):
+            raise TetherError(
+                f"recipe {source}: constraint.cost_limit must be a number, got {value['cost_limit']!r}"
+            ) from None
+    return out
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -102,6 +140,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         regularizers=tuple(_component(src, "regularizers", r) for r in data.get("regularizers") or ()),
         rewards=tuple(_component(src, "rewards", r) for r in data.get("rewards") or ()),
         loop=tuple(_component(src, "loop", r) for r in data.get("loop") or ()),
+        constraint=_constraint(src, data.get("constraint")),
         train=dict(data.get("train") or {}),
         path=str(path),
     )

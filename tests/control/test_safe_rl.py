@@ -1,0 +1,214 @@
+"""Safe RL in the control world: constrained recipes (PPO-Lag, PID-Lag), the multiplier, the cost limit."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether.catalogue.advantages.broadcast import masked_whiten
+from tether.config import ConfigError, apply_overrides, from_dict
+from tether.control.config import ControlConfig
+from tether.control.trainer import TIMING_PREFIXES, ControlTrainer, resolve_recipe
+from tether.errors import TetherError
+from tether.recipes.compose import Method
+from tether.recipes.loader import load_recipe
+from tether.runs import RunDir
+
+
+def make_config(out: Path, *overrides: str) -> ControlConfig:
+    base = {
+        "recipe": "ppo_lag",
+        "env": {"id": "tether/PointHazard-v0", "num_envs": 2},
+        "train": {"total_steps": 1600, "num_steps": 200, "epochs": 2, "minibatches": 2, "seed": 5},
+        "run": {"out": str(out), "checkpoint_every": 2},
+    }
+    return from_dict(ControlConfig, apply_overrides(base, list(overrides)))
+
+
+def test_constrained_recipes_compose() -> None:
+    for name, rule in (("ppo_lag", "lagrange_update"), ("pid_lag", "pid_lagrange_update")):
+        method = Method(resolve_recipe(name))
+        c = method.constraint
+        assert c is not None and c.multiplier is not None and c.multiplier.name == rule
+        assert c.objective is not None and c.objective.name == "lagrangian_advantage"
+        assert c.cost_limit == 25.0 and c.multiplier.params["cost_limit"] == 25.0
+    assert Method(resolve_recipe("ppo")).constraint is None
+
+
+def test_config_cost_limit_overrides_the_recipe() -> None:
+    method = Method(resolve_recipe("ppo_lag"), cost_limit=3.5)
+    assert method.constraint is not None
+    assert method.constraint.cost_limit == 3.5 and method.constraint.multiplier is not None
+    assert method.constraint.multiplier.params["cost_limit"] == 3.5
+
+
+def test_multiplier_moves_with_the_cost() -> None:
+    # Initial multiplier is the state's default (0.001 for PPO-Lag's Adam rule, 0 for PID).
+    lag = Method(resolve_recipe("ppo_lag"), cost_limit=10.0).constraint
+    pid = Method(resolve_recipe("pid_lag"), cost_limit=10.0).constraint
+    assert lag is not None and pid is not None
+    assert lag.value == pytest.approx(0.001) and pid.value == 0.0
+    for c in (lag, pid):
+        values = [c.value]
+        for _ in range(5):
+            c.update(30.0)  # over the limit: lambda rises
+            values.append(c.value)
+        assert all(b > a for a, b in itertools.pairwise(values[1:])), values
+        for _ in range(200):
+            c.update(0.0)  # far under the limit: lambda falls to 0 and stays >= 0
+        assert c.value == pytest.approx(0.0, abs=1e-6) and c.value >= 0.0
+
+
+def test_zero_multiplier_gives_the_reward_advantage() -> None:
+    c = Method(resolve_recipe("ppo_lag")).constraint
+    assert c is not None
+    c.value = 0.0
+    adv, cadv = torch.randn(64), torch.randn(64)
+    out, _ = c.combine(adv, cadv)
+    assert torch.equal(out, adv)
+    c.value = 3.0
+    out, _ = c.combine(adv, cadv)
+    assert torch.allclose(out, (adv - 3.0 * cadv) / 4.0)
+
+
+def test_trainer_runs_constrained_recipe_and_logs_safety_metrics(tmp_path: Path) -> None:
+    trainer = ControlTrainer(make_config(tmp_path / "run", "train.cost_limit=0.5"))
+    assert trainer.model.cost_critic is not None  # a constraint turns the cost critic on
+    summary = trainer.train()
+    records = RunDir(tmp_path / "run").metrics.read()
+    with_episodes = [r for r in records if "episode/cost" in r]
+    assert with_episodes, "no episode ended"
+    for r in with_episodes:
+        assert r["safety/cost_limit"] == 0.5
+        assert 0.0 <= r["safety/violation_rate"] <= 1.0
+        assert r["lagrange/mean_cost"] == pytest.approx(r["episode/cost"], rel=1e-6)
+    # Once the near-random policy drifts into hazards (episode cost > 0.5), lambda rises.
+    lams = [r["lagrange/multiplier"] for r in records]
+    over = [i for i, r in enumerate(records) if r.get("episode/cost", 0.0) > 0.5]
+    assert over, "no episode went over the limit"
+    assert all(lams[i] > lams[i - 1] for i in over if i > 0)
+    assert lams[-1] > 0.001
+    assert summary["cost_limit"] == 0.5 and summary["within_cost_limit"] in (True, False)
+
+
+def test_policy_advantages_combine_standardized_reward_and_centered_cost_advantages(tmp_path: Path) -> None:
+    trainer = ControlTrainer(make_config(tmp_path / "run"))
+    assert trainer.constraint is not None
+    adv = torch.randn(200, 2, dtype=torch.float64)
+    cadv = torch.randn(200, 2, dtype=torch.float64)
+    episode = torch.tensor([[1.0], [1e6], [200.0]])  # J_c far above the limit: lambda > 0
+    out, combined, metrics = trainer._constrain(adv, cadv, episode)
+    lam = trainer.constraint.value
+    assert combined and lam > 0 and metrics["lagrange/multiplier"] == pytest.approx(lam, rel=1e-6)
+    r = masked_whiten(adv.reshape(-1, 1), torch.ones(400, 1, dtype=torch.bool)).reshape(-1)
+    expected = (r - lam * (cadv.reshape(-1) - cadv.mean())) / (1 + lam)
+    assert torch.allclose(out.reshape(-1), expected, atol=1e-6)
+
+
+def test_resume_restores_the_multiplier_exactly(tmp_path: Path) -> None:
+    ControlTrainer(make_config(tmp_path / "a", "recipe=pid_lag", "train.cost_limit=1")).train()
+    stopped = ControlTrainer(make_config(tmp_path / "b", "recipe=pid_lag", "train.cost_limit=1"))
+
+    def kill(update: int, _: dict[str, float]) -> None:
+        if update == 3:
+            raise KeyboardInterrupt
+
+    stopped.on_update = kill
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    resumed = ControlTrainer(make_config(tmp_path / "b", "recipe=pid_lag", "train.cost_limit=1"), resume=True)
+    assert resumed.update == 2
+    resumed.train()
+
+    def strip(records: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in records]
+
+    a = strip(RunDir(tmp_path / "a").metrics.read())
+    b = strip(RunDir(tmp_path / "b").metrics.read())
+    assert len(a) == len(b) == 4 and a == b
+
+
+def test_plain_ppo_logs_violation_rate_with_a_cost_limit(tmp_path: Path) -> None:
+    summary = ControlTrainer(make_config(tmp_path / "run", "recipe=ppo", "train.cost_limit=2")).train()
+    records = RunDir(tmp_path / "run").metrics.read()
+    assert any("safety/violation_rate" in r for r in records)
+    assert all("lagrange/multiplier" not in r for r in records)
+    assert summary["cost_limit"] == 2.0
+
+
+def test_constraint_block_errors(tmp_path: Path) -> None:
+    def write(text: str) -> str:
+        path = tmp_path / "r.yaml"
+        path.write_text("advantage: gae\npolicy_loss: ppo_clip\n" + text)
+        return str(path)
+
+    with pytest.raises(TetherError, match="unknown keys"):
+        load_recipe(write("constraint: {multiplier: lagrange_update, penalty: x}\n"))
+    with pytest.raises(TetherError, match=r"needs a constraint\.multiplier"):
+        load_recipe(write("constraint: {objective: lagrangian_advantage}\n"))
+    with pytest.raises(ConfigError, match="not a multiplier update rule"):
+        Method(load_recipe(write("constraint: {cost_limit: 1, multiplier: lagrangian_advantage}\n")))
+    with pytest.raises(ConfigError, match="does not combine"):
+        Method(
+            load_recipe(
+                write(
+                    "constraint: {cost_limit: 1, multiplier: lagrange_update, objective: pid_lagrange_update}\n"
+                )
+            )
+        )
+
+
+def test_lm_trainer_refuses_constrained_recipes(tmp_path: Path) -> None:
+    from tether.lm.config import LMConfig
+    from tether.lm.trainer import RLTrainer
+
+    path = tmp_path / "safe.yaml"
+    path.write_text(
+        "advantage: grpo\npolicy_loss: ppo_clip\n"
+        "constraint: {cost_limit: 1, multiplier: lagrange_update, objective: lagrangian_advantage}\n"
+    )
+    cfg = from_dict(LMConfig, {"recipe": str(path), "run": {"out": str(tmp_path / "run")}})
+    with pytest.raises(TetherError, match="control world"):
+        RLTrainer(cfg)
+
+
+def test_cpo_recipe_moves_the_actor_within_its_trust_region(tmp_path: Path) -> None:
+    trainer = ControlTrainer(make_config(tmp_path / "run", "recipe=cpo", "train.cost_limit=2"))
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in optimized for p in trainer.model.actor.parameters())  # Adam: critics only
+    before = [p.detach().clone() for p in trainer.model.actor.parameters()]
+    trainer.train()
+    records = RunDir(tmp_path / "run").metrics.read()
+    for r in records:
+        assert r["cpo/kl"] <= 0.01 + 1e-6
+        assert r["cpo/optim_case"] in (0.0, 1.0, 2.0, 3.0, 4.0)
+        if r.get("episode/cost", 0.0) > 2 and r["cpo/no_cost_estimate"] == 0.0:
+            assert r["cpo/cost_excess"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.actor.parameters(), strict=True))
+
+
+def test_cpo_resume_is_exact(tmp_path: Path) -> None:
+    extra = ("recipe=cpo", "train.cost_limit=2")
+    ControlTrainer(make_config(tmp_path / "a", *extra)).train()
+    stopped = ControlTrainer(make_config(tmp_path / "b", *extra))
+
+    def kill(update: int, _: dict[str, float]) -> None:
+        if update == 3:
+            raise KeyboardInterrupt
+
+    stopped.on_update = kill
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    ControlTrainer(make_config(tmp_path / "b", *extra), resume=True).train()
+    a = [
+        {k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)}
+        for r in RunDir(tmp_path / "a").metrics.read()
+    ]
+    b = [
+        {k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)}
+        for r in RunDir(tmp_path / "b").metrics.read()
+    ]
+    assert a == b
