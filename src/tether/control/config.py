@@ -59,7 +59,14 @@ class TrainSettings:
     )
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     seed: int = 1
-    torch_threads: int = field(default=0, metadata={"min": 0, "help": "torch.set_num_threads; 0 leaves it"})
+    torch_threads: int = field(
+        default=1,
+        metadata={
+            "min": 0,
+            "help": "torch.set_num_threads (1: tiny MLPs gain nothing from more and parallel seeds would "
+            "oversubscribe the cores); 0 leaves torch's default",
+        },
+    )
     target_return: float | None = field(
         default=None, metadata={"help": "success threshold; null: the env spec's reward_threshold"}
     )

@@ -172,8 +172,7 @@ class ControlTrainer:
         self.run = RunDir(out or cfg.run.out)
         resume = resume and self.run.resumable()
         self.run.prepare(resume)
-        if cfg.train.torch_threads:
-            torch.set_num_threads(cfg.train.torch_threads)
+        self.torch_threads = cfg.train.torch_threads or torch.get_num_threads()
         seed = cfg.train.seed
         random.seed(seed)
         np.random.seed(seed)
@@ -431,6 +430,7 @@ class ControlTrainer:
         if self.recent_returns:
             last10 = float(np.mean(self.recent_returns[-10:]))
             out["episode/return_last10"] = last10
+            out["episode/cost_last10"] = float(np.mean(self.recent_costs[-10:]))
             if self.target is not None and self.first_reached is None and last10 >= self.target:
                 self.first_reached = self.env_steps
         elapsed = time.perf_counter() - start
@@ -552,6 +552,15 @@ class ControlTrainer:
 
     # ----------------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
+        """Run to ``train.total_steps`` with ``train.torch_threads`` threads (restored afterwards)."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads)
+        try:
+            return self._train()
+        finally:
+            torch.set_num_threads(previous)
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.config
         last: dict[str, float] = {}
         while self.update < cfg.num_updates:
