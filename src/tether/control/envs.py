@@ -247,9 +247,14 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
     RNG. The start position is jittered by +-``start_noise`` at each reset. Everything is
     deterministic under ``reset(seed=...)``. Registered as ``tether/PointHazard-v0`` with
     200 steps per episode.
+
+    Rendering: ``render_mode="rgb_array"`` makes :meth:`render` return a ``render_size`` x
+    ``render_size`` RGB uint8 image of the arena (hazards red, goal green, agent blue), drawn with
+    NumPy alone (for ``gymnasium.wrappers.RecordVideo``).
     """
 
-    metadata: dict[str, Any] = {"render_modes": [], "render_fps": 10}  # noqa: RUF012
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 10}  # noqa: RUF012
+    render_size = 256
 
     def __init__(
         self,
@@ -268,8 +273,12 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
         start_noise: float = 0.2,
         layout_seed: int | None = None,
         randomize_layout: bool = False,
+        render_mode: str | None = None,
     ) -> None:
         super().__init__()
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"PointHazardEnv render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.render_mode = render_mode
         self.size = float(size)
         self.hazard_radius = float(hazard_radius)
         self.goal_radius = float(goal_radius)
@@ -420,6 +429,26 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
                 self.goal = self._sample_goal(self.np_random, self.hazards, avoid=self.position)
         cost = 1.0 if self.in_hazard() else 0.0
         return self._obs(), float(reward), terminated, False, self._info(cost, bool(reached))
+
+    def render(self) -> np.ndarray | None:
+        """The arena as an RGB uint8 image [render_size, render_size, 3] (``None`` without a render mode)."""
+        if self.render_mode is None:
+            return None
+        n, s = self.render_size, self.size
+        centres = (np.arange(n) + 0.5) / n * 2 * s - s
+        x, y = np.meshgrid(centres, -centres)  # row 0 at the top: y = +size
+        image = np.full((n, n, 3), 235, dtype=np.uint8)
+
+        def disc(centre: np.ndarray, radius: float, colour: tuple[int, int, int]) -> None:
+            image[(x - centre[0]) ** 2 + (y - centre[1]) ** 2 < radius**2] = colour
+
+        for h in self.hazards:
+            disc(h, self.hazard_radius, (220, 90, 90))
+        disc(self.goal, self.goal_radius, (80, 180, 80))
+        disc(self.position, 0.08, (40, 70, 200))
+        image[[0, 1, -2, -1], :] = 60
+        image[:, [0, 1, -2, -1]] = 60
+        return image
 
 
 # --------------------------------------------------------------------------- point wall

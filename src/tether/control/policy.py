@@ -91,7 +91,7 @@ class CategoricalActor(nn.Module):
         self.net = mlp(obs_dim, num_actions, hidden, out_std=0.01)
 
     def distribution(self, obs: torch.Tensor) -> Categorical:
-        return Categorical(logits=self.net(obs))
+        return Categorical(logits=self.net(obs), validate_args=False)
 
     def log_prob(self, dist: Any, action: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = dist.log_prob(action.long())
@@ -116,7 +116,7 @@ class GaussianActor(nn.Module):
 
     def distribution(self, obs: torch.Tensor) -> Normal:
         mean = self.net(obs)
-        return Normal(mean, self.log_std.expand_as(mean).exp())
+        return Normal(mean, self.log_std.expand_as(mean).exp(), validate_args=False)
 
     def log_prob(self, dist: Any, action: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = dist.log_prob(action).sum(-1)
