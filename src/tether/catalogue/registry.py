@@ -30,10 +30,13 @@ KIND_DESCRIPTIONS: dict[Kind, str] = {
     "regularizer": "a term added to the policy loss (KL, entropy, divergences)",
     "reward": "reshapes or corrects rewards before advantages are computed",
     "selection": "chooses which groups, samples, tokens or budgets enter the update",
-    "constraint": "Lagrange multipliers and their update rules",
+    "constraint": "cost constraints: Lagrange multipliers and their updates, CPO step, action projection",
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+_SIGNATURES: dict[Callable[..., Any], inspect.Signature] = {}
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,17 @@ class Entry:
     summary: str = field(default="")
 
     @property
+    def signature(self) -> inspect.Signature:
+        """``inspect.signature(fn)``, computed once (trainers call entries in their inner loop)."""
+        sig = _SIGNATURES.get(self.fn)
+        if sig is None:
+            sig = _SIGNATURES[self.fn] = inspect.signature(self.fn)
+        return sig
+
+    @property
     def inputs(self) -> tuple[str, ...]:
         """Names of the required inputs (parameters without a default)."""
-        sig = inspect.signature(self.fn)
+        sig = self.signature
         return tuple(
             p.name
             for p in sig.parameters.values()
@@ -65,7 +76,7 @@ class Entry:
     @property
     def hyperparameters(self) -> dict[str, Any]:
         """Hyperparameters and their (paper) defaults."""
-        sig = inspect.signature(self.fn)
+        sig = self.signature
         return {
             p.name: p.default for p in sig.parameters.values() if p.default is not inspect.Parameter.empty
         }

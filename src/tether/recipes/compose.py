@@ -101,7 +101,7 @@ def call_entry(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """Call an entry with the inputs its signature names, its parameters and the aggregation."""
     entry = component.entry
-    sig = inspect.signature(entry.fn)
+    sig = entry.signature
     kwargs: dict[str, Any] = {}
     missing = [n for n in entry.inputs if n not in inputs and n not in component.params]
     if missing:
