@@ -1,19 +1,31 @@
-"""Plan and run a comparison: one run per (recipe, seed, task), in parallel, then the report.
+"""Plan and run a comparison: one run per (recipe, seed, task or environment), in parallel, then the report.
+
+Two worlds (:data:`WORLDS`):
+
+- ``lm`` (default): language-model runs, ``tether train --recipe R --task T --seed S --steps N``;
+- ``control``: Gymnasium runs, ``tether control train --env E --recipe R --seed S --steps N``
+  (``--steps`` counts environment steps, ``train.total_steps``).
 
 :func:`plan_runs` lays the runs out under the comparison directory and validates every run's
-configuration (recipe, task, overrides) before anything starts or any directory is created:
-``OUT/<recipe>/seed<k>`` for one task, ``OUT/<task>/<recipe>/seed<k>`` for several.
+configuration (recipe, task or environment id, overrides, ``--config``) exactly as the train
+command would, before anything starts or any directory is created: ``OUT/<recipe>/seed<k>`` for
+one task or environment, ``OUT/<task>/<recipe>/seed<k>`` for several (an environment id becomes a
+filesystem-safe name, ``tether/PointHazard-v0`` -> ``tether_PointHazard-v0``). Keys that compare
+sets per run (recipe, task / ``env.id``, seed, steps, ``run.out``) cannot be overridden. Runs share
+the cores: each gets ``--threads`` threads (``run.threads`` of an LM run, with ``run.progress=false``;
+``train.torch_threads`` of a control run) unless the overrides set them.
 :func:`execute` hands the runs to an executor (:mod:`tether.arena.executors`): a finished run
-(``summary.json`` with its held-out ``eval``) is reused, an interrupted one (a checkpoint or logs
-but no finished summary) is resumed with ``--resume``, a failing one gets ``error.txt`` and does
-not stop the others. :func:`run_comparison` does both and builds the report.
+(``summary.json``, with its held-out ``eval`` for an LM run) is reused, an interrupted one (a
+checkpoint or logs but no finished summary) is resumed with ``--resume``, a failing one gets
+``error.txt`` and does not stop the others. :func:`run_comparison` does both and builds the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,12 +46,21 @@ _PLANNED_KEYS = {
     "train.steps": "--steps",
     "run.out": "--out",
 }
+_CONTROL_PLANNED_KEYS = {
+    "recipe": "--recipes",
+    "env.id": "--env",
+    "train.seed": "--seeds",
+    "train.total_steps": "--steps",
+    "run.out": "--out",
+}
 ERROR_FILE = "error.txt"
 
 
 @dataclass
 class RunSpec:
-    """One planned run: ``tether train --recipe R --task T --seed S --steps N --out run_dir overrides``."""
+    """One planned run: ``tether train --recipe R --task T --seed S --steps N --out run_dir overrides``
+    (``world="lm"``), or ``tether control train --env T --recipe R --seed S --steps N --out run_dir
+    overrides`` (``world="control"``: ``task`` holds the environment id)."""
 
     recipe: str
     task: str
@@ -51,6 +72,8 @@ class RunSpec:
     # A custom command instead of ``tether train`` (arguments after ``python -m tether.cli``, with
     # ``--out DIR``), e.g. an evidence run on a test-bed; resuming does not apply to it.
     command: list[str] | None = None
+    world: str = "lm"
+    config: str | None = None  # a --config YAML file given to every run
 
     @property
     def label(self) -> str:
@@ -58,15 +81,18 @@ class RunSpec:
         return f"{self.task}/{name}/seed{self.seed}"
 
     def train_args(self, resume: bool = False, out: str | Path | None = None) -> list[str]:
-        """Arguments of ``tether train`` for this run (``out`` replaces the run directory)."""
+        """Arguments of the train command (``tether train`` or ``tether control train``) of this run
+        (``out`` replaces the run directory)."""
         if self.command is not None:
             custom = list(self.command)
             if out is not None and "--out" in custom:
                 custom[custom.index("--out") + 1] = str(out)
             return custom
-        args = ["train", "--recipe", self.recipe, "--task", self.task, "--seed", str(self.seed)]
+        args = get_world(self.world).train_args(self)
         if self.steps is not None:
             args += ["--steps", str(self.steps)]
+        if self.config is not None:
+            args += ["--config", self.config]
         args += ["--out", str(out if out is not None else self.run_dir)]
         if resume:
             args.append("--resume")
@@ -114,9 +140,14 @@ def _set_keys(overrides: Sequence[str]) -> set[str]:
 
 
 def build_run_config(spec: RunSpec) -> Any:
-    """The run's resolved :class:`~tether.lm.config.LMConfig`, exactly as ``tether train`` builds
-    it, without creating anything; raises for an unknown recipe, task, method parameter or a bad
-    override (the errors ``tether train`` would give, before any run starts)."""
+    """The run's resolved configuration (:class:`~tether.lm.config.LMConfig`, or
+    :class:`~tether.control.config.ControlConfig` for a control run), exactly as its train command
+    builds it, without creating anything; raises for an unknown recipe, task or environment id, a
+    method parameter or a bad override (the errors the train command would give, before any run)."""
+    return get_world(spec.world).build_config(spec)
+
+
+def _build_lm_config(spec: RunSpec) -> Any:
     from tether.lm.cli import build_lm_config
     from tether.lm.tasks import get_task
 
@@ -126,7 +157,7 @@ def build_run_config(spec: RunSpec) -> Any:
         steps=spec.steps,
         seed=spec.seed,
         out=str(spec.run_dir),
-        config=None,
+        config=spec.config,
         overrides=list(spec.overrides),
     )
     cfg = build_lm_config(args)
@@ -136,6 +167,89 @@ def build_run_config(spec: RunSpec) -> Any:
 
     Method(apply_method_overrides(load_recipe(cfg.recipe), cfg.method))  # components and parameters
     return cfg
+
+
+def _build_control_config(spec: RunSpec) -> Any:
+    """The checks of ``ControlTrainer.__init__`` that come before any work: config, env id, recipe."""
+    from tether.control.cli import build_control_config
+    from tether.control.trainer import CONTROL_INPUTS, check_env_id, resolve_recipe
+    from tether.recipes.compose import Method
+
+    args = argparse.Namespace(
+        env=spec.task,
+        recipe=spec.recipe,
+        steps=spec.steps,
+        seed=spec.seed,
+        out=str(spec.run_dir),
+        config=spec.config,
+        overrides=list(spec.overrides),
+    )
+    cfg = build_control_config(args)
+    check_env_id(cfg.env.id)
+    method = Method(resolve_recipe(cfg.recipe), cost_limit=cfg.train.cost_limit)
+    method.check_inputs(set(CONTROL_INPUTS), "control")
+    return cfg
+
+
+def safe_name(name: str) -> str:
+    """A directory name for a task or environment id: ``tether/PointHazard-v0`` -> ``tether_PointHazard-v0``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "env"
+
+
+@dataclass(frozen=True)
+class World:
+    """What a comparison's runs differ in between worlds: the train command and its target flag,
+    the keys set per run, the thread setting, what a finished run holds, how it is validated."""
+
+    name: str
+    command: tuple[str, ...]  # the subcommand of ``python -m tether.cli``
+    target_flag: str  # "--task" / "--env"
+    target_key: str  # name of the target in comparison.json ("task" / "env")
+    planned_keys: Mapping[str, str]  # config key -> the compare flag that sets it per run
+    threads_key: str  # the override that sets a run's CPU threads
+    quiet: tuple[str, ...]  # overrides added unless set (no progress bars in subprocesses)
+    needs_eval: bool  # whether a finished summary.json must hold an ``eval``
+    build_config: Callable[[RunSpec], Any]  # the run's config, validated as its train command does
+    dir_name: Callable[[str], str]
+
+    def train_args(self, spec: RunSpec) -> list[str]:
+        """The command's leading arguments, before --steps / --config / --out."""
+        return [*self.command, "--recipe", spec.recipe, self.target_flag, spec.task, "--seed", str(spec.seed)]
+
+
+WORLDS: dict[str, World] = {
+    "lm": World(
+        name="lm",
+        command=("train",),
+        target_flag="--task",
+        target_key="task",
+        planned_keys=_PLANNED_KEYS,
+        threads_key="run.threads",
+        quiet=("run.progress=false",),
+        needs_eval=True,
+        build_config=_build_lm_config,
+        dir_name=str,
+    ),
+    "control": World(
+        name="control",
+        command=("control", "train"),
+        target_flag="--env",
+        target_key="env",
+        planned_keys=_CONTROL_PLANNED_KEYS,
+        threads_key="train.torch_threads",
+        quiet=(),
+        needs_eval=False,
+        build_config=_build_control_config,
+        dir_name=safe_name,
+    ),
+}
+
+
+def get_world(name: str) -> World:
+    try:
+        return WORLDS[name]
+    except KeyError:
+        raise ConfigError(f"--world {name!r}: expected one of {', '.join(WORLDS)}") from None
 
 
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
@@ -160,45 +274,73 @@ def plan_runs(
     out: str | Path,
     threads: int = 1,
     validate: bool = True,
+    world: str = "lm",
+    config: str | Path | None = None,
 ) -> list[RunSpec]:
     """One :class:`RunSpec` per (task, recipe, seed), validated (``validate``) before any run starts.
 
-    ``seeds``: a count (seeds ``0 .. n-1``) or the seeds themselves. ``overrides`` apply to every
-    run; unless they set ``run.threads`` / ``run.progress``, each run gets ``run.threads=threads``
-    (so that runs share the cores instead of each taking them all) and ``run.progress=false``.
+    ``tasks``: task names (``world="lm"``) or environment ids (``world="control"``). ``seeds``: a
+    count (seeds ``0 .. n-1``) or the seeds themselves. ``overrides`` apply to every run; unless they
+    set the world's thread key, each run gets ``threads`` threads (``run.threads`` for an LM run,
+    ``train.torch_threads`` for a control run), so that runs share the cores instead of each taking
+    them all; an LM run also gets ``run.progress=false`` unless set. ``config``: a YAML config file
+    given to every run (``--config``).
     """
+    w = get_world(world)
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
     recipe_list = list(recipes)
     if not recipe_list:
         raise ConfigError("--recipes: name at least one recipe")
     if not task_list:
-        raise ConfigError("--task: name at least one task")
-    for name, items in (("recipes", [recipe_label(r) for r in recipe_list]), ("tasks", task_list)):
+        raise ConfigError(f"{w.target_flag}: name at least one {'task' if w.name == 'lm' else 'environment'}")
+    target_name = w.target_flag[2:] if w.name != "lm" else "tasks"
+    for name, items in (("recipes", [recipe_label(r) for r in recipe_list]), (target_name, task_list)):
         if len(set(items)) != len(items):
             raise ConfigError(f"--{name} {','.join(items)}: names repeat")
+    dirs = [w.dir_name(t) for t in task_list]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError(f"{w.target_flag} {','.join(task_list)}: two of them share a directory name")
     if threads < 1:
         raise ConfigError(f"--threads {threads}: must be >= 1")
     seed_list = _seed_list(seeds)
     keys = _set_keys(overrides)
-    for key, flag in _PLANNED_KEYS.items():
+    for key, flag in w.planned_keys.items():
         if key in keys:
             raise ConfigError(f"override {key}=...: compare sets it per run; use {flag} instead")
     extra = list(overrides)
-    if "run.threads" in keys:
-        threads = int(next(o for o in reversed(extra) if o.startswith("run.threads=")).split("=", 1)[1]) or 1
+    if w.threads_key in keys:
+        value = next(o for o in reversed(extra) if o.split("=", 1)[0].strip() == w.threads_key)
+        try:
+            threads = int(value.split("=", 1)[1]) or 1
+        except ValueError:
+            pass  # not a number: validation below gives the train command's error
     else:
-        extra.append(f"run.threads={threads}")
-    if "run.progress" not in keys:
-        extra.append("run.progress=false")
+        extra.append(f"{w.threads_key}={threads}")
+    for default in w.quiet:
+        if default.split("=", 1)[0] not in keys:
+            extra.append(default)
+    config_file = None if config is None else str(Path(config).resolve())
     root = Path(out)
     specs: list[RunSpec] = []
-    for task in task_list:
+    for task, dir_name in zip(task_list, dirs):
         for recipe in recipe_list:
-            base = root / task if len(task_list) > 1 else root
+            base = root / dir_name if len(task_list) > 1 else root
             for seed in seed_list:
                 run_dir = base / recipe_label(recipe) / f"seed{seed}"
-                specs.append(RunSpec(recipe, task, seed, steps, list(extra), run_dir, threads))
-    if validate:  # the errors of `tether train`, for every (recipe, task), before anything runs
+                specs.append(
+                    RunSpec(
+                        recipe,
+                        task,
+                        seed,
+                        steps,
+                        list(extra),
+                        run_dir,
+                        threads,
+                        world=w.name,
+                        config=config_file,
+                    )
+                )
+    if validate:  # the errors of the train command, for every (recipe, task), before anything runs
         checked: set[tuple[str, str]] = set()
         for spec in specs:
             if (spec.recipe, spec.task) not in checked:
@@ -207,10 +349,12 @@ def plan_runs(
     return specs
 
 
-def run_state(run_dir: str | Path) -> RunState:
-    """``finished``: summary.json with its ``eval``; ``interrupted``: a checkpoint or logs but no
-    finished summary; ``new``: nothing to continue."""
+def run_state(run_dir: str | Path, world: str = "lm") -> RunState:
+    """``finished``: summary.json (with its ``eval`` for an LM run); ``interrupted``: a checkpoint or
+    logs but no finished summary; ``new``: nothing to continue."""
     from tether.runs import latest_checkpoint
+
+    needs_eval = get_world(world).needs_eval
 
     path = Path(run_dir)
     summary = path / "summary.json"
@@ -219,7 +363,7 @@ def run_state(run_dir: str | Path) -> RunState:
             data = json.loads(summary.read_text())
         except (OSError, ValueError):
             data = None
-        if isinstance(data, dict) and "eval" in data:
+        if isinstance(data, dict) and (not needs_eval or "eval" in data):
             return "finished"
     if latest_checkpoint(path) is not None or (path / "metrics.jsonl").exists():
         return "interrupted"
@@ -246,7 +390,7 @@ def execute(
     results: dict[int, RunResult] = {}
     jobs: list[Job] = []
     for i, spec in enumerate(specs):
-        state = run_state(spec.run_dir)
+        state = run_state(spec.run_dir, spec.world)
         if state == "finished":
             results[i] = RunResult(spec, "reused")
         else:
@@ -281,7 +425,7 @@ def _write_manifest(out: Path, specs: Sequence[RunSpec], results: Sequence[RunRe
         "runs": [
             {
                 "recipe": r.spec.recipe,
-                "task": r.spec.task,
+                get_world(r.spec.world).target_key: r.spec.task,
                 "seed": r.spec.seed,
                 "run_dir": str(r.spec.run_dir.relative_to(out)),
                 "status": r.status,
@@ -307,21 +451,32 @@ def run_comparison(
     threads: int = 1,
     report: bool = True,
     progress: bool | None = None,
+    world: str = "lm",
+    config: str | Path | None = None,
 ) -> list[RunResult]:
-    """Plan (validating every run first), run in parallel, write ``comparison.json`` and the report."""
+    """Plan (validating every run first), run in parallel, write ``comparison.json`` and the report.
+
+    ``world="control"``: ``tasks`` are Gymnasium environment ids and the runs are ``tether control
+    train`` runs (see :func:`plan_runs`)."""
     out = Path(out)
+    w = get_world(world)
     if baseline is not None and baseline not in [recipe_label(r) for r in recipes]:
         raise ConfigError(f"--baseline {baseline!r} is not one of the recipes ({', '.join(recipes)})")
-    specs = plan_runs(recipes, tasks, seeds, steps, overrides, out, threads=threads)
+    specs = plan_runs(
+        recipes, tasks, seeds, steps, overrides, out, threads=threads, world=world, config=config
+    )
     results = execute(specs, executor, progress=progress)
+    targets = {("tasks" if w.name == "lm" else "envs"): [tasks] if isinstance(tasks, str) else list(tasks)}
     _write_manifest(
         out,
         specs,
         results,
+        world=w.name,
         recipes=[recipe_label(r) for r in recipes],
-        tasks=[tasks] if isinstance(tasks, str) else list(tasks),
+        **targets,
         seeds=_seed_list(seeds),
         steps=steps,
+        config=None if config is None else str(config),
         overrides=list(overrides),
         baseline=baseline,
     )

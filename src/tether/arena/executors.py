@@ -1,7 +1,8 @@
 """Executors of a comparison's runs: local processes, or Ray tasks on a cluster.
 
 Every run is the same command, ``python -m tether.cli train --recipe R --task T --seed S --steps N
---out DIR [--resume] key=value ...``, so a run launched by the arena is exactly a ``tether train``.
+--out DIR [--resume] key=value ...`` (``control train --recipe R --env E ...`` for a control run), so
+a run launched by the arena is exactly a ``tether train`` (or ``tether control train``).
 
 - :class:`LocalExecutor`: subprocesses on this machine, at most ``max_workers`` at once (default:
   the cores divided by the threads of one run). A run's stderr is captured; a non-zero exit is
@@ -47,7 +48,7 @@ def default_workers(threads: int = 1) -> int:
 
 
 def train_command(spec: RunSpec, resume: bool, out: str | Path | None = None) -> list[str]:
-    """The subprocess command of a run: ``python -m tether.cli train ...``."""
+    """The subprocess command of a run: ``python -m tether.cli train ...`` (``control train ...``)."""
     return [sys.executable, "-m", "tether.cli", *spec.train_args(resume=resume, out=out)]
 
 

@@ -11,6 +11,13 @@ Layout of a comparison directory after :func:`build_report`::
     DIR/report.md          tables + links to plots/*.png
     DIR/report.html        the same, images embedded as base64 data URIs
     DIR/plots/*.png        learning curves with seed bands, final scores with CIs
+
+Control comparisons (runs of ``tether control train``, whose config names an ``env.id``) get their
+own section per environment: final ``episode/return_last10``, ``episode/cost_last10`` and
+``safety/violation_rate`` by default (``--metric`` chooses others), the IQM and mean with bootstrap
+CIs per recipe, how many seeds end within the cost limit, and learning curves over environment
+steps (``env_steps``). Costs are lower-is-better (:func:`tether.arena.stats.lower_is_better`,
+``--lower-is-better`` adds metrics): the probability of improvement then counts a lower value as better.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tether.arena.runs import RunRecord, load_runs, series
-from tether.arena.stats import recipe_table
+from tether.arena.stats import iqm_ci, lower_is_better, recipe_table, summarize_recipe
 from tether.errors import TetherError
 
 #: Learning curves: (metric, y-axis label with unit, title). One PNG per metric present in a run.
@@ -47,12 +54,32 @@ CURVES: tuple[tuple[str, str, str], ...] = (
 _EVAL_METRICS = ("eval/accuracy", "eval/greedy_accuracy", "eval/format_rate")
 _TRAIN_METRICS = ("reward/accuracy", "reward/mean")
 
+#: Control runs: learning curves over environment steps, and the default final-score metrics.
+CONTROL_CURVES: tuple[tuple[str, str, str], ...] = (
+    ("episode/return_last10", "return (mean of the last 10 episodes)", "Episode return"),
+    ("episode/cost_last10", "cost per episode (mean of the last 10)", "Episode cost"),
+    ("safety/violation_rate", "episodes over the cost limit (fraction)", "Cost-limit violations"),
+    ("lagrange/multiplier", "Lagrange multiplier λ", "Lagrange multiplier"),
+    ("policy/entropy", "entropy (nats per step)", "Policy entropy"),
+    ("policy/approx_kl", "approximate KL (nats)", "KL of each update"),
+)
+CONTROL_METRICS = ("episode/return_last10", "episode/cost_last10", "safety/violation_rate")
+_MULTIPLIER = "lagrange/multiplier"
+
 _LABELS = {
     "eval/accuracy": "eval accuracy (pass@1, fraction correct)",
     "eval/greedy_accuracy": "eval greedy accuracy (fraction correct)",
     "eval/format_rate": "eval format rate (fraction well-formed)",
     "reward/accuracy": "final training accuracy (fraction correct)",
     "reward/mean": "final training reward (mean per sample)",
+    "episode/return_last10": "final return (mean of the last 10 episodes)",
+    "episode/cost_last10": "final cost (mean episode cost of the last 10 episodes)",
+    "safety/violation_rate": "final violation rate (fraction of the last update's episodes over the cost limit)",
+}
+_SHORT_LABELS = {
+    "episode/return_last10": "final return\n(mean of the last 10 episodes)",
+    "episode/cost_last10": "final episode cost\n(mean of the last 10; lower is better)",
+    "safety/violation_rate": "final violation rate\n(fraction; lower is better)",
 }
 
 _DPI = 110
@@ -234,7 +261,7 @@ def _short_label(metric: str) -> str:
         return f"eval {metric[5:]}\n(fraction of prompts solved)"
     if metric == "reward/accuracy":
         return "final training accuracy\n(fraction correct)"
-    return _label(metric)
+    return _SHORT_LABELS.get(metric, _label(metric))
 
 
 def _slug(metric: str) -> str:
@@ -315,13 +342,19 @@ def _plot_curve(
     metric: str,
     ylabel: str,
     title: str,
+    x: str = "step",
+    xlabel: str = "step",
+    hline: tuple[float, str] | None = None,
 ) -> bool:
-    """Learning curve of ``metric``: per recipe the mean over seeds and a min-max band. False if no data."""
+    """Learning curve of ``metric``: per recipe the mean over seeds and a min-max band. False if no data.
+
+    ``x``: the logged key on the x axis (``env_steps`` for control runs); ``hline``: (value, label)
+    of a dashed horizontal line (a cost limit)."""
     from matplotlib.figure import Figure
 
     data = {}
     for recipe, recs in groups.items():
-        steps, values = series(recs, metric)
+        steps, values = series(recs, metric, x=x)
         if steps.size and np.isfinite(values).any():
             data[recipe] = (steps, values)
     if not data:
@@ -339,11 +372,13 @@ def _plot_curve(
         ax.plot(steps, mean, color=c, ls=_linestyle(colours, recipe), lw=1.6, label=f"{recipe} (n={n})")
         if n > 1:
             ax.fill_between(steps, lo, hi, color=c, alpha=0.18, lw=0)
-    ax.set_xlabel("step")
+    if hline is not None:
+        ax.axhline(hline[0], color="0.25", ls="--", lw=1.2, label=hline[1])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     note = "line: mean over seeds; band: min–max across seeds"
     if window > 1:
-        note += f"; moving average over {window} steps"
+        note += f"; moving average over {window} {'steps' if x == 'step' else 'logged points'}"
     ax.set_title(f"{title}\n{note}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.01)
@@ -450,13 +485,13 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
 _PER_RUN_KEYS = ("recipe", "train.seed", "run.out", "method", "recipe_resolved")
 
 
-def _varying_settings(records: Sequence[RunRecord]) -> list[str]:
+def _varying_settings(records: Sequence[RunRecord], per_run: Sequence[str] = _PER_RUN_KEYS) -> list[str]:
     """Config keys (other than recipe, seed and output) whose value differs between runs."""
     flat = [_flatten(r.config) for r in records]
     keys = sorted(set().union(*flat)) if flat else []
     out = []
     for k in keys:
-        if any(k == p or k.startswith(p + ".") for p in _PER_RUN_KEYS):
+        if any(k == p or k.startswith(p + ".") for p in per_run):
             continue
         vals = {f.get(k, "(unset)") for f in flat}
         if len(vals) > 1:
@@ -542,9 +577,12 @@ def _section_for_task(
     target_accuracy: float | None,
     prefix: str,
     level: int,
+    chosen: Sequence[str] = (),
+    lower_extra: Sequence[str] = (),
 ) -> None:
     finished = [r for r in records if r.status == "finished"]
-    metrics = _score_metrics(records)
+    metrics = list(chosen) if chosen else _score_metrics(records)
+    lower = [m for m in metrics if lower_is_better(m, lower_extra)]
     recipes_here = list(dict.fromkeys(r.recipe for r in records))
     base = baseline if baseline in recipes_here else None
     target = target_accuracy
@@ -553,7 +591,7 @@ def _section_for_task(
         target = _default_target(finished)
         if target is not None:
             target_note = " (default: 80% of the best recipe's final mean training accuracy; set it with --target-accuracy)"
-    rows = recipe_table(records, metrics, baseline=base, target_accuracy=target)
+    rows = recipe_table(records, metrics, baseline=base, target_accuracy=target, lower_is_better=lower)
 
     # What was compared.
     doc.h(level, "What was compared")
@@ -613,7 +651,7 @@ def _section_for_task(
         doc.table(
             ["recipe", "n", "mean [95% CI]", "IQM", f"P(> {base}) [95% CI]" if base else "P(> baseline)"],
             table_rows,
-            caption=f"**{_label(m)}** (`{m}`)",
+            caption=f"**{_label(m)}** (`{m}`)" + (" (lower is better)" if m in lower else ""),
         )
     eval_metrics = [m for m in metrics if m == "eval/accuracy" or m.startswith("eval/pass@")]
     plot_metrics = eval_metrics or [m for m in metrics if m == "reward/accuracy"]
@@ -708,7 +746,11 @@ def _section_for_task(
     if not drawn:
         doc.p("No finished run has logged metrics to plot.")
 
-    # Failures.
+    _failures(doc, root, records, level)
+
+
+def _failures(doc: _Doc, root: Path, records: Sequence[RunRecord], level: int) -> None:
+    """The section on failed runs (with their error.txt) and incomplete ones."""
     failed = [r for r in records if r.status == "failed"]
     incomplete = [r for r in records if r.status == "incomplete"]
     doc.h(level, "Failed and incomplete runs")
@@ -727,8 +769,200 @@ def _section_for_task(
         )
 
 
-def _default_baseline(root: Path, recipes: Sequence[str]) -> str | None:
-    """The baseline named in comparison.json (written by ``tether compare``), else ``grpo``, else none."""
+def _iqm_ci(s: dict[str, Any], digits: int = 3) -> str:
+    """``IQM [low, high]`` of a :func:`tether.arena.stats.summarize` dict (bootstrap CI of the IQM)."""
+    if not s or not s.get("n"):
+        return "–"
+    low, high = iqm_ci(s["values"])
+    return f"{_fmt(s['iqm'], digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def _cost_limits(records: Sequence[RunRecord]) -> list[float]:
+    """The distinct cost limits in the runs' summaries (``cost_limit``; none for unconstrained runs)."""
+    limits = set()
+    for r in records:
+        v = r.summary.get("cost_limit") if r.summary else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            limits.add(float(v))
+    return sorted(limits)
+
+
+def _within_limit(records: Sequence[RunRecord]) -> str:
+    """``k/n (d = limit)``: finished seeds whose final cost is within the limit, of those with a limit."""
+    fin = [r for r in records if r.status == "finished" and r.summary]
+    limited = [r for r in fin if _cost_limits([r])]
+    if not limited:
+        return "–"
+    within = sum(bool(r.summary and r.summary.get("within_cost_limit") is True) for r in limited)
+    unknown = sum(bool(r.summary and r.summary.get("within_cost_limit") is None) for r in limited)
+    limits = ", ".join(_fmt(v, 3).rstrip("0").rstrip(".") for v in _cost_limits(limited))
+    note = f", {unknown} without an episode" if unknown else ""
+    return f"{within}/{len(limited)} (d = {limits}{note})"
+
+
+def _poi_header(base: str | None, lower: bool) -> str:
+    if not base:
+        return "P(better than baseline)"
+    return f"P({'<' if lower else '>'} {base}) [95% CI]"
+
+
+def _section_for_env(
+    doc: _Doc,
+    root: Path,
+    plots: Path,
+    env: str,
+    records: list[RunRecord],
+    colours: dict[str, Any],
+    baseline: str | None,
+    prefix: str,
+    level: int,
+    chosen: Sequence[str] = (),
+    lower_extra: Sequence[str] = (),
+) -> None:
+    """The report of control runs on one environment: return and cost, the cost limit, curves over env steps."""
+    finished = [r for r in records if r.status == "finished"]
+    metrics = list(chosen) or [m for m in CONTROL_METRICS if any(math.isfinite(r.final(m)) for r in finished)]
+    lower = [m for m in metrics if lower_is_better(m, lower_extra)]
+    recipes_here = list(dict.fromkeys(r.recipe for r in records))
+    base = baseline if baseline in recipes_here else None
+    rows = recipe_table(records, metrics, baseline=base, lower_is_better=lower)
+    by_recipe = {r: [x for x in records if x.recipe == r] for r in recipes_here}
+
+    # What was compared.
+    doc.h(level, "What was compared")
+    steps = sorted({v for r in records if isinstance(v := _config_value(r.config, "train.total_steps"), int)})
+    seeds = sorted({r.seed for r in records})
+    limits = _cost_limits(records)
+    items = [
+        "recipes: "
+        + ", ".join(f"`{r['recipe']}`" for r in rows)
+        + (f" (baseline: `{base}`)" if base else ""),
+        f"environment: `{env}`",
+        f"seeds: {_join(seeds)} ({_per_recipe(records)} per recipe)",
+        f"environment steps per run: {_join(steps)}",
+        "cost limit per episode: "
+        + (_join([_fmt(v, 3).rstrip("0").rstrip(".") for v in limits]) if limits else "none")
+        + " (`train.cost_limit`, else the recipe's constraint)",
+        f"runs: {len(records)} ({len(finished)} finished, {sum(r.status == 'failed' for r in records)} failed, "
+        f"{sum(r.status == 'incomplete' for r in records)} incomplete); statistics use the finished runs",
+    ]
+    varying = _varying_settings(records, (*_PER_RUN_KEYS, "recipe_path"))
+    if varying:
+        items.append("settings that differ between runs: " + "; ".join(varying))
+    doc.ul(items)
+
+    # Summary: return and cost per recipe, and the seeds within the cost limit.
+    doc.h(level, "Summary")
+    primary = metrics[0] if metrics else None
+    cost = next((m for m in metrics if m in lower and m != primary), None)
+    headers = ["recipe", "finished / runs"]
+    for m in (primary, cost):
+        if m is not None:
+            headers += [f"`{m}` IQM [95% CI]", f"`{m}` mean [95% CI]"]
+    headers.append("seeds within the cost limit")
+    table_rows = []
+    for r in rows:
+        cells = [r["recipe"], f"{r['finished']}/{r['runs']}"]
+        for m in (primary, cost):
+            if m is not None:
+                cells += [_iqm_ci(r["metrics"][m]), _mean_ci(r["metrics"][m])]
+        cells.append(_within_limit(by_recipe[r["recipe"]]))
+        table_rows.append(cells)
+    doc.table(headers, table_rows)
+    doc.ul(
+        [
+            "final values of the last update across seeds: interquartile mean (IQM) and mean, each with its "
+            "percentile-bootstrap 95% CI (2000 resamples; rliable, Agarwal et al. 2021, arXiv:2108.13264)",
+            "`episode/return_last10` / `episode/cost_last10`: mean return / cost of the last 10 episodes "
+            "(higher return is better, lower cost is better)",
+            "seeds within the cost limit: finished seeds whose final mean cost of the last 10 episodes is at most "
+            "the limit d (summary.json `within_cost_limit`), of the seeds that have a limit",
+        ]
+    )
+
+    # Final scores.
+    doc.h(level, "Final scores")
+    if not metrics:
+        doc.p("No finished run has a final score.")
+    for m in metrics:
+        is_lower = m in lower
+        score_rows = []
+        for r in rows:
+            s = r["metrics"][m]
+            score_rows.append([r["recipe"], str(s["n"]), _mean_ci(s), _iqm_ci(s), _poi_cell(r, m, base)])
+        doc.table(
+            ["recipe", "n", "mean [95% CI]", "IQM [95% CI]", _poi_header(base, is_lower)],
+            score_rows,
+            caption=f"**{_label(m)}** (`{m}`), " + ("lower is better" if is_lower else "higher is better"),
+        )
+    if base:
+        doc.p(
+            "P: the probability that a run of the recipe does better than a run of the baseline, "
+            "P(X better than Y) + ½ P(X = Y), with its bootstrap 95% CI; for a lower-is-better metric a lower "
+            "value is better."
+        )
+    final_png = plots / f"{prefix}final_scores.png"
+    if metrics and _plot_final_scores(final_png, rows, colours, metrics, f"Final scores — {env}"):
+        doc.image(_rel(final_png, root), f"final scores, {env}")
+
+    # Safety and stability.
+    doc.h(level, "Safety and stability")
+    has_multiplier = any(math.isfinite(r.final(_MULTIPLIER)) for r in finished)
+    headers = ["recipe", "cost limit", "seeds within the cost limit"]
+    if has_multiplier:
+        headers.append("final λ [95% CI]")
+    headers += ["final entropy [95% CI]", "alarms by kind (per run)"]
+    safety_rows = []
+    for r in rows:
+        recs = by_recipe[r["recipe"]]
+        lim = _cost_limits(recs)
+        cells = [
+            r["recipe"],
+            _join([_fmt(v, 3).rstrip("0").rstrip(".") for v in lim]) if lim else "none",
+            _within_limit(recs),
+        ]
+        if has_multiplier:
+            cells.append(_mean_ci(summarize_recipe([x for x in recs if x.status == "finished"], _MULTIPLIER)))
+        cells += [_mean_ci(r["stability"]["entropy_final"]), _alarms_cell(r["stability"])]
+        safety_rows.append(cells)
+    doc.table(headers, safety_rows)
+
+    # Learning curves, over environment steps.
+    doc.h(level, "Learning curves")
+    x = "env_steps" if any("env_steps" in m for r in finished for m in r.metrics) else "step"
+    xlabel = "environment steps" if x == "env_steps" else "update"
+    doc.p(
+        f"x axis: {'environment steps (`env_steps`, all environments together)' if x == 'env_steps' else 'updates'}; "
+        "the dashed line on the cost curves is the cost limit when the runs share one."
+    )
+    groups = {
+        r["recipe"]: recs for r in rows if (recs := [x_ for x_ in finished if x_.recipe == r["recipe"]])
+    }
+    curves = list(CONTROL_CURVES) + [
+        (m, _label(m), m)
+        for m in metrics
+        if m not in {c[0] for c in CONTROL_CURVES} and not m.startswith("eval/")
+    ]
+    drawn = 0
+    for metric, ylabel, title in curves:
+        png = plots / f"{prefix}curve_{_slug(metric)}.png"
+        hline = None
+        if metric.startswith("episode/cost") and len(limits) == 1:
+            hline = (limits[0], f"cost limit {_fmt(limits[0], 3).rstrip('0').rstrip('.')}")
+        if groups and _plot_curve(
+            png, groups, colours, metric, ylabel, f"{title} — {env}", x=x, xlabel=xlabel, hline=hline
+        ):
+            doc.image(_rel(png, root), f"{title} ({metric}), {env}")
+            drawn += 1
+    if not drawn:
+        doc.p("No finished run has logged metrics to plot.")
+
+    _failures(doc, root, records, level)
+
+
+def _default_baseline(root: Path, recipes: Sequence[str], default: str = "grpo") -> str | None:
+    """The baseline named in comparison.json (written by ``tether compare``), else ``grpo`` (``ppo``
+    for control runs), else the first recipe."""
     manifest = root / "comparison.json"
     if manifest.exists():
         try:
@@ -738,21 +972,30 @@ def _default_baseline(root: Path, recipes: Sequence[str]) -> str | None:
         b = data.get("baseline") if isinstance(data, dict) else None
         if isinstance(b, str) and b in recipes:
             return b
-    if "grpo" in recipes:
-        return "grpo"
+    if default in recipes:
+        return default
     return recipes[0] if recipes else None
 
 
 def build_report(
-    comparison_dir: str | Path, baseline: str | None = None, target_accuracy: float | None = None
+    comparison_dir: str | Path,
+    baseline: str | None = None,
+    target_accuracy: float | None = None,
+    metrics: Sequence[str] | None = None,
+    lower: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` into ``comparison_dir``.
 
     ``baseline``: the recipe others are compared with (probability of improvement); by default the
-    one recorded in comparison.json, else ``grpo`` when present, else the first recipe.
+    one recorded in comparison.json, else ``grpo`` (``ppo``) when present, else the first recipe.
     ``target_accuracy``: the training accuracy (``reward/accuracy``) whose first crossing is reported
-    per run; by default 80% of the best recipe's final mean accuracy. Returns (report.md, report.html).
-    Raises TetherError when the directory is missing, holds no run, or ``baseline`` is not a recipe.
+    per run; by default 80% of the best recipe's final mean accuracy. ``metrics``: the final-score
+    metrics (default: the eval metrics of LM runs; ``episode/return_last10``, ``episode/cost_last10``
+    and ``safety/violation_rate`` of control runs, the first one the primary metric). ``lower``:
+    metrics where lower is better, besides the cost-like ones (:func:`tether.arena.stats.lower_is_better`).
+    Control runs (their config names an ``env.id``) get a section per environment. Returns
+    (report.md, report.html). Raises TetherError when the directory is missing, holds no run, or
+    ``baseline`` is not a recipe.
     """
     root = Path(comparison_dir)
     if not root.is_dir():
@@ -771,7 +1014,8 @@ def build_report(
             f"baseline recipe {baseline!r} has no runs in {str(root)!r}; recipes: {', '.join(all_recipes)}"
         )
     if baseline is None:
-        baseline = _default_baseline(root, all_recipes)
+        all_control = all(r.world == "control" for r in records)
+        baseline = _default_baseline(root, all_recipes, "ppo" if all_control else "grpo")
     order = [baseline, *[r for r in all_recipes if r != baseline]] if baseline else all_recipes
     colours = _colours(order)
 
@@ -781,6 +1025,8 @@ def build_report(
         old.unlink()
 
     tasks = list(dict.fromkeys(r.task for r in records))
+    control = {t for t in tasks if all(r.world == "control" for r in records if r.task == t)}
+    chosen = list(metrics or [])
     names = ", ".join(order) if len(order) <= 5 else f"{len(order)} recipes"
     title = f"Comparison: {names} on " + ", ".join(t or "(unnamed task)" for t in tasks)
     doc = _Doc()
@@ -793,8 +1039,23 @@ def build_report(
         recs = [r for r in records if r.task == task]
         prefix, level = "", 2
         if len(tasks) > 1:
-            doc.h(2, f"Task `{task}`")
+            doc.h(2, f"{'Environment' if task in control else 'Task'} `{task}`")
             prefix, level = f"{_slug(task) or 'task'}-", 3
+        if task in control:
+            _section_for_env(
+                doc,
+                root,
+                plots,
+                task,
+                recs,
+                colours,
+                baseline,
+                prefix,
+                level,
+                chosen=chosen,
+                lower_extra=lower,
+            )
+            continue
         _section_for_task(
             doc,
             root,
@@ -806,6 +1067,8 @@ def build_report(
             target_accuracy,
             prefix,
             level,
+            chosen=chosen,
+            lower_extra=lower,
         )
 
     md_path, html_path = root / "report.md", root / "report.html"
@@ -819,19 +1082,28 @@ def build_report(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    md, html_path = build_report(args.dir, baseline=args.baseline, target_accuracy=args.target_accuracy)
+    md, html_path = build_report(
+        args.dir,
+        baseline=args.baseline,
+        target_accuracy=args.target_accuracy,
+        metrics=args.metric,
+        lower=args.lower_is_better or (),
+    )
     print(f"wrote {md} and {html_path}")
     return 0
 
 
 def add_report_command(sub: Any) -> None:
-    """Register ``tether report DIR [--baseline RECIPE] [--target-accuracy X]`` on an argparse subparsers."""
+    """Register ``tether report DIR [--baseline RECIPE] [--target-accuracy X] [--metric M ...]
+    [--lower-is-better M ...]`` on an argparse subparsers."""
     p = sub.add_parser(
         "report",
         help="rebuild a comparison's report (report.md, report.html, plots/) from its run directories",
         description=(
             "Read every run directory under DIR (config.yaml, metrics.jsonl, summary.json, error.txt) and write "
-            "DIR/report.md, a self-contained DIR/report.html and DIR/plots/*.png."
+            "DIR/report.md, a self-contained DIR/report.html and DIR/plots/*.png. Language-model and control "
+            "comparisons alike: control runs are reported by final return and cost (IQM and mean with "
+            "bootstrap CIs), seeds within the cost limit, and learning curves over environment steps."
         ),
     )
     p.add_argument("dir", metavar="DIR", help="comparison directory (the --out of tether compare)")
@@ -847,5 +1119,20 @@ def add_report_command(sub: Any) -> None:
         default=None,
         metavar="X",
         help="training accuracy (fraction) for 'steps to target' (default: 80%% of the best final accuracy)",
+    )
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        metavar="M",
+        help="final-score metric, repeatable; the first is the primary one (default: eval metrics for LM runs; "
+        "episode/return_last10, episode/cost_last10, safety/violation_rate for control runs)",
+    )
+    p.add_argument(
+        "--lower-is-better",
+        action="append",
+        default=None,
+        metavar="M",
+        help="a metric where lower is better, repeatable (costs and violation rates already are)",
     )
     p.set_defaults(func=cmd_report)

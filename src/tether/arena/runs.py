@@ -5,6 +5,9 @@ object per step, non-finite floats written as the strings ``"nan"``/``"inf"``), 
 ``summary.json`` once the run has ended, and ``error.txt`` when an executor saw it fail. This module
 only reads: it never imports the trainer, so reports can be rebuilt from the directories alone.
 
+A control run (``tether control train``) has the same files; its ``config.yaml`` names an ``env.id``
+instead of a ``task`` and the record's ``task`` is that environment id, its ``world`` ``"control"``.
+
 Status of a run:
 
 - ``"finished"``: ``summary.json`` exists (even if a stale ``error.txt`` is left from an earlier try);
@@ -61,6 +64,7 @@ class RunRecord:
     error: str | None = None
     alarms: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    world: str = "lm"  # "control" for a ``tether control train`` run (``task`` is then its env id)
 
     @property
     def eval(self) -> dict[str, Any]:
@@ -70,9 +74,10 @@ class RunRecord:
         ev = self.summary.get("eval")
         return ev if isinstance(ev, dict) else {}
 
-    def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of one metric over this run's steps (NaN where a step lacks it)."""
-        steps, values = series([self], metric)
+    def curve(self, metric: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one metric over this run's steps (NaN where a step lacks it); ``x``
+        names the logged key used as the step (``"env_steps"`` for a control run's environment steps)."""
+        steps, values = series([self], metric, x=x)
         return steps, values[0]
 
     def final(self, metric: str) -> float:
@@ -182,6 +187,13 @@ def load_run(path: str | Path) -> RunRecord:
     task = _name(config.get("task"))
     if task is None and summary is not None:
         task = _name(summary.get("task"))
+    env = config.get("env")
+    world = "lm"
+    if task is None and isinstance(env, dict) and isinstance(env.get("id"), str):
+        # a control run: its environment stands for the task, a recipe path for its file's stem
+        world, task = "control", str(env["id"])
+        if Path(recipe).suffix in (".yaml", ".yml"):
+            recipe = Path(recipe).stem
     train = config.get("train")
     seed_val: Any = train.get("seed") if isinstance(train, dict) else None
     if seed_val is None and summary is not None:
@@ -207,6 +219,7 @@ def load_run(path: str | Path) -> RunRecord:
         error=error,
         alarms=_read_jsonl(p / "alarms.jsonl"),
         config=config,
+        world=world,
     )
 
 
@@ -232,13 +245,15 @@ def load_runs(comparison_dir: str | Path) -> list[RunRecord]:
     return records
 
 
-def series(records: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.ndarray]:
+def series(records: Sequence[RunRecord], metric: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
     """One metric of several runs aligned on steps.
 
     Returns ``(steps, values)``: ``steps`` the sorted union (int64) of the steps at which any run
     logged ``metric``, ``values`` a float array ``[len(records), len(steps)]`` with NaN where a run
     has no value at that step (shorter run, missing key, or a logged "nan"). A record without a
-    "step" key counts as step ``index + 1``; a repeated step keeps its last value.
+    "step" key counts as step ``index + 1``; a repeated step keeps its last value. ``x``: the
+    logged key that gives the step (default ``"step"``; e.g. ``"env_steps"``: records without it
+    are skipped).
     """
     per_run: list[dict[int, float]] = []
     all_steps: set[int] = set()
@@ -247,7 +262,7 @@ def series(records: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.nd
         for i, rec in enumerate(r.metrics):
             if metric not in rec:
                 continue
-            step = rec.get("step", float(i + 1))
+            step = rec.get(x, float(i + 1)) if x == "step" else rec.get(x, math.nan)
             if not math.isfinite(step):
                 continue
             d[int(step)] = rec[metric]

@@ -32,6 +32,21 @@ ACCURACY = "reward/accuracy"
 PROXY = "reward/proxy"
 GOLD = "reward/gold"
 
+#: Metrics where a lower value is better (costs of a constrained control run); see :func:`lower_is_better`.
+LOWER_IS_BETTER = frozenset(
+    {"episode/cost", "episode/cost_last10", "safety/violation_rate", "lagrange/constraint_violation"}
+)
+
+
+def lower_is_better(metric: str, extra: Collection[str] = ()) -> bool:
+    """Whether a lower ``metric`` is better: those named in ``extra`` (``--lower-is-better``) or in
+    :data:`LOWER_IS_BETTER`, and any metric whose last path part starts with ``cost`` or holds
+    ``violation`` (``episode/cost_last10``, ``safety/violation_rate``, ``eval/cost``)."""
+    if metric in extra or metric in LOWER_IS_BETTER:
+        return True
+    last = metric.rsplit("/", 1)[-1]
+    return last.startswith("cost") or "violation" in last
+
 
 def _clean(values: Iterable[float] | np.ndarray) -> np.ndarray:
     """1-d float array without NaN/inf."""
@@ -101,6 +116,14 @@ def iqm(values: Iterable[float] | np.ndarray, fractional: bool = False) -> float
     i = np.arange(n, dtype=np.float64)
     w = np.clip(np.minimum(i + 1.0, hi) - np.maximum(i, lo), 0.0, None)
     return float((w * a).sum() / w.sum())
+
+
+def iqm_ci(
+    values: Iterable[float] | np.ndarray, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap ``1 - alpha`` CI of the :func:`iqm` across seeds (rliable's interval of
+    its aggregate). NaN dropped; empty gives ``(nan, nan)``. Deterministic for a given ``seed``."""
+    return bootstrap_ci(values, stat=iqm, n_boot=n_boot, alpha=alpha, seed=seed)
 
 
 def _poi_matrix(x: np.ndarray, y: np.ndarray) -> float:
