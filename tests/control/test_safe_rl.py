@@ -85,6 +85,7 @@ def test_trainer_runs_constrained_recipe_and_logs_safety_metrics(tmp_path: Path)
         assert r["safety/cost_limit"] == 0.5
         assert 0.0 <= r["safety/violation_rate"] <= 1.0
         assert r["lagrange/mean_cost"] == pytest.approx(r["episode/cost"], rel=1e-6)
+        assert 0.0 <= r["safety/violation_rate_last10"] <= 1.0
     # Once the near-random policy drifts into hazards (episode cost > 0.5), lambda rises.
     lams = [r["lagrange/multiplier"] for r in records]
     over = [i for i, r in enumerate(records) if r.get("episode/cost", 0.0) > 0.5]

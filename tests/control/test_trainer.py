@@ -152,6 +152,7 @@ def test_gaussian_log_probs_match_torch_normal() -> None:
 def test_mhpo_recipe_runs(tmp_path: Path) -> None:
     summary = ControlTrainer(make_config(tmp_path / "run", "recipe=ppo_mhpo", "train.total_steps=64")).train()
     assert summary["recipe"] == "ppo_mhpo" and summary["updates"] == 1
+    assert resolve_recipe("mhpo").name == "ppo_mhpo"  # `--recipe mhpo` works in the control world
 
 
 def test_cli_control_train(tmp_path: Path) -> None:

@@ -63,13 +63,17 @@ def control_recipe_names() -> list[str]:
 
 
 def resolve_recipe(name_or_path: str) -> Recipe:
-    """A control recipe by name (``ppo``, from ``tether/control/recipes``) or a path to a YAML file."""
+    """A control recipe by name (``ppo``, from ``tether/control/recipes``) or a path to a YAML file.
+
+    A policy-loss name that has a PPO variant resolves to it: ``mhpo`` -> ``ppo_mhpo``.
+    """
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return load_recipe(str(path))
-    local = RECIPE_DIR / f"{name_or_path}.yaml"
-    if local.is_file():
-        return load_recipe(str(local))
+    for stem in (name_or_path, f"ppo_{name_or_path}"):  # `--recipe mhpo` is PPO with MHPO's loss
+        local = RECIPE_DIR / f"{stem}.yaml"
+        if local.is_file():
+            return load_recipe(str(local))
     names = control_recipe_names()
     close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -431,6 +435,10 @@ class ControlTrainer:
             last10 = float(np.mean(self.recent_returns[-10:]))
             out["episode/return_last10"] = last10
             out["episode/cost_last10"] = float(np.mean(self.recent_costs[-10:]))
+            if self.cost_limit is not None:
+                out["safety/violation_rate_last10"] = float(
+                    np.mean([c > self.cost_limit for c in self.recent_costs[-10:]])
+                )
             if self.target is not None and self.first_reached is None and last10 >= self.target:
                 self.first_reached = self.env_steps
         elapsed = time.perf_counter() - start
