@@ -210,7 +210,8 @@ class ControlTrainer:
             if self.trust_region is not None
             else list(self.model.parameters())
         )
-        self.optimizer = torch.optim.Adam(trained, lr=cfg.train.lr, eps=cfg.train.adam_eps)
+        # foreach: one multi-tensor kernel per step instead of a Python loop over the parameters.
+        self.optimizer = torch.optim.Adam(trained, lr=cfg.train.lr, eps=cfg.train.adam_eps, foreach=True)
         self.monitor = Monitor(cfg.monitor)
         spec = gym.spec(cfg.env.id)
         self.target = (

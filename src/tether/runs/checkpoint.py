@@ -110,7 +110,15 @@ def _name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = 2) -> Path:
-    """Write ``ckpt`` atomically under ``run_dir/checkpoints`` and point ``latest`` at it."""
+    """Write ``ckpt`` atomically under ``run_dir/checkpoints`` and point ``latest`` at it.
+
+    The run's append-only logs (``*.jsonl``) are fsynced first: they are flushed, not synced, on
+    every line, and a resume keeps exactly the records up to the checkpoint's step, so those
+    records must be on disk before the checkpoint is.
+    """
+    for log in sorted(Path(run_dir).glob("*.jsonl")):
+        with open(log, "rb") as fh:
+            os.fsync(fh.fileno())
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / _name(ckpt.step)
