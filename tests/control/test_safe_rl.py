@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.control.resume import unbroken_and_resumed
 from tether.catalogue.advantages.broadcast import masked_whiten
 from tether.config import ConfigError, apply_overrides, from_dict
 from tether.control.config import ControlConfig
-from tether.control.trainer import TIMING_PREFIXES, ControlTrainer, resolve_recipe
+from tether.control.trainer import ControlTrainer, resolve_recipe
 from tether.errors import TetherError
 from tether.recipes.compose import Method
 from tether.recipes.loader import load_recipe
@@ -110,25 +111,8 @@ def test_policy_advantages_combine_standardized_reward_and_centered_cost_advanta
 
 
 def test_resume_restores_the_multiplier_exactly(tmp_path: Path) -> None:
-    ControlTrainer(make_config(tmp_path / "a", "recipe=pid_lag", "train.cost_limit=1")).train()
-    stopped = ControlTrainer(make_config(tmp_path / "b", "recipe=pid_lag", "train.cost_limit=1"))
-
-    def kill(update: int, _: dict[str, float]) -> None:
-        if update == 3:
-            raise KeyboardInterrupt
-
-    stopped.on_update = kill
-    with pytest.raises(KeyboardInterrupt):
-        stopped.train()
-    resumed = ControlTrainer(make_config(tmp_path / "b", "recipe=pid_lag", "train.cost_limit=1"), resume=True)
-    assert resumed.update == 2
-    resumed.train()
-
-    def strip(records: list[dict[str, object]]) -> list[dict[str, object]]:
-        return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in records]
-
-    a = strip(RunDir(tmp_path / "a").metrics.read())
-    b = strip(RunDir(tmp_path / "b").metrics.read())
+    a, b, resumed_at = unbroken_and_resumed(make_config, tmp_path, "recipe=pid_lag", "train.cost_limit=1")
+    assert resumed_at == 2
     assert len(a) == len(b) == 4 and a == b
 
 
@@ -192,24 +176,5 @@ def test_cpo_recipe_moves_the_actor_within_its_trust_region(tmp_path: Path) -> N
 
 
 def test_cpo_resume_is_exact(tmp_path: Path) -> None:
-    extra = ("recipe=cpo", "train.cost_limit=2")
-    ControlTrainer(make_config(tmp_path / "a", *extra)).train()
-    stopped = ControlTrainer(make_config(tmp_path / "b", *extra))
-
-    def kill(update: int, _: dict[str, float]) -> None:
-        if update == 3:
-            raise KeyboardInterrupt
-
-    stopped.on_update = kill
-    with pytest.raises(KeyboardInterrupt):
-        stopped.train()
-    ControlTrainer(make_config(tmp_path / "b", *extra), resume=True).train()
-    a = [
-        {k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)}
-        for r in RunDir(tmp_path / "a").metrics.read()
-    ]
-    b = [
-        {k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)}
-        for r in RunDir(tmp_path / "b").metrics.read()
-    ]
+    a, b, _ = unbroken_and_resumed(make_config, tmp_path, "recipe=cpo", "train.cost_limit=2")
     assert a == b

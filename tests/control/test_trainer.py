@@ -9,11 +9,11 @@ import pytest
 import torch
 from gymnasium import spaces
 
+from tests.control.resume import unbroken_and_resumed
 from tether.config import ConfigError, apply_overrides, from_dict
 from tether.control.config import ControlConfig
 from tether.control.policy import ActorCritic, RunningNormalizer
 from tether.control.trainer import (
-    TIMING_PREFIXES,
     ControlTrainer,
     resolve_recipe,
     segment_advantages,
@@ -92,25 +92,8 @@ def test_segment_advantages_match_hand_gae_across_episode_ends() -> None:
     ids=["plain", "normalized"],
 )
 def test_resume_reproduces_unbroken_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
-    ControlTrainer(make_config(tmp_path / "a", *extra)).train()
-    stopped = ControlTrainer(make_config(tmp_path / "b", *extra))
-
-    def kill(update: int, _: dict[str, float]) -> None:
-        if update == 3:  # after the checkpoint of update 2 and the log record of update 3
-            raise KeyboardInterrupt
-
-    stopped.on_update = kill
-    with pytest.raises(KeyboardInterrupt):
-        stopped.train()
-    resumed = ControlTrainer(make_config(tmp_path / "b", *extra), resume=True)
-    assert resumed.update == 2
-    resumed.train()
-
-    def strip(records: list[dict[str, object]]) -> list[dict[str, object]]:
-        return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in records]
-
-    a = strip(RunDir(tmp_path / "a").metrics.read())
-    b = strip(RunDir(tmp_path / "b").metrics.read())
+    a, b, resumed_at = unbroken_and_resumed(make_config, tmp_path, *extra)
+    assert resumed_at == 2
     assert len(a) == len(b) == 4 and a == b
 
 

@@ -172,8 +172,7 @@ def _build_lm_config(spec: RunSpec) -> Any:
 def _build_control_config(spec: RunSpec) -> Any:
     """The checks of ``ControlTrainer.__init__`` that come before any work: config, env id, recipe."""
     from tether.control.cli import build_control_config
-    from tether.control.trainer import CONTROL_INPUTS, check_env_id, resolve_recipe
-    from tether.recipes.compose import Method
+    from tether.control.trainer import build_method
 
     args = argparse.Namespace(
         env=spec.task,
@@ -185,9 +184,7 @@ def _build_control_config(spec: RunSpec) -> Any:
         overrides=list(spec.overrides),
     )
     cfg = build_control_config(args)
-    check_env_id(cfg.env.id)
-    method = Method(resolve_recipe(cfg.recipe), cost_limit=cfg.train.cost_limit)
-    method.check_inputs(set(CONTROL_INPUTS), "control")
+    build_method(cfg)
     return cfg
 
 

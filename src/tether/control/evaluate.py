@@ -174,14 +174,14 @@ def _cost_limit(cfg: ControlConfig) -> float | None:
     """train.cost_limit, else the recipe's constraint cost limit, else None."""
     if cfg.train.cost_limit is not None:
         return float(cfg.train.cost_limit)
-    from tether.control.trainer import resolve_recipe
+    from tether.control.trainer import cost_limit_of, resolve_recipe
     from tether.recipes.compose import Method
 
     try:
         method = Method(resolve_recipe(cfg.recipe))
     except TetherError:
         return None
-    return method.constraint.cost_limit if method.constraint is not None else None
+    return cost_limit_of(cfg, method)
 
 
 def _is_mujoco(env_id: str) -> bool:

@@ -155,6 +155,29 @@ def _wrappers(envs: Any) -> list[Any]:
     return out
 
 
+def build_method(cfg: ControlConfig) -> Method:
+    """The run's composed method, after every check that needs no work: env id, recipe, inputs.
+
+    ``ControlTrainer`` calls it first; the arena calls it to validate planned runs.
+    """
+    check_env_id(cfg.env.id)
+    method = Method(resolve_recipe(cfg.recipe), cost_limit=cfg.train.cost_limit)
+    method.check_inputs(set(CONTROL_INPUTS), "control")
+    return method
+
+
+def cost_limit_of(cfg: ControlConfig, method: Method) -> float | None:
+    """The episode-cost limit of a run: ``train.cost_limit``, else the recipe's constraint's, else None."""
+    if method.constraint is not None:
+        return method.constraint.cost_limit  # already train.cost_limit when that is set
+    return cfg.train.cost_limit
+
+
+def standardize(values: torch.Tensor) -> torch.Tensor:
+    """(v - mean) / (std + 1e-8) over the whole batch (OmniSafe's buffer standardizes reward advantages so)."""
+    return (values - values.mean()) / (values.std() + 1e-8)
+
+
 class ControlTrainer:
     """PPO-family training on a Gymnasium task, with the method given by a recipe."""
 
@@ -162,16 +185,10 @@ class ControlTrainer:
         cfg = config
         self.config = cfg
         # Everything a user can get wrong is checked before any work.
-        check_env_id(cfg.env.id)
-        self.recipe = resolve_recipe(cfg.recipe)
-        self.method = Method(self.recipe, cost_limit=cfg.train.cost_limit)
-        self.method.check_inputs(set(CONTROL_INPUTS), "control")
+        self.method = build_method(cfg)
+        self.recipe = self.method.recipe
         self.constraint = self.method.constraint
-        self.cost_limit = (
-            cfg.train.cost_limit
-            if cfg.train.cost_limit is not None
-            else (self.constraint.cost_limit if self.constraint is not None else None)
-        )
+        self.cost_limit = cost_limit_of(cfg, self.method)
         self.gamma, self.lam = self._wire_discount()
         self.run = RunDir(out or cfg.run.out)
         resume = resume and self.run.resumable()
@@ -477,7 +494,7 @@ class ControlTrainer:
         if c.objective is None:
             return adv, False, out
         flat = adv.reshape(-1)
-        reward_adv = (flat - flat.mean()) / (flat.std() + 1e-8)
+        reward_adv = standardize(flat)
         cost_adv = cadv.reshape(-1) - cadv.mean()
         combined, metrics = c.combine(reward_adv, cost_adv)
         out.update({k: float(v) for k, v in metrics.items()})
@@ -505,9 +522,9 @@ class ControlTrainer:
         over the batch (summed over action dimensions). Before the first episode ends J_c is taken
         as 0 (the constraint counts as satisfied) and ``cpo/no_cost_estimate`` is 1.
         """
-        assert self.trust_region is not None
+        assert self.trust_region is not None and self.constraint is not None
         model = self.model
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        adv = standardize(adv)
         cadv = cadv - cadv.mean()
         mask = torch.ones(adv.shape[0], 1, dtype=torch.bool)
         with torch.no_grad():
@@ -541,7 +558,7 @@ class ControlTrainer:
             cost_surrogate,
             kl,
             mean_episode_cost=0.0 if mean_cost is None else mean_cost,
-            cost_limit=self.constraint.cost_limit if self.constraint is not None else 0.0,
+            cost_limit=self.constraint.cost_limit,
             target_kl=float(params.get("target_kl", 0.01)),
             omnisafe_dual=bool(params.get("omnisafe_dual", False)),
         )
