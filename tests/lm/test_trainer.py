@@ -344,8 +344,10 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path: Path) -> None:
         assert metrics["grad/norm"] > 0
         results.append((weights(trainer.model), metrics))
     (w0, m0), (w3, m3) = results
+    # Float rounding only: micro-batches also change which rows share a prompt pass, and Adam's
+    # first step divides by |g|, so an entry whose gradient is near 0 can move by a small fraction of lr.
     for k in w0:
-        torch.testing.assert_close(w0[k], w3[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(w0[k], w3[k], rtol=0, atol=5e-6)
     # Metrics the monitor and the method state read do not depend on micro-batching either.
     # (Loss values that entries aggregate with the mini-batch's token counts are partial sums per
     # micro-batch, so they are left out here: see the report on metric reduction.)

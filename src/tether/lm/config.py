@@ -69,6 +69,13 @@ class TrainSettings:
             "(exact when one epoch has one mini-batch); auto = reuse exactly then, with the built-in sampler"
         },
     )
+    share_prompts: bool = field(
+        default=True,
+        metadata={
+            "help": "run each distinct prompt once per forward pass and reuse its keys/values for the G "
+            "completions of its group (exact; off: one plain pass over prompt + completion per row)"
+        },
+    )
     max_nan_skips: int = field(
         default=3, metadata={"min": 1, "help": "consecutive non-finite steps before the run stops"}
     )

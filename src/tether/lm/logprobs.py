@@ -21,10 +21,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "completion_logits",
     "completion_logprobs",
     "entropy_from_logprobs",
     "position_ids_from_mask",
     "processed_logprobs",
+    "prompt_groups",
     "truncation_mask",
 ]
 
@@ -127,6 +129,104 @@ def _token_stats(
     return token_logp, torch.zeros_like(token_logp)
 
 
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Rows that repeat a prompt (a GRPO group): ``(first, inverse)`` or None when all rows differ.
+
+    ``first`` [U] holds one row of each distinct (ids, mask) pair and ``inverse`` [N] the distinct
+    index of every row, so that ``prompt_ids[first][inverse] == prompt_ids``.
+    """
+    n = prompt_ids.shape[0]
+    if n < 2:
+        return None
+    key = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if uniq.shape[0] == n:
+        return None
+    first = torch.empty(uniq.shape[0], dtype=torch.long, device=prompt_ids.device)
+    first.scatter_(0, inverse, torch.arange(n, device=prompt_ids.device))  # any row: they are equal
+    return first, inverse
+
+
+def _can_share_prompts(model: Any) -> bool:
+    """Whether the prompt's keys/values can be computed once and reused by its group's rows.
+
+    Needs a key/value cache that can be re-indexed by row (Hugging Face's ``DynamicCache``), so
+    not under activation checkpointing (which turns the cache off) nor with sliding-window or
+    mixed attention layers (whose caches drop keys that the plain pass's mask would keep).
+    """
+    from tether.lm.model import is_checkpointing
+
+    config = getattr(model, "config", None)
+    if config is None or is_checkpointing(model):
+        return False
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return not (layer_types and any(t != "full_attention" for t in layer_types))
+
+
+def completion_logits(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    share_prompts: bool = True,
+) -> Tensor:
+    """The model's logits [N, T, V] at the positions that predict each completion token.
+
+    The input is ``cat(prompt, completion[:, :-1])`` (prompts left-padded, completions
+    right-padded; the last completion token predicts nothing, so it is not fed), with the
+    attention mask and position ids ``cumsum(mask) - 1``.
+
+    ``share_prompts``: when rows repeat a prompt (G samples per prompt), each distinct prompt
+    runs through the model once and its keys/values are re-indexed to its rows; the completions
+    then run on top of that cache (Prefix Grouper, Liu et al. 2025, arXiv 2506.05433). The
+    computation is the same, so the logits and their gradients equal the plain pass's up to
+    float rounding (tested), at ``U * P + N * (T - 1)`` instead of ``N * (P + T - 1)`` token
+    positions. Models that cannot do it (see ``_can_share_prompts``) get the plain pass. With
+    dropout active, a group's rows share the prompt's dropout mask.
+    """
+    t = completion_ids.shape[1]
+    p = prompt_ids.shape[1]
+    full_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long()
+    position_ids = position_ids_from_mask(full_mask)
+    keep = _accepts_logits_to_keep(model)
+    groups = prompt_groups(prompt_ids, prompt_mask) if share_prompts else None
+    if groups is not None and t > 0 and _can_share_prompts(model):
+        first, inverse = groups
+        out = model(
+            input_ids=prompt_ids[first],
+            attention_mask=full_mask[first, :p],
+            position_ids=position_ids[first, :p],
+            use_cache=True,
+            **({"logits_to_keep": 1} if keep else {}),
+        )
+        cache = getattr(out, "past_key_values", None)
+        if cache is not None and hasattr(cache, "batch_select_indices"):
+            head: Tensor = out.logits[:, -1:, :][inverse]  # predicts the first completion token
+            if t == 1:
+                return head
+            cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...], differentiable
+            rest = model(
+                input_ids=completion_ids[:, :-1],
+                attention_mask=full_mask,
+                position_ids=position_ids[:, p:],
+                past_key_values=cache,
+                use_cache=False,
+            ).logits
+            return torch.cat([head, rest], dim=1)
+    out = model(
+        input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1),
+        attention_mask=full_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **({"logits_to_keep": t} if keep else {}),
+    )
+    logits: Tensor = out.logits
+    return logits[:, logits.shape[1] - t :, :]
+
+
 def completion_logprobs(
     model: Any,
     prompt_ids: Tensor,
@@ -138,15 +238,14 @@ def completion_logprobs(
     top_p: float = 1.0,
     compute_entropy: bool = True,
     logits_chunk: int | None = None,
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs [N, T] of ``completion_ids`` under the processed distribution.
 
-    One forward pass of ``model`` over ``cat(prompt, completion)`` (prompts left-padded,
-    completions right-padded) with the attention mask and position ids
-    ``cumsum(mask) - 1``. Only the logits of the positions that predict completion tokens
-    are materialised (``logits_to_keep`` when the model supports it). Returns
-    ``(logprobs, entropy)``: entropy [N, T] of the processed distribution at each completion
-    position (``None`` if ``compute_entropy`` is False); both are 0 where
+    One forward pass of ``model`` (see :func:`completion_logits`; ``share_prompts`` computes a
+    repeated prompt once). Only the logits of the positions that predict completion tokens are
+    materialised. Returns ``(logprobs, entropy)``: entropy [N, T] of the processed distribution
+    at each completion position (``None`` if ``compute_entropy`` is False); both are 0 where
     ``completion_mask`` is False and both carry gradients.
 
     ``logits_chunk``: number of rows per forward pass (None: the whole batch at once). When
@@ -157,24 +256,20 @@ def completion_logprobs(
     if t == 0:
         empty = completion_ids.new_zeros((n, 0), dtype=torch.float32)
         return empty, (empty.clone() if compute_entropy else None)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
-    position_ids = position_ids_from_mask(attention_mask)
-    keep_kw: dict[str, Any] = {"logits_to_keep": t + 1} if _accepts_logits_to_keep(model) else {}
     chunk = n if not logits_chunk or logits_chunk <= 0 else logits_chunk
 
     lps: list[Tensor] = []
     ents: list[Tensor] = []
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
-        out = model(
-            input_ids=input_ids[rows],
-            attention_mask=attention_mask[rows],
-            position_ids=position_ids[rows],
-            use_cache=False,
-            **keep_kw,
+        logits = completion_logits(
+            model,
+            prompt_ids[rows],
+            prompt_mask[rows],
+            completion_ids[rows],
+            completion_mask[rows],
+            share_prompts=share_prompts,
         )
-        logits = out.logits[:, -(t + 1) : -1, :]
         args = (logits, completion_ids[rows], temperature, top_k, top_p, compute_entropy)
         if torch.is_grad_enabled() and logits.requires_grad:
             lp, ent = checkpoint(_token_stats, *args, use_reentrant=False)
@@ -199,6 +294,7 @@ def completion_distribution(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Like :func:`completion_logprobs`, but also returns the whole processed distribution.
 
@@ -207,19 +303,10 @@ def completion_distribution(
     (the ``logits`` input of catalogue entries that need the full distribution: SIREN, Lp-Reg,
     GRPO-Guard, ROVER, DCPO). Padded positions hold zeros in all three.
     """
-    t = completion_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
-    position_ids = position_ids_from_mask(attention_mask)
-    keep_kw: dict[str, Any] = {"logits_to_keep": t + 1} if _accepts_logits_to_keep(model) else {}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **keep_kw,
+    logits = completion_logits(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts=share_prompts
     )
-    logp = processed_logprobs(out.logits[:, -(t + 1) : -1, :], temperature, top_k, top_p)
+    logp = processed_logprobs(logits, temperature, top_k, top_p)
     mask = completion_mask.bool()
     token_logp = torch.where(mask, logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1), 0.0)
     entropy = torch.where(mask, entropy_from_logprobs(logp), 0.0)

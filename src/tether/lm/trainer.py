@@ -251,6 +251,7 @@ class RLTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Log-probs (and entropy, and the full distribution when a component needs ``logits``)."""
         s = self.config.sampling
+        share = self.config.train.share_prompts
         args = (
             model,
             batch.prompt_ids[rows].to(self.device),
@@ -260,9 +261,16 @@ class RLTrainer:
         )
         with torch.set_grad_enabled(grad):
             if self.needs_distribution:
-                return completion_distribution(*args, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+                return completion_distribution(
+                    *args, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, share_prompts=share
+                )
             lp, ent = completion_logprobs(
-                *args, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, compute_entropy=grad
+                *args,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                compute_entropy=grad,
+                share_prompts=share,
             )
             return lp, ent, None
 
