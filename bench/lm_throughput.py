@@ -45,7 +45,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch
 
-TASK_PARAMS = {"digits": 2, "operations": "+"}
+TASK_PARAMS: dict[str, Any] = {"digits": 2, "operations": "+"}
+# --long-prompt: an instruction before each problem, as RLVR prompts usually carry (88 tokens in
+# all with the character tokenizer instead of 6). The G completions of a prompt share it.
+INSTRUCTION = "Add the two numbers below and reply with their sum only, in digits, nothing else.\n"
 
 
 @dataclass
@@ -66,6 +69,7 @@ class BenchArgs:
     max_new_tokens: int = 8
     threads: int = 2
     seed: int = 0
+    instruction: str = ""
 
 
 @dataclass
@@ -120,10 +124,33 @@ def write_model(directory: Path) -> Path:
     return build_tiny_model(directory / "tiny", ModelConfig())
 
 
-def train_prompts(seed: int = 0) -> list[Any]:
+def _register_bench_task() -> None:
+    from tether.lm.tasks.arithmetic import ArithmeticTask
+    from tether.lm.tasks.base import Split, register_task, task_names
+
+    if "bench_arithmetic" in task_names():  # already registered (this module loaded before)
+        return
+
+    @register_task("bench_arithmetic")
+    class InstructedArithmetic(ArithmeticTask):
+        def __init__(self, instruction: str = "", digits: int = 2, operations: str = "+") -> None:
+            super().__init__(digits=digits, operations=operations)
+            self.instruction = instruction
+
+        def all_prompts(self, split: Split) -> list[Any]:
+            return [replace(p, text=self.instruction + p.text) for p in super().all_prompts(split)]
+
+
+def bench_task(instruction: str) -> Any:
+    """The 2-digit addition task, each prompt preceded by ``instruction`` (registered for tether)."""
     from tether.lm.tasks import get_task
 
-    return get_task("arithmetic", **TASK_PARAMS).prompts("train", None, seed=seed)
+    _register_bench_task()
+    return get_task("bench_arithmetic", instruction=instruction, **TASK_PARAMS)
+
+
+def train_prompts(args: BenchArgs) -> list[Any]:
+    return bench_task(args.instruction).prompts("train", None, seed=args.seed)
 
 
 # --------------------------------------------------------------------------- tether
@@ -134,12 +161,13 @@ def make_tether(model_dir: Path, args: BenchArgs, out: Path) -> Any:
     from tether.lm.config import LMConfig
     from tether.lm.trainer import RLTrainer
 
+    _register_bench_task()
     cfg = from_dict(
         LMConfig,
         {
             "recipe": "grpo",
             "model": {"name_or_path": str(model_dir), "device": "cpu", "dtype": "float32"},
-            "task": {"name": "arithmetic", "params": dict(TASK_PARAMS)},
+            "task": {"name": "bench_arithmetic", "params": {"instruction": args.instruction, **TASK_PARAMS}},
             "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0},
             "train": {
                 "steps": args.warmup + args.steps,
@@ -194,12 +222,10 @@ def make_trl(
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tether.lm.tasks import get_task
-
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    task = get_task("arithmetic", **TASK_PARAMS)
-    prompts = train_prompts(args.seed)
+    task = bench_task(args.instruction)
+    prompts = train_prompts(args)
     by_text = {p.text: p for p in prompts}
 
     def arithmetic_reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
@@ -439,6 +465,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both sides)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--long-prompt",
+        action="store_true",
+        help="put an 82-character instruction before each problem (88-token prompts instead of 6)",
+    )
+    parser.add_argument(
         "--sequential",
         action="store_true",
         help="all tether steps, then all TRL steps (default: alternate one step of each)",
@@ -455,6 +486,7 @@ def main() -> None:
         max_new_tokens=ns.max_new_tokens,
         threads=ns.threads,
         seed=ns.seed,
+        instruction=INSTRUCTION if ns.long_prompt else "",
     )
     info = machine_info(args.threads)
     print(
@@ -464,6 +496,7 @@ def main() -> None:
     )
     print(
         f"setup: P={args.prompts} prompts x G={args.group_size}, max_new_tokens={args.max_new_tokens}, "
+        f"prompt tokens {len(args.instruction) + 6}, "
         f"warm-up {args.warmup} + {args.steps} measured steps per side, "
         f"{'sequential' if ns.sequential or ns.profile else 'interleaved (TRL step, tether step, ...)'}"
     )

@@ -53,6 +53,13 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=1,
+        help="G: rows per distinct prompt, as in a GRPO rollout (batch // G distinct prompts)",
+    )
+    parser.add_argument("--prefix", default="", help="text put before every prompt (an instruction)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +71,10 @@ def main() -> None:
     never = len(tok) + 7
     model.generation_config.eos_token_id = None
     n_params = sum(p.numel() for p in model.parameters())
-    prompts = [f"what is {i} + {2 * i + 1}? " for i in range(args.batch)]
+    if args.group_size < 1 or args.batch % args.group_size:
+        parser.error(f"--group-size {args.group_size} must be >= 1 and divide --batch {args.batch}")
+    distinct = [f"{args.prefix}what is {i} + {2 * i + 1}? " for i in range(args.batch // args.group_size)]
+    prompts = [p for p in distinct for _ in range(args.group_size)]
 
     cfg = SamplingConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens
@@ -108,7 +118,8 @@ def main() -> None:
         times_hf.append(time.perf_counter() - start)
     t_ours, t_hf = min(times_ours), min(times_hf)
     print(
-        f"tiny Llama {n_params / 1e6:.2f}M params, vocab {len(tok)}, batch {args.batch}, "
+        f"tiny Llama {n_params / 1e6:.2f}M params, vocab {len(tok)}, batch {args.batch} "
+        f"({len(distinct)} distinct prompts of {enc_ids.shape[1]} tokens at most), "
         f"max_new_tokens {args.max_new_tokens}, threads {torch.get_num_threads()}, "
         f"T={args.temperature} top_k={args.top_k} top_p={args.top_p}"
     )

@@ -7,6 +7,7 @@ tokens and non-negative phase times.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,10 +28,17 @@ def _load() -> ModuleType:
     return module
 
 
-def test_one_step_of_each_side(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("long_prompt", [False, True], ids=["bare", "instruction"])
+def test_one_step_of_each_side(monkeypatch: pytest.MonkeyPatch, long_prompt: bool) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     bench = _load()
-    args = bench.BenchArgs(steps=1, warmup=0, prompts=2, group_size=2, max_new_tokens=4, threads=1)
+    instruction = bench.INSTRUCTION if long_prompt else ""
+    args = bench.BenchArgs(
+        steps=1, warmup=0, prompts=2, group_size=2, max_new_tokens=4, threads=1, instruction=instruction
+    )
+    prompts = bench.train_prompts(args)
+    assert all(re.fullmatch(r"\d{1,2}\+\d{1,2}=", p.text.removeprefix(instruction)) for p in prompts)
+    assert all(p.text.startswith(instruction) for p in prompts)
     ours, theirs = bench.bench(args)
     for side in (ours, theirs):
         assert len(side.steps) == 1
