@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -185,3 +187,30 @@ def test_activation_checkpointing_falls_back_to_the_plain_pass() -> None:
     assert fed == n * (width + t - 1)
     m = batch[3].unsqueeze(-1).expand_as(expect)
     torch.testing.assert_close(got[m], expect[m], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompts_under_a_lora_adapter() -> None:
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():  # peft probes the deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = peft.get_peft_model(
+            llama(seed=5), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        )
+    with torch.no_grad():  # a trained-looking adapter: B is zero at initialisation
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    model.train()
+    batch = grouped_batch(seed=5)
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        logits = completion_logits(model, *batch, share_prompts=share)
+        (logits.float().pow(2).mean(-1) * batch[3]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and all("lora_" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        fed = count_token_positions(model, lambda: completion_logits(model, *batch))
+    assert fed == 3 * batch[0].shape[1] + batch[0].shape[0] * (batch[2].shape[1] - 1)
