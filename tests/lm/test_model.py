@@ -258,3 +258,31 @@ def test_reference_is_a_frozen_copy(cache: Path) -> None:
                 p.add_(1.0)
         assert not torch.allclose(reference(ids).logits, policy(ids).logits)
     assert any(p.requires_grad for p in policy.parameters())
+
+
+def test_attention_implementation_is_configurable(tmp_path: Path) -> None:
+    from tether.lm.model import ModelConfig, build_tiny_model, load_policy
+
+    directory = build_tiny_model(tmp_path / "tiny", ModelConfig())
+    loaded = {}
+    for name in ("auto", "eager", "sdpa"):
+        model, _ = load_policy(
+            ModelConfig(name_or_path=str(directory), device="cpu", attn_implementation=name)
+        )
+        loaded[name] = model
+    assert loaded["eager"].config._attn_implementation == "eager"
+    assert loaded["sdpa"].config._attn_implementation == "sdpa"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = {k: m(input_ids=ids).logits for k, m in loaded.items()}
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["auto"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_refused_on_cpu_before_loading() -> None:
+    from tether.lm.config import LMConfig
+
+    with pytest.raises((TetherError, ConfigError), match="flash_attention_2 needs a CUDA device"):
+        from_dict(LMConfig, {"model": {"device": "cpu", "attn_implementation": "flash_attention_2"}})
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        from_dict(LMConfig, {"model": {"attn_implementation": "flashy"}})

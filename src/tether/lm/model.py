@@ -68,6 +68,15 @@ class ModelConfig:
             "help": "Parameter dtype. auto = bfloat16 on a CUDA device that supports it, float32 otherwise.",
         },
     )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "choices": ("auto", "eager", "sdpa", "flash_attention_2"),
+            "help": "Attention kernel: auto = transformers' default for the model (sdpa where supported); "
+            "eager is often faster for tiny models on short CPU sequences; flash_attention_2 needs a CUDA "
+            "device and the flash-attn package.",
+        },
+    )
     lora_rank: int = field(
         default=0,
         metadata={
@@ -123,6 +132,8 @@ class ModelConfig:
             raise TetherError(
                 "model.lora_target_modules is empty; name the modules to adapt, e.g. q_proj,v_proj"
             )
+        if self.attn_implementation == "flash_attention_2":  # refused here, before any run starts
+            check_attn_implementation(self.attn_implementation, resolve_device(self.device))
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -291,6 +302,24 @@ def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
     return name, False
 
 
+def check_attn_implementation(name: str, device: torch.device) -> None:
+    """Refuse an attention kernel that cannot run here, before anything is loaded."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    if device.type != "cuda":
+        raise TetherError(
+            f"model.attn_implementation=flash_attention_2 needs a CUDA device, but the model goes to {device}; "
+            "use model.attn_implementation=auto (or sdpa / eager) on this machine"
+        )
+    if importlib.util.find_spec("flash_attn") is None:
+        raise TetherError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package; install it "
+            "(pip install flash-attn) or use model.attn_implementation=auto"
+        )
+
+
 def _load_pretrained(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -298,9 +327,10 @@ def _load_pretrained(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]
     hf_logging.disable_progress_bar()  # tether draws its own progress; keep the terminal readable
 
     source, local_only = _resolve_source(config)
+    attn = {} if config.attn_implementation == "auto" else {"attn_implementation": config.attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **attn)
     except TetherError:
         raise
     except Exception as err:
@@ -351,6 +381,7 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    check_attn_implementation(config.attn_implementation, device)
     model, tokenizer = _load_pretrained(config, dtype)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
