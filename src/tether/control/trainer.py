@@ -41,8 +41,14 @@ from tether.errors import TetherError, UnknownNameError
 from tether.monitor import Monitor
 from tether.recipes.compose import Method
 from tether.recipes.loader import Recipe, load_recipe
-from tether.runs import Checkpoint, RunDir, latest_checkpoint, load_checkpoint, save_checkpoint
-from tether.runs.checkpoint import capture_rng, optimizer_from_flat, optimizer_to_flat, restore_rng
+from tether.runs import Checkpoint, RunDir, save_checkpoint
+from tether.runs.checkpoint import (
+    capture_rng,
+    load_latest_checkpoint,
+    restore_rng,
+    restore_training_state,
+    training_state,
+)
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -682,11 +688,9 @@ class ControlTrainer:
             )
 
     def save(self) -> Path:
-        o_tensors, o_meta = optimizer_to_flat(self.optimizer.state_dict())
+        tensors, o_meta = training_state(self.model, self.optimizer)
         r_tensors, r_state = capture_rng()
         e_tensors, e_state = self._env_state()
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update(o_tensors)
         tensors.update(r_tensors)
         tensors.update(e_tensors)
         tensors["state.obs"] = self.obs
@@ -707,12 +711,8 @@ class ControlTrainer:
         )
 
     def _restore(self) -> None:
-        path = latest_checkpoint(self.run.path)
-        if path is None:
-            raise TetherError(f"nothing to resume in {str(self.run.path)!r}: it has no checkpoint")
-        ck = load_checkpoint(path)
-        self.model.load_state_dict({k[6:]: v for k, v in ck.tensors.items() if k.startswith("model.")})
-        self.optimizer.load_state_dict(optimizer_from_flat(ck.tensors, ck.state["optim"]))
+        ck = load_latest_checkpoint(self.run.path)
+        restore_training_state(ck, self.model, self.optimizer)
         self.method.load_state_dict(ck.state["method"])
         self.monitor.load_state_dict(ck.state["monitor"])
         self.update = ck.step

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tether.errors import InvalidInputError
-from tether.lm.logprobs import position_ids_from_mask, processed_logprobs
+from tether.lm.logprobs import position_ids_from_mask, processed_logprobs, prompt_groups
 
 __all__ = [
     "HFSampler",
@@ -455,24 +455,14 @@ class _FastDecoder:
         first cache slots of every row, before each row's left-padded remainder (attention
         does not depend on the order of the keys; positions are explicit).
         """
-        n, p = prompt_ids.shape
+        p = prompt_ids.shape[1]
         device = prompt_ids.device
         ids, mask = prompt_ids, prompt_mask
         inverse: Tensor | None = None
-        if n > 1:
-            # rows of the same prompt are equal (and have the same mask: left padding)
-            first: dict[tuple[int, ...], int] = {}
-            reps: list[int] = []  # the first row of each distinct prompt
-            inv: list[int] = []
-            for r, row in enumerate(ids.tolist()):
-                j = first.setdefault(tuple(row), len(reps))
-                if j == len(reps):
-                    reps.append(r)
-                inv.append(j)
-            if len(reps) < n:
-                keep = torch.tensor(reps, dtype=torch.long, device=device)
-                inverse = torch.tensor(inv, dtype=torch.long, device=device)
-                ids, mask = ids[keep], mask[keep]
+        groups = prompt_groups(ids, mask)  # rows of the same prompt are computed once
+        if groups is not None:
+            keep, inverse = groups
+            ids, mask = ids[keep], mask[keep]
         # longest common prefix of the rows' tokens, leaving every row at least one token
         lengths = mask.sum(dim=1)
         min_len = int(lengths.min())

@@ -32,8 +32,14 @@ from tether.monitor import Monitor
 from tether.monitor.updates import combine_update_metrics
 from tether.recipes import Method, load_recipe
 from tether.recipes.loader import Recipe
-from tether.runs import Checkpoint, RunDir, latest_checkpoint, load_checkpoint, save_checkpoint
-from tether.runs.checkpoint import capture_rng, optimizer_from_flat, optimizer_to_flat, restore_rng
+from tether.runs import Checkpoint, RunDir, save_checkpoint
+from tether.runs.checkpoint import (
+    capture_rng,
+    load_latest_checkpoint,
+    restore_rng,
+    restore_training_state,
+    training_state,
+)
 
 # Inputs the language-model world can hand to catalogue entries (names of DEVELOPERS.md).
 LM_INPUTS = frozenset(
@@ -578,10 +584,8 @@ class RLTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        o_tensors, o_meta = optimizer_to_flat(self.optimizer.state_dict())
+        tensors, o_meta = training_state(self.model, self.optimizer)
         r_tensors, r_state = capture_rng()
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update(o_tensors)
         tensors.update(r_tensors)
         tensors["rng.sampler"] = self.generator.get_state()
         state = {
@@ -608,12 +612,8 @@ class RLTrainer:
         self.tokenizer.save_pretrained(directory)
 
     def _restore(self) -> None:
-        path = latest_checkpoint(self.run.path)
-        if path is None:
-            raise TetherError(f"nothing to resume in {str(self.run.path)!r}: it has no checkpoint")
-        ck = load_checkpoint(path)
-        self.model.load_state_dict({k[6:]: v for k, v in ck.tensors.items() if k.startswith("model.")})
-        self.optimizer.load_state_dict(optimizer_from_flat(ck.tensors, ck.state["optim"]))
+        ck = load_latest_checkpoint(self.run.path)
+        restore_training_state(ck, self.model, self.optimizer)
         self.scheduler.load_state_dict(ck.state["scheduler"])
         self.prompts.load_state_dict(ck.state["prompts"])
         self.method.load_state_dict(ck.state["method"])

@@ -105,6 +105,25 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model's weights (``model.*``) and the optimizer's tensors (``optim.*``), with the
+    optimizer's JSON part: what every trainer's checkpoint starts from."""
+    o_tensors, o_meta = optimizer_to_flat(optimizer.state_dict())
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(o_tensors)
+    return tensors, o_meta
+
+
+def restore_training_state(
+    ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load what :func:`training_state` saved (JSON part under ``ckpt.state["optim"]``)."""
+    model.load_state_dict({k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(optimizer_from_flat(ckpt.tensors, ckpt.state["optim"]))
+
+
 def _name(step: int) -> str:
     return f"step_{step:09d}"
 
@@ -168,6 +187,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     path = root / pointer.read_text().strip()
     return path if (path / "state.json").exists() else None
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """The run's latest checkpoint; a clear error when it has none (``--resume`` on a fresh run)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise TetherError(f"nothing to resume in {str(run_dir)!r}: it has no checkpoint")
+    return load_checkpoint(path)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
