@@ -34,7 +34,7 @@ def rank_indicators(
     prefixes of length stride, 2 stride, ..., L. For short responses the stride shrinks to
     max(1, L // min_windows) so that ERV and ERA stay defined; L < 2 gives ERV = 0, L < 3 ERA = 0.
     """
-    out = torch.zeros(hidden_states.shape[0], 3, dtype=hidden_states.dtype)
+    out = torch.zeros(hidden_states.shape[0], 3, dtype=hidden_states.dtype, device=hidden_states.device)
     with torch.no_grad():
         for i in range(hidden_states.shape[0]):
             rows = hidden_states[i][response_mask[i].bool()].detach()

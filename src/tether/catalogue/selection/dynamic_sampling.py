@@ -43,8 +43,8 @@ def dynamic_sampling(
         raise InvalidInputError(f"dynamic_sampling: drop must be 'all_equal' or 'all_correct', got {drop!r}")
     r = rewards.detach()
     inverse, n = groups.index, groups.num
-    g_max = torch.full((n,), -torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amax")
-    g_min = torch.full((n,), torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amin")
+    g_max = torch.full((n,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inverse, r, "amax")
+    g_min = torch.full((n,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inverse, r, "amin")
     flat = g_max == g_min
     if drop == "all_correct":
         flat = flat & (g_min > correct_threshold)
