@@ -1,6 +1,8 @@
-"""GRPO step throughput on CPU: tether's RLTrainer against TRL's GRPOTrainer, in one process.
+"""GRPO step throughput: tether's RLTrainer against TRL's GRPOTrainer, in one process.
 
     .venv/bin/python bench/lm_throughput.py --steps 10 --prompts 16 --group-size 8 --threads 2
+    python bench/lm_throughput.py --device cuda --autocast bfloat16 --hidden 1024 --layers 8 --heads 16 \
+        --intermediate 2816   # a GPU machine, a ~100M-parameter model
 
 Both sides get the same inputs: tether's embedded tiny model (a ~1.8M-parameter Llama with the
 character tokenizer), written once with ``build_tiny_model`` to a temporary directory and loaded
@@ -8,8 +10,13 @@ from there by both with ``from_pretrained``; the same 2-digit addition prompts
 (``arithmetic``, ``operations="+"``) and the same verifier as the reward; P prompts x G
 completions per optimizer step, ``max_new_tokens`` 8, temperature 1.0 (no top-k / top-p);
 the GRPO recipe (group-standardised advantages, PPO clip 0.2, k3 KL to a frozen reference with
-coefficient 0.04, seq-mean-token-mean); AdamW lr 1e-5, one optimizer step per rollout, float32,
-no gradient checkpointing, the same torch thread count. TRL runs through ``trainer.train()``
+coefficient 0.04, seq-mean-token-mean); AdamW lr 1e-5, one optimizer step per rollout, no
+gradient checkpointing, the same torch thread count. Precision: float32 by default;
+``--dtype bfloat16``: bf16 weights on both sides (TRL with ``bf16=True``); ``--autocast
+bfloat16``: float32 weights with bf16 autocast, tether's default on a GPU (TRL with
+``bf16=True``, accelerate's autocast). ``--device cuda`` puts both on the GPU; ``--hidden``,
+``--layers``, ``--heads``, ``--intermediate`` size the model (same build, larger). TRL runs
+through ``trainer.train()``
 (``max_steps`` = warm-up + measured steps, ``logging_steps=1``, no tqdm).
 
 What is timed, per step (medians over the measured steps, after ``--warmup`` steps each):
@@ -70,6 +77,16 @@ class BenchArgs:
     threads: int = 2
     seed: int = 0
     instruction: str = ""
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float32"  # "float32" or "bfloat16": the weights, on both sides
+    autocast: str = "off"  # "off" or "bfloat16": forward passes under autocast (TRL: bf16=True)
+    hidden: int = 192  # tiny model sizes (the defaults are tether's embedded model)
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+    tether_set: tuple[
+        str, ...
+    ] = ()  # key=value overrides of tether's config (e.g. train.share_prompts=false)
 
 
 @dataclass
@@ -117,11 +134,18 @@ def _median_rate(steps: list[StepTimes], attr: str) -> float:
 # --------------------------------------------------------------------------- shared inputs
 
 
-def write_model(directory: Path) -> Path:
-    """tether's default tiny model, written with save_pretrained (both sides load it from here)."""
+def write_model(directory: Path, args: BenchArgs) -> Path:
+    """tether's tiny model (default sizes: the embedded default), written with save_pretrained;
+    both sides load it from there."""
     from tether.lm.model import ModelConfig, build_tiny_model
 
-    return build_tiny_model(directory / "tiny", ModelConfig())
+    config = ModelConfig(
+        tiny_hidden=args.hidden,
+        tiny_layers=args.layers,
+        tiny_heads=args.heads,
+        tiny_intermediate=args.intermediate,
+    )
+    return build_tiny_model(directory / "tiny", config)
 
 
 def _register_bench_task() -> None:
@@ -157,28 +181,39 @@ def train_prompts(args: BenchArgs) -> list[Any]:
 
 
 def make_tether(model_dir: Path, args: BenchArgs, out: Path) -> Any:
-    from tether.config import from_dict
+    from tether.config import apply_overrides, from_dict
     from tether.lm.config import LMConfig
     from tether.lm.trainer import RLTrainer
 
     _register_bench_task()
     cfg = from_dict(
         LMConfig,
-        {
-            "recipe": "grpo",
-            "model": {"name_or_path": str(model_dir), "device": "cpu", "dtype": "float32"},
-            "task": {"name": "bench_arithmetic", "params": {"instruction": args.instruction, **TASK_PARAMS}},
-            "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0},
-            "train": {
-                "steps": args.warmup + args.steps,
-                "prompts_per_step": args.prompts,
-                "group_size": args.group_size,
-                "lr": 1e-5,
-                "reference": "auto",
-                "seed": args.seed,
+        apply_overrides(
+            {
+                "recipe": "grpo",
+                "model": {
+                    "name_or_path": str(model_dir),
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "autocast": False if args.autocast == "off" else args.autocast,
+                },
+                "task": {
+                    "name": "bench_arithmetic",
+                    "params": {"instruction": args.instruction, **TASK_PARAMS},
+                },
+                "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0},
+                "train": {
+                    "steps": args.warmup + args.steps,
+                    "prompts_per_step": args.prompts,
+                    "group_size": args.group_size,
+                    "lr": 1e-5,
+                    "reference": "auto",
+                    "seed": args.seed,
+                },
+                "run": {"progress": False, "checkpoint_every": 100000, "threads": args.threads},
             },
-            "run": {"progress": False, "checkpoint_every": 100000, "threads": args.threads},
-        },
+            list(args.tether_set),
+        ),
     )
     return RLTrainer(cfg, out=out)
 
@@ -234,8 +269,8 @@ def make_trl(
     n = args.prompts * args.group_size
     config = GRPOConfig(
         output_dir=str(out),
-        use_cpu=True,
-        bf16=False,
+        use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bfloat16" or args.autocast == "bfloat16",  # accelerate's autocast
         report_to="none",
         activation_checkpointing=False,  # TRL turns gradient checkpointing on by default
         num_generations=args.group_size,
@@ -265,7 +300,7 @@ def make_trl(
     with warnings.catch_warnings():  # TRL probes the deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", category=FutureWarning)
         trainer = GRPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+            model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)),
             reward_funcs=arithmetic_reward,
             args=config,
             train_dataset=dataset,
@@ -430,7 +465,7 @@ def _bench(args: BenchArgs, profile: bool, interleave: bool) -> tuple[SideResult
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
         root = Path(tmp)
-        model_dir = write_model(root)
+        model_dir = write_model(root, args)
         tether_trainer = make_tether(model_dir, args, root / "tether-run")
         ours = SideResult("tether")
         if interleave and not profile:
@@ -469,6 +504,27 @@ def main() -> None:
         action="store_true",
         help="put an 82-character instruction before each problem (88-token prompts instead of 6)",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="both sides")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the weights, both sides"
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=("off", "bfloat16"),
+        default="off",
+        help="forward passes under bf16 autocast (tether model.autocast; TRL bf16=True on float32 weights)",
+    )
+    parser.add_argument("--hidden", type=int, default=192, help="tiny model hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="tiny model decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="tiny model attention heads")
+    parser.add_argument("--intermediate", type=int, default=512, help="tiny model MLP inner size")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override tether's config (repeatable), e.g. --set train.share_prompts=false",
+    )
     parser.add_argument(
         "--sequential",
         action="store_true",
@@ -487,16 +543,28 @@ def main() -> None:
         threads=ns.threads,
         seed=ns.seed,
         instruction=INSTRUCTION if ns.long_prompt else "",
+        device=ns.device,
+        dtype=ns.dtype,
+        autocast=ns.autocast,
+        hidden=ns.hidden,
+        layers=ns.layers,
+        heads=ns.heads,
+        intermediate=ns.intermediate,
+        tether_set=tuple(ns.set),
     )
     info = machine_info(args.threads)
+    gpu = f", GPU {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
+        f"machine: {info['cpu']}, {info['cores']} cores{gpu}; torch {info['torch']}, "
         f"transformers {info['transformers']}, trl {info['trl']}; threads {info['threads']}; "
         f"load avg {info['load']}; {info['date']}"
     )
     print(
         f"setup: P={args.prompts} prompts x G={args.group_size}, max_new_tokens={args.max_new_tokens}, "
-        f"prompt tokens {len(args.instruction) + 6}, "
+        f"prompt tokens {len(args.instruction) + 6}, {args.device} {args.dtype} weights, "
+        f"autocast {args.autocast}, "
+        f"model hidden {args.hidden} x {args.layers} layers (MLP {args.intermediate}), "
+        f"tether overrides {list(args.tether_set) or 'none'}, "
         f"warm-up {args.warmup} + {args.steps} measured steps per side, "
         f"{'sequential' if ns.sequential or ns.profile else 'interleaved (TRL step, tether step, ...)'}"
     )

@@ -21,6 +21,7 @@ from tether.lm.model import (
     resolve_device,
     resolve_dtype,
 )
+from tether.lm.precision import AUTO_MIN_PARAMETERS, resolve_autocast
 from tether.lm.tasks import ArithmeticTask, CountdownTask
 from tether.lm.tokenizer import build_char_tokenizer
 
@@ -177,10 +178,67 @@ def test_resolve_device_and_dtype() -> None:
         resolve_device("gpu0")
 
 
-def test_auto_dtype_is_bfloat16_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_dtype_keeps_float32_master_weights_and_autocasts_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_dtype("auto", cuda) == torch.float32
+    assert resolve_dtype("auto", cuda, lora=True) == torch.bfloat16  # a frozen LoRA base
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cpu, lora=True) == torch.float32
+    big, tiny = AUTO_MIN_PARAMETERS, AUTO_MIN_PARAMETERS - 1
+    assert resolve_autocast("auto", cuda, big) == torch.bfloat16
+    assert resolve_autocast("auto", cuda, tiny) is None  # tiny models stay float32
+    assert resolve_autocast("auto", cpu, big) is None
+    assert resolve_autocast(False, cuda, big) is None
+    assert resolve_autocast("float16", cpu, tiny) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_autocast("auto", cuda, big) is None
+    with pytest.raises(TetherError, match=r"model\.autocast"):
+        resolve_autocast("fp8", cuda, big)
+    # YAML reads off/false as a boolean: false is off, true is refused before any work
+    assert from_dict(ModelConfig, {"autocast": "false"}).autocast is False
+    assert from_dict(ModelConfig, {"autocast": False}).autocast is False
+    with pytest.raises(TetherError, match="ambiguous"):
+        from_dict(ModelConfig, {"autocast": True})
+    with pytest.raises(ConfigError, match="autocast"):
+        from_dict(ModelConfig, {"autocast": "fp8"})
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_autocast_reaches_every_forward_pass_of_policy_and_reference(cache: Path, lora: int) -> None:
+    """model.autocast=bfloat16 (CPU autocast here): float32 weights, bf16 logits from the
+    policy, from the reference (a LoRA reference is a new merged module) and in the sampler."""
+    from tether.lm.logprobs import completion_logits
+    from tether.lm.precision import autocast_context
+
+    config = small_config(autocast="bfloat16", lora_rank=lora, lora_target_modules=("q_proj", "v_proj"))
+    policy, tok = load_policy(config)
+    reference = load_reference(config, policy)
+    ids = torch.tensor([tok("12+3=")["input_ids"]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for model in (policy, reference):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        logits = completion_logits(model, ids, mask, ids[:, :3], mask[:, :3])
+        assert logits.dtype == torch.bfloat16
+        with autocast_context(model):
+            assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+    # the sampler (model calls under autocast; the float32 fast decoder stands aside)
+    from tether.lm.logprobs import completion_logprobs
+    from tether.lm.rollout import HFSampler, SamplingConfig
+
+    batch = HFSampler(policy, tok, SamplingConfig(max_new_tokens=5)).generate(
+        ["12+3=", "4+5="], generator=torch.Generator().manual_seed(0)
+    )
+    lp, _ = completion_logprobs(
+        policy, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+    )
+    gap = (lp.detach() - batch.sampler_logprobs).abs()[batch.completion_mask]
+    assert gap.max() < 0.05
+    plain, _ = load_policy(small_config(autocast=False, lora_rank=lora))
+    assert completion_logits(plain, ids, mask, ids[:, :3], mask[:, :3]).dtype == torch.float32
 
 
 def test_cuda_requested_without_cuda_is_a_tether_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,6 +356,23 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path: Path) -> None:
         assert m0[key] == pytest.approx(m3[key], abs=1e-6), key
 
 
+def test_share_prompts_setting_picks_the_pass_and_not_the_update(tmp_path: Path) -> None:
+    """auto shares on a CPU model; true and false give the same step up to float rounding."""
+    assert RLTrainer(make_config(tmp_path / "auto", "train.steps=1")).share_prompts
+    results = []
+    for mode in ("true", "false"):
+        trainer = RLTrainer(make_config(tmp_path / mode, "train.steps=1", f"train.share_prompts={mode}"))
+        assert trainer.share_prompts == (mode == "true")
+        metrics = trainer.step()
+        results.append((weights(trainer.model), metrics))
+    (w_on, m_on), (w_off, m_off) = results
+    for k in w_on:
+        torch.testing.assert_close(w_on[k], w_off[k], rtol=0, atol=5e-6)
+    assert m_on["grad/norm"] == pytest.approx(m_off["grad/norm"], rel=1e-5)
+    with pytest.raises(ConfigError, match="share_prompts"):
+        make_config(tmp_path / "bad", "train.share_prompts=sometimes")
+
+
 # ------------------------------------------------------------------------------- method overrides
 def test_method_overrides_reach_component_params(tmp_path: Path) -> None:
     trainer = RLTrainer(
@@ -381,3 +399,20 @@ def test_tensorboard_writes_an_events_file(tmp_path: Path) -> None:
     out = tmp_path / "run"
     RLTrainer(make_config(out, "train.steps=1", "run.tensorboard=true")).train()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_deterministic_setting_turns_on_deterministic_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.lm.config import RunSettings
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        RunSettings(deterministic=False).apply()
+        assert torch.are_deterministic_algorithms_enabled() == before
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        RunSettings(deterministic=True).apply()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

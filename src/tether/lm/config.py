@@ -7,8 +7,11 @@ Every field has a documented default; ranges are declared in the field metadata 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import torch
 
 from tether.config import ConfigError
 from tether.lm.model import ModelConfig
@@ -69,11 +72,13 @@ class TrainSettings:
             "(exact when one epoch has one mini-batch); auto = reuse exactly then, with the built-in sampler"
         },
     )
-    share_prompts: bool = field(
-        default=True,
+    share_prompts: bool | Literal["auto"] = field(
+        default="auto",
         metadata={
             "help": "run each distinct prompt once per forward pass and reuse its keys/values for the G "
-            "completions of its group (exact; off: one plain pass over prompt + completion per row)"
+            "completions of its group (exact; false: one plain pass over prompt + completion per row). "
+            "auto = true for a CPU model, false on a GPU, where the extra model call and cache re-indexing "
+            "cost more than they saved in every batch measured (BENCHMARKS.md)"
         },
     )
     max_nan_skips: int = field(
@@ -96,6 +101,24 @@ class RunSettings:
     )
     progress: bool = field(default=True, metadata={"help": "rich progress bar with ETA and key metrics"})
     threads: int = field(default=0, metadata={"min": 0, "help": "torch CPU threads (0: torch's default)"})
+    deterministic: bool = field(
+        default=False,
+        metadata={
+            "help": "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace config): "
+            "on a GPU, a resumed run then repeats an uninterrupted one exactly; on the CPU the kernels "
+            "used here are deterministic already"
+        },
+    )
+
+    def apply(self) -> None:
+        """Process-wide torch settings of a run: CPU threads and deterministic kernels."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.deterministic:
+            # cuBLAS reads this when its handle is created: set it before the first CUDA matmul.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
 
 
 @dataclass

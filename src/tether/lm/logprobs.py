@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from tether.lm.precision import autocast_context
+
 __all__ = [
     "completion_logits",
     "completion_logprobs",
@@ -186,7 +188,23 @@ def completion_logits(
     float rounding (tested), at ``U * P + N * (T - 1)`` instead of ``N * (P + T - 1)`` token
     positions. Models that cannot do it (see ``_can_share_prompts``) get the plain pass. With
     dropout active, a group's rows share the prompt's dropout mask.
+
+    The passes run under the model's autocast (:func:`tether.lm.precision.autocast_context`).
     """
+    with autocast_context(model):
+        return _completion_logits(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts
+        )
+
+
+def _completion_logits(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    share_prompts: bool,
+) -> Tensor:
     t = completion_ids.shape[1]
     p = prompt_ids.shape[1]
     full_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long()

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tether.errors import TetherError
+from tether.lm.precision import ATTR as AUTOCAST_ATTR
+from tether.lm.precision import resolve_autocast, set_autocast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,7 +67,19 @@ class ModelConfig:
         default="auto",
         metadata={
             "choices": ("auto", "float32", "bfloat16", "float16"),
-            "help": "Parameter dtype. auto = bfloat16 on a CUDA device that supports it, float32 otherwise.",
+            "help": "Parameter dtype. auto = float32 master weights (forward passes in bf16 through "
+            "model.autocast on a GPU), except a LoRA base on a CUDA device with bf16, which is frozen "
+            "and loads in bfloat16. bfloat16 = pure bf16 weights: AdamW updates below bf16's "
+            "resolution are lost (see tether.lm.precision).",
+        },
+    )
+    autocast: bool | Literal["auto", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "Forward passes under torch.autocast in this dtype (weights stay in model.dtype); "
+            "false: none. auto = bfloat16 on a CUDA device that supports it for models of at least "
+            "50 M parameters, none otherwise (the CPU; tiny models, which bf16 does not speed up and "
+            "whose learning it broke in the demo).",
         },
     )
     attn_implementation: str = field(
@@ -119,6 +133,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Cross-field checks; called by the config loader after the per-field ones."""
+        if self.autocast is True:
+            raise TetherError("model.autocast=true is ambiguous: use auto, bfloat16, float16 or false")
         if not _DEVICE_PATTERN.match(self.device):
             raise TetherError(
                 f"model.device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)"
@@ -158,13 +174,15 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` -> bfloat16 on a CUDA device that supports it, float32 otherwise; else the named dtype.
+def resolve_dtype(spec: str, device: torch.device, lora: bool = False) -> torch.dtype:
+    """The parameter dtype: ``"auto"`` -> float32 master weights (mixed precision comes from
+    autocast, :mod:`tether.lm.precision`), except a frozen LoRA base (``lora``) on a CUDA device
+    that supports bfloat16, which loads in bfloat16; else the named dtype.
 
     An explicitly named dtype is honoured on any device (bfloat16 on CPU works, slowly).
     """
     if spec == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if lora and device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -380,7 +398,7 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
     token gets its EOS token as pad. The model is returned in training mode.
     """
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, lora=config.lora_rank > 0)
     check_attn_implementation(config.attn_implementation, device)
     model, tokenizer = _load_pretrained(config, dtype)
     if tokenizer.pad_token is None:
@@ -423,6 +441,7 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
                 f"could not add LoRA adapters to {config.name_or_path!r}: {err}. "
                 "Set model.lora_target_modules to module names this model has (e.g. q_proj,v_proj)"
             ) from err
+    set_autocast(model, device, resolve_autocast(config.autocast, device, count_parameters(model)))
     model.train()
     return model, tokenizer
 
@@ -444,6 +463,8 @@ def load_reference(config: ModelConfig, policy: torch.nn.Module) -> PreTrainedMo
         reference = reference.merge_and_unload()
     if is_checkpointing(reference):
         _disable_checkpointing(reference)
+    spec = getattr(policy, AUTOCAST_ATTR, None)  # merge_and_unload returns a new module: set it again
+    set_autocast(reference, next(policy.parameters()).device, spec[1] if spec else None)
     reference.eval()
     for p in reference.parameters():
         p.requires_grad_(False)

@@ -27,6 +27,8 @@ from torch import Tensor
 
 from tether.errors import InvalidInputError
 from tether.lm.logprobs import position_ids_from_mask, processed_logprobs, prompt_groups
+from tether.lm.precision import ATTR as AUTOCAST_ATTR
+from tether.lm.precision import autocast_context
 
 __all__ = [
     "HFSampler",
@@ -324,6 +326,8 @@ class _FastDecoder:
         cfg = getattr(model, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in _FAST_MODEL_TYPES:
             return None
+        if getattr(model, AUTOCAST_ATTR, None) is not None:  # written for one dtype, not autocast's mix
+            return None
         if not _supports_4d_mask(model) or getattr(cfg, "hidden_act", None) != "silu":
             return None
         if getattr(cfg, "mlp_bias", False) or getattr(cfg, "pretraining_tp", 1) != 1:
@@ -567,7 +571,7 @@ class HFSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast_context(self.model):
                 completion_ids, completion_mask, logprobs, truncated = self._sample(
                     prompt_ids.to(self.device), prompt_mask.to(self.device), generator
                 )

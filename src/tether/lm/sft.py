@@ -13,6 +13,7 @@ from tether.errors import TetherError
 from tether.lm.config import SFTConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.model import load_policy
+from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
 from tether.lm.tasks import get_task
@@ -48,8 +49,7 @@ def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")
     run = RunDir(out or cfg.run.out or f"runs/sft-{cfg.task.name}-s{cfg.sft.seed}")
     run.prepare(resume=False)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    cfg.run.apply()
     run.write_config(to_dict(cfg))
     torch.manual_seed(cfg.sft.seed)
     model, tokenizer = load_policy(cfg.model)
@@ -78,7 +78,8 @@ def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
                     tokenizer, [p.text for p in chunk], [task.reference(p) for p in chunk]
                 ).items()
             }
-            loss = model(**batch).loss
+            with autocast_context(model):
+                loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise TetherError(f"SFT loss became {float(loss)} at step {step}; lower sft.lr")
             loss.backward()

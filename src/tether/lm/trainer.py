@@ -151,12 +151,13 @@ class RLTrainer:
         # the unsaved steps, so start it again from scratch (dropping those logs).
         resume = resume and self.run.resumable()
         self.run.prepare(resume)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        cfg.run.apply()
 
         torch.manual_seed(cfg.train.seed)
         self.model, self.tokenizer = load_policy(cfg.model)
         self.device = next(self.model.parameters()).device
+        share = cfg.train.share_prompts
+        self.share_prompts = share is True or (share == "auto" and self.device.type == "cpu")
         self.ref_model = load_reference(cfg.model, self.model) if self.use_ref else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -257,7 +258,7 @@ class RLTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Log-probs (and entropy, and the full distribution when a component needs ``logits``)."""
         s = self.config.sampling
-        share = self.config.train.share_prompts
+        share = self.share_prompts
         args = (
             model,
             batch.prompt_ids[rows].to(self.device),
