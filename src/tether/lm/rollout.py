@@ -265,10 +265,16 @@ class _FastDecoder:
         dtype = self.embed.dtype
         device = full_mask.device
         self.dtype = dtype
+        # Masked scores get half the lowest finite value of the narrowest dtype in play (the
+        # weights' or autocast's): a score plus it stays finite, so a row with every key masked
+        # (a left-padding position) gets a uniform softmax, not NaN, also in bf16 / fp16.
+        spec = getattr(model, AUTOCAST_ATTR, None)
+        narrow = min((dtype, spec[1]) if spec else (dtype,), key=lambda t: torch.finfo(t).max)
+        self.masked = torch.finfo(narrow).min / 2
         n = full_mask.shape[0]
-        # additive mask [N, 1, 1, max_len]: 0 where attended, the dtype's minimum on padding
+        # additive mask [N, 1, 1, max_len]: 0 where attended, ``masked`` on padding
         self.attn_mask = torch.zeros(full_mask.shape, dtype=dtype, device=device)
-        self.attn_mask.masked_fill_(full_mask == 0, torch.finfo(dtype).min)
+        self.attn_mask.masked_fill_(full_mask == 0, self.masked)
         self.attn_mask = self.attn_mask[:, None, None, :]
         # rotary cos/sin of every position, computed once by the model's own rotary module
         all_pos = torch.arange(max_len, device=device)[None, :]
@@ -325,8 +331,6 @@ class _FastDecoder:
         """The fast decoder when ``model`` has the structure it implements, else None."""
         cfg = getattr(model, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in _FAST_MODEL_TYPES:
-            return None
-        if getattr(model, AUTOCAST_ATTR, None) is not None:  # written for one dtype, not autocast's mix
             return None
         if not _supports_4d_mask(model) or getattr(cfg, "hidden_act", None) != "silu":
             return None
@@ -391,7 +395,7 @@ class _FastDecoder:
 
     def _additive(self, allowed: Tensor) -> Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask.masked_fill_(~allowed, self.masked)
 
     def _forward(
         self,
