@@ -18,8 +18,8 @@ import torch
 
 from tests.lm.test_logprobs import grouped_batch, llama, qwen2, reference_logits
 from tests.lm.test_rollout import PROMPTS, CharTok, gen, tiny_model
-from tests.lm.test_trainer import COIN, TINY, math_only, read_jsonl
-from tether.config import apply_overrides, from_dict
+from tests.lm.test_trainer import TINY, math_only, read_jsonl
+from tests.lm.test_trainer import make_config as trainer_config
 from tether.lm.config import LMConfig
 from tether.lm.logprobs import completion_logits, completion_logprobs
 from tether.lm.model import ModelConfig, load_policy, resolve_device, resolve_dtype
@@ -116,8 +116,7 @@ GPU = [o for o in TINY if not o.startswith("model.device")] + ["model.device=aut
 
 def make_config(out: Path, *overrides: str) -> LMConfig:
     """The trainer tests' tiny model on the coin task (random rewards: every step has a signal)."""
-    data = apply_overrides({"recipe": "grpo"}, [*GPU, *COIN, f"run.out={out}", *overrides])
-    return from_dict(LMConfig, data)
+    return trainer_config(out, "model.device=auto", *overrides)
 
 
 def test_rl_run_on_cuda_trains_and_writes_its_run(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ log-prob gap (``rollout/logprob_gap_*``), ~0 for our own sampler.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -167,13 +167,19 @@ def _can_share_prompts(model: Any) -> bool:
     return not (layer_types and any(t != "full_attention" for t in layer_types))
 
 
+def resolve_share_prompts(setting: bool | Literal["auto"], device: torch.device) -> bool:
+    """``auto`` shares prompts on the CPU only: on a GPU the extra model call and the cache
+    re-indexing cost more than they saved in every batch measured (BENCHMARKS.md)."""
+    return device.type == "cpu" if setting == "auto" else bool(setting)
+
+
 def completion_logits(
     model: Any,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
     completion_ids: Tensor,
     completion_mask: Tensor,
-    share_prompts: bool = True,
+    share_prompts: bool | Literal["auto"] = "auto",
 ) -> Tensor:
     """The model's logits [N, T, V] at the positions that predict each completion token.
 
@@ -187,7 +193,8 @@ def completion_logits(
     computation is the same, so the logits and their gradients equal the plain pass's up to
     float rounding (tested), at ``U * P + N * (T - 1)`` instead of ``N * (P + T - 1)`` token
     positions. Models that cannot do it (see ``_can_share_prompts``) get the plain pass. With
-    dropout active, a group's rows share the prompt's dropout mask.
+    dropout active, a group's rows share the prompt's dropout mask. ``"auto"`` shares on the
+    CPU only (:func:`resolve_share_prompts`).
 
     The passes run under the model's autocast (:func:`tether.lm.precision.autocast_context`).
     """
@@ -203,14 +210,15 @@ def _completion_logits(
     prompt_mask: Tensor,
     completion_ids: Tensor,
     completion_mask: Tensor,
-    share_prompts: bool,
+    share_prompts: bool | Literal["auto"],
 ) -> Tensor:
     t = completion_ids.shape[1]
     p = prompt_ids.shape[1]
     full_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long()
     position_ids = position_ids_from_mask(full_mask)
     keep = _accepts_logits_to_keep(model)
-    groups = prompt_groups(prompt_ids, prompt_mask) if share_prompts else None
+    share = resolve_share_prompts(share_prompts, prompt_ids.device)
+    groups = prompt_groups(prompt_ids, prompt_mask) if share else None
     if groups is not None and t > 0 and _can_share_prompts(model):
         first, inverse = groups
         out = model(
@@ -256,7 +264,7 @@ def completion_logprobs(
     top_p: float = 1.0,
     compute_entropy: bool = True,
     logits_chunk: int | None = None,
-    share_prompts: bool = True,
+    share_prompts: bool | Literal["auto"] = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs [N, T] of ``completion_ids`` under the processed distribution.
 
@@ -312,7 +320,7 @@ def completion_distribution(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    share_prompts: bool = True,
+    share_prompts: bool | Literal["auto"] = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Like :func:`completion_logprobs`, but also returns the whole processed distribution.
 

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tether.errors import TetherError
-from tether.lm.precision import ATTR as AUTOCAST_ATTR
-from tether.lm.precision import resolve_autocast, set_autocast
+from tether.lm.precision import autocast_dtype, resolve_autocast, set_autocast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -463,8 +462,8 @@ def load_reference(config: ModelConfig, policy: torch.nn.Module) -> PreTrainedMo
         reference = reference.merge_and_unload()
     if is_checkpointing(reference):
         _disable_checkpointing(reference)
-    spec = getattr(policy, AUTOCAST_ATTR, None)  # merge_and_unload returns a new module: set it again
-    set_autocast(reference, next(policy.parameters()).device, spec[1] if spec else None)
+    # merge_and_unload returns a new module: record the policy's autocast on it again
+    set_autocast(reference, next(policy.parameters()).device, autocast_dtype(policy))
     reference.eval()
     for p in reference.parameters():
         p.requires_grad_(False)

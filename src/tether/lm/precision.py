@@ -37,7 +37,7 @@ def resolve_autocast(spec: str | bool, device: torch.device, num_parameters: int
     ``AUTO_MIN_PARAMETERS`` parameters; otherwise none (the weights' dtype). A named dtype is
     honoured on any device (CPU autocast supports bf16).
     """
-    if spec is False or spec == "off":
+    if spec is False:
         return None
     if spec == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -52,6 +52,12 @@ def resolve_autocast(spec: str | bool, device: torch.device, num_parameters: int
 def set_autocast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
     """Record on ``model`` the autocast its forward passes run under (None: none)."""
     object.__setattr__(model, ATTR, None if dtype is None else (device.type, dtype))
+
+
+def autocast_dtype(model: Any) -> torch.dtype | None:
+    """The autocast dtype recorded on ``model`` by :func:`set_autocast` (None: none)."""
+    spec = getattr(model, ATTR, None)
+    return None if spec is None else spec[1]
 
 
 def autocast_context(model: Any) -> contextlib.AbstractContextManager[Any]:

@@ -27,8 +27,7 @@ from torch import Tensor
 
 from tether.errors import InvalidInputError
 from tether.lm.logprobs import position_ids_from_mask, processed_logprobs, prompt_groups
-from tether.lm.precision import ATTR as AUTOCAST_ATTR
-from tether.lm.precision import autocast_context
+from tether.lm.precision import autocast_context, autocast_dtype
 
 __all__ = [
     "HFSampler",
@@ -268,8 +267,8 @@ class _FastDecoder:
         # Masked scores get half the lowest finite value of the narrowest dtype in play (the
         # weights' or autocast's): a score plus it stays finite, so a row with every key masked
         # (a left-padding position) gets a uniform softmax, not NaN, also in bf16 / fp16.
-        spec = getattr(model, AUTOCAST_ATTR, None)
-        narrow = min((dtype, spec[1]) if spec else (dtype,), key=lambda t: torch.finfo(t).max)
+        autocast = autocast_dtype(model)
+        narrow = min((dtype, autocast) if autocast else (dtype,), key=lambda t: torch.finfo(t).max)
         self.masked = torch.finfo(narrow).min / 2
         n = full_mask.shape[0]
         # additive mask [N, 1, 1, max_len]: 0 where attended, ``masked`` on padding

@@ -21,7 +21,7 @@ from tether.catalogue.aggregate import Aggregation, count_sequences, count_token
 from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.config import LMConfig
-from tether.lm.logprobs import completion_distribution, completion_logprobs
+from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
 from tether.lm.model import load_policy, load_reference
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
@@ -156,8 +156,7 @@ class RLTrainer:
         torch.manual_seed(cfg.train.seed)
         self.model, self.tokenizer = load_policy(cfg.model)
         self.device = next(self.model.parameters()).device
-        share = cfg.train.share_prompts
-        self.share_prompts = share is True or (share == "auto" and self.device.type == "cpu")
+        self.share_prompts = resolve_share_prompts(cfg.train.share_prompts, self.device)
         self.ref_model = load_reference(cfg.model, self.model) if self.use_ref else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
