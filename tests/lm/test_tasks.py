@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,20 @@ def test_arithmetic_negative_answers_and_hash_format() -> None:
     assert task.score(p, f"some work\n#### {p.answer}").correct
     assert not task.score(p, p.answer).format_ok  # no #### in hash mode
     assert task.extract(f"#### {p.answer}") == p.answer
+
+
+def test_arithmetic_zero_padded_operands() -> None:
+    task = ArithmeticTask(digits=3, operations="+*", train_size=300, test_size=50, pad_operands=True)
+    prompts = task.prompts("train") + task.prompts("test")
+    for p in prompts:
+        a, op, b = re.fullmatch(r"(\d+)([+*])(\d+)=", p.text).groups()  # type: ignore[union-attr]
+        assert len(a) == len(b) == 3, p.text
+        assert int(p.answer) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+        assert task.score(p, task.reference(p)).correct
+    assert any(p.text.startswith("0") for p in prompts)  # small operands really are padded
+    plain = ArithmeticTask(digits=3, operations="+*", train_size=300, test_size=50)
+    # the same problems, only written differently
+    assert [int(p.answer) for p in plain.prompts("test")] == [int(p.answer) for p in task.prompts("test")]
 
 
 def test_arithmetic_bad_parameters() -> None:

@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tether.lm.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick)
+    run_demo(out=args.out, quick=args.quick, seed=args.seed)
     return 0
 
 
@@ -148,6 +148,11 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the main job: SFT, then GRPO and a stabilizing recipe, side by side")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--out", default=None, help="run directory (default runs/demo, runs/demo-s<seed> for seed > 0)"
+    )
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the tiny model's initial weights, the SFT and the RL runs"
+    )
     p.set_defaults(func=cmd_demo)

@@ -171,6 +171,19 @@ class SFTSettings:
     examples: int = field(
         default=0, metadata={"min": 0, "help": "train examples used (0: the whole train split)"}
     )
+    stop_at_accuracy: float = field(
+        default=0.0,
+        metadata={
+            "min": 0.0,
+            "max": 1.0,
+            "help": "stop once the sampled accuracy on check_prompts train prompts reaches this "
+            "(0: run all steps); steps is then the budget",
+        },
+    )
+    check_every: int = field(default=50, metadata={"min": 1, "help": "steps between accuracy checks"})
+    check_prompts: int = field(
+        default=128, metadata={"min": 1, "help": "train prompts sampled once each per accuracy check"}
+    )
 
 
 @dataclass

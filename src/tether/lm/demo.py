@@ -8,7 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tether.config import from_dict
+from tether.errors import TetherError
 from tether.lm.config import LMConfig, SFTConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.report import print_comparison
@@ -24,35 +27,52 @@ RECIPES = ("grpo", "mhpo")
 TASK = {"name": "arithmetic", "params": {"digits": 2, "operations": "+", "answer_format": "reversed"}}
 SAMPLING = {"temperature": 1.0, "max_new_tokens": 6}
 EVAL = {"prompts": 300, "k": 8}
+# The tiny model sits on a loss plateau (about 1.3 nats, ~1% accuracy) before it learns to add,
+# and when it leaves depends on the seed (at lr 1e-3 SFT reached 40% after 325-700 steps for seeds
+# 0-4). A fixed SFT length therefore left some seeds on the plateau and others near 100%, with
+# nothing for RL to do either way. SFT instead stops at the first check (every 25 steps, one sample on each of 128
+# train prompts) at or above SFT_TARGET, within a budget of sft_steps.
+SFT_TARGET = 0.4
 
 
 def demo_settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"sft_steps": 40, "rl_steps": 4, "eval_prompts": 40}
-    return {"sft_steps": 600, "rl_steps": 300, "eval_prompts": EVAL["prompts"]}
+        return {"sft_steps": 40, "sft_check_every": 20, "rl_steps": 4, "eval_prompts": 40}
+    return {"sft_steps": 1500, "sft_check_every": 25, "rl_steps": 300, "eval_prompts": EVAL["prompts"]}
 
 
 # Settings of the RL runs, the same for every recipe (fixed before looking at MHPO's numbers).
-RL_TRAIN = {"prompts_per_step": 32, "group_size": 8, "lr": 3e-4, "warmup_steps": 30, "seed": 0}
+RL_TRAIN = {"prompts_per_step": 32, "group_size": 8, "lr": 3e-4, "warmup_steps": 30}
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False) -> dict[str, Any]:
-    root = Path(out)
+def default_out(seed: int) -> str:
+    return "runs/demo" if seed == 0 else f"runs/demo-s{seed}"
+
+
+def run_demo(out: str | None = None, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """SFT, then every recipe of RECIPES from the SFT model; ``seed`` seeds the tiny model's
+    initial weights, the SFT and the RL runs alike. Finished stages in ``out`` are reused."""
+    root = Path(out or default_out(seed))
     settings = demo_settings(quick)
     t0 = time.perf_counter()
     eval_cfg = {**EVAL, "prompts": settings["eval_prompts"]}
     sft_dir = root / "sft"
+    _check_seed(root, seed)
     if RunDir(sft_dir).read_summary() is None:
         sft_cfg = from_dict(
             SFTConfig,
             {
+                "model": {"seed": seed},
                 "task": TASK,
                 "sft": {
                     "steps": settings["sft_steps"],
                     "batch_size": 64,
-                    "lr": 3e-3,
+                    "lr": 1e-3,
                     "warmup_steps": 20,
-                    "seed": 0,
+                    "seed": seed,
+                    "stop_at_accuracy": SFT_TARGET,
+                    "check_every": settings["sft_check_every"],
+                    "check_prompts": 128,
                 },
                 "sampling": SAMPLING,
                 "eval": eval_cfg,
@@ -65,6 +85,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> dict[str, Any]:
     sft_eval = sft_summary["eval"]
     rows: dict[str, dict[str, Any]] = {"sft": _row(sft_eval, None)}
     sft_numbers = {k: v for k, v in sft_eval.items() if k != "per_prompt_success"}
+    sft_numbers["steps"] = sft_summary.get("steps")
     result: dict[str, Any] = {"sft": sft_numbers, "recipes": {}}
     for name in RECIPES:
         run_dir = root / name
@@ -79,14 +100,14 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> dict[str, Any]:
                     "task": TASK,
                     "sampling": SAMPLING,
                     "eval": eval_cfg,
-                    "train": {"steps": settings["rl_steps"], **RL_TRAIN},
+                    "train": {"steps": settings["rl_steps"], **RL_TRAIN, "seed": seed},
                     "run": {"checkpoint_every": 1000},
                 },
             )
             trainer = RLTrainer(cfg, out=run_dir)
             summary = trainer.train()
             summary["eval"] = evaluate(
-                trainer.model, trainer.tokenizer, trainer.task, cfg.eval, cfg.sampling, seed=0
+                trainer.model, trainer.tokenizer, trainer.task, cfg.eval, cfg.sampling, seed=seed
             )
             trainer.run.write_summary(summary)
         else:
@@ -102,10 +123,30 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> dict[str, Any]:
             "alarms": summary.get("alarms", {}),
         }
     result["seconds"] = time.perf_counter() - t0
-    result["settings"] = {**settings, "task": TASK, "sampling": SAMPLING, "eval": eval_cfg}
+    result["seed"] = seed
+    result["settings"] = {
+        **settings,
+        "sft_target": SFT_TARGET,
+        "task": TASK,
+        "sampling": SAMPLING,
+        "eval": eval_cfg,
+    }
     atomic_write_json(root / "summary.json", result)
     print_comparison(rows, title=f"tether demo: arithmetic, held-out prompts ({result['seconds']:.0f} s)")
     return result
+
+
+def _check_seed(root: Path, seed: int) -> None:
+    """Refuse to mix seeds: the stages a directory already holds must be this seed's."""
+    config = RunDir(root / "sft").config_path
+    if not config.is_file():
+        return
+    found = (yaml.safe_load(config.read_text()) or {}).get("sft", {}).get("seed")
+    if found != seed:
+        raise TetherError(
+            f"{root} holds the demo of seed {found}, not {seed}; pass another --out "
+            f"(default for this seed: {default_out(seed)}) or remove {root}"
+        )
 
 
 def _row(ev: dict[str, float], alarms: int | None) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 import time
 from typing import Any
 
@@ -16,7 +18,9 @@ from tether.lm.model import load_policy
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
+from tether.lm.rollout import SamplingConfig, make_sampler
 from tether.lm.tasks import get_task
+from tether.lm.tasks.base import Prompt, Task, safe_score
 from tether.runs import RunDir
 
 
@@ -39,6 +43,27 @@ def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[st
         label_ids[i, : len(lab)] = torch.tensor(lab)
         attn[i, : len(r)] = 1
     return {"input_ids": input_ids, "attention_mask": attn, "labels": label_ids}
+
+
+def sampled_accuracy(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    prompts: list[Prompt],
+    sampling: SamplingConfig,
+    temperature: float,
+    seed: int,
+    batch_size: int = 256,
+) -> float:
+    """Fraction of ``prompts`` answered correctly by one sample each at ``temperature``."""
+    sampler = make_sampler(model, tokenizer, dataclasses.replace(sampling, temperature=temperature))
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        out = sampler.generate([p.text for p in chunk], generator=gen)
+        correct += sum(int(safe_score(task, p, t).correct) for p, t in zip(chunk, out.completion_texts))
+    return correct / max(len(prompts), 1)
 
 
 def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
@@ -67,6 +92,11 @@ def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     stream = PromptStream(prompts, seed=cfg.sft.seed)
+    target = cfg.sft.stop_at_accuracy
+    # The stop rule looks at train prompts (the ones SFT fits), never at the held-out split.
+    check_set = random.Random(cfg.sft.seed + 1).sample(prompts, min(cfg.sft.check_prompts, len(prompts)))
+    check_accuracy: float | None = None
+    steps_run = 0
     model.train()
     t0 = time.perf_counter()
     with TrainProgress(total=total, enabled=cfg.run.progress, description="sft") as progress:
@@ -93,15 +123,29 @@ def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
                 "grad/norm": float(norm),
                 "train/lr": float(sched.get_last_lr()[0]),
             }
+            steps_run = step
+            if target > 0 and (step % cfg.sft.check_every == 0 or step == total):
+                model.eval()
+                check_accuracy = sampled_accuracy(
+                    model, tokenizer, task, check_set, cfg.sampling, cfg.eval.temperature, seed=cfg.sft.seed
+                )
+                model.train()
+                record["sft/check_accuracy"] = check_accuracy
             run.metrics.append(record)
             progress.update(step, record)
+            if check_accuracy is not None and check_accuracy >= target:
+                break
     model.eval()
     model.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
     result = evaluate(model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed)
     summary = {
         "task": cfg.task.name,
-        "steps": total,
+        "steps": steps_run,
+        "max_steps": total,
+        "stop_at_accuracy": target,
+        "stopped_early": steps_run < total,
+        "check_accuracy": check_accuracy,
         "seconds": time.perf_counter() - t0,
         "eval": result,
         "model_dir": str(run.path / "model"),

@@ -1,0 +1,113 @@
+"""``run_sft``: the accuracy-targeted stop and the check it relies on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import tether.lm.sft as sft_module
+from tests.lm.test_trainer import read_jsonl
+from tether.config import ConfigError, from_dict
+from tether.lm.config import SFTConfig
+from tether.lm.model import ModelConfig, load_policy
+from tether.lm.rollout import SamplingConfig
+from tether.lm.sft import run_sft, sampled_accuracy
+from tether.lm.tasks import ArithmeticTask
+from tether.lm.tasks.base import Prompt, Score
+
+TINY_MODEL = {"tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2, "tiny_intermediate": 64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TETHER_CACHE", str(tmp_path_factory.mktemp("tether_cache")))
+        yield
+    torch.set_num_threads(threads)
+
+
+def sft_config(**sft: object) -> SFTConfig:
+    return from_dict(
+        SFTConfig,
+        {
+            "model": TINY_MODEL,
+            "task": {"name": "arithmetic", "params": {"digits": 1, "train_size": 60, "test_size": 10}},
+            "sft": {"batch_size": 8, "warmup_steps": 1, "check_prompts": 16, **sft},
+            "sampling": {"max_new_tokens": 3},
+            "eval": {"prompts": 4, "k": 2},
+        },
+    )
+
+
+def test_stops_at_the_first_check_that_reaches_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripted = iter([0.10, 0.30, 0.55, 0.90])
+    calls: list[int] = []
+
+    def fake(
+        model: object, tokenizer: object, task: object, prompts: list[Prompt], *a: object, **k: object
+    ) -> float:
+        calls.append(len(prompts))
+        assert not model.training  # type: ignore[attr-defined]  # checks sample in eval mode
+        return next(scripted)
+
+    monkeypatch.setattr(sft_module, "sampled_accuracy", fake)
+    out = tmp_path / "sft"
+    summary = run_sft(sft_config(steps=20, check_every=2, stop_at_accuracy=0.5), out=str(out))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("sft/check_accuracy") for r in rows] == [None, 0.10, None, 0.30, None, 0.55]
+    assert calls == [16, 16, 16]
+    assert summary["steps"] == 6 and summary["max_steps"] == 20 and summary["stopped_early"]
+    assert summary["check_accuracy"] == 0.55 and summary["stop_at_accuracy"] == 0.5
+    assert (out / "model" / "config.json").is_file() and "accuracy" in summary["eval"]
+
+
+def test_the_last_step_is_checked_and_a_missed_target_runs_the_whole_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sft_module, "sampled_accuracy", lambda *a, **k: 0.2)
+    summary = run_sft(sft_config(steps=5, check_every=2, stop_at_accuracy=0.5), out=str(tmp_path / "s"))
+    rows = read_jsonl(tmp_path / "s" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "sft/check_accuracy" in r] == [2, 4, 5]
+    assert summary["steps"] == 5 and not summary["stopped_early"] and summary["check_accuracy"] == 0.2
+
+
+def test_no_target_means_no_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a: object, **k: object) -> float:
+        raise AssertionError("checked without a target")
+
+    monkeypatch.setattr(sft_module, "sampled_accuracy", boom)
+    summary = run_sft(sft_config(steps=3, check_every=1), out=str(tmp_path / "s"))
+    assert summary["steps"] == 3 and not summary["stopped_early"] and summary["check_accuracy"] is None
+
+
+class EveryOtherCorrect(ArithmeticTask):
+    """Scores by the prompt's position in the list, whatever the completion."""
+
+    def score(self, prompt: Prompt, completion: str) -> Score:
+        ok = int(prompt.id.rsplit("/", 1)[1]) % 2 == 0
+        return Score(reward=float(ok), correct=ok, format_ok=True)
+
+
+def test_sampled_accuracy_is_the_fraction_scored_correct() -> None:
+    model, tokenizer = load_policy(ModelConfig(**TINY_MODEL))  # type: ignore[arg-type]
+    task = EveryOtherCorrect(digits=1, train_size=40, test_size=10)
+    prompts = task.prompts("train")[:11]  # ids 0..10: six even
+    sampling = SamplingConfig(max_new_tokens=2)
+    for batch_size in (256, 4):  # one batch, and several with a short last one
+        assert sampled_accuracy(
+            model, tokenizer, task, prompts, sampling, 1.0, seed=0, batch_size=batch_size
+        ) == (pytest.approx(6 / 11))
+
+
+def test_bad_stop_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="stop_at_accuracy"):
+        sft_config(steps=3, stop_at_accuracy=1.5)
+    with pytest.raises(ConfigError, match="check_every"):
+        sft_config(steps=3, check_every=0)
