@@ -175,13 +175,10 @@ def _wait_and_kill(proc: subprocess.Popen[bytes], out: Path, mode: str, delay: f
     return True
 
 
-def test_sigkill_at_random_times_then_resume_equals_unbroken_run(tmp_path: Path) -> None:
-    args = ["train", "--no-eval", "--steps", "8", *TINY, *COIN, "run.checkpoint_every=1", "run.log_samples=2"]
-    ref = tmp_path / "ref"
-    assert main([*args, "--out", str(ref)]) == 0
-    expected = read_jsonl(ref / "metrics.jsonl")
-
-    script = tmp_path / "train.py"
+def _killed_and_resumed(tmp_path: Path, args: list[str]) -> Path:
+    """Run ``tether ARGS`` in a subprocess, SIGKILL it before its first checkpoint, while one
+    is being written and just after one, resuming each time; the run directory once it ends."""
+    script = tmp_path / "cli.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
     out = tmp_path / "killed"
     rng = random.Random(1234)
@@ -198,8 +195,32 @@ def test_sigkill_at_random_times_then_resume_equals_unbroken_run(tmp_path: Path)
         assert proc.returncode == -signal.SIGKILL, err.decode()
     assert proc.returncode == 0
     assert kills >= 2
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    return out
+
+
+def test_sigkill_at_random_times_then_resume_equals_unbroken_run(tmp_path: Path) -> None:
+    args = ["train", "--no-eval", "--steps", "8", *TINY, *COIN, "run.checkpoint_every=1", "run.log_samples=2"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    expected = read_jsonl(ref / "metrics.jsonl")
+    out = _killed_and_resumed(tmp_path, args)
     got = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, 9))  # nothing duplicated or missing
     assert math_only(got) == math_only(expected)
     assert read_jsonl(out / "samples.jsonl") == read_jsonl(ref / "samples.jsonl")
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_sft_sigkill_then_resume_equals_unbroken_run(tmp_path: Path) -> None:
+    tiny = [o for o in TINY if not o.startswith("train.")]
+    args = ["sft", "--steps", "12", *tiny, *ARITH, "sft.batch_size=8", "sft.warmup_steps=1"]
+    args += ["run.checkpoint_every=1", "sft.stop_at_accuracy=1", "sft.check_every=5", "sft.check_prompts=8"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    out = _killed_and_resumed(tmp_path, args)
+    got = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert got == read_jsonl(ref / "metrics.jsonl")  # SFT logs no timings: all of it must match
+    assert [r["step"] for r in got if "sft/check_accuracy" in r] == [5, 10, 12]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"] == json.loads((ref / "summary.json").read_text())["eval"]

@@ -11,6 +11,7 @@ import torch
 import tether.lm.sft as sft_module
 from tests.lm.test_trainer import read_jsonl
 from tether.config import ConfigError, from_dict
+from tether.errors import TetherError
 from tether.lm.config import SFTConfig
 from tether.lm.model import ModelConfig, load_policy
 from tether.lm.rollout import SamplingConfig
@@ -111,3 +112,70 @@ def test_bad_stop_settings_are_refused() -> None:
         sft_config(steps=3, stop_at_accuracy=1.5)
     with pytest.raises(ConfigError, match="check_every"):
         sft_config(steps=3, check_every=0)
+
+
+class Killed(Exception):
+    """Stands in for a kill between two steps."""
+
+
+def _kill_at_call(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    real = sft_module.sft_batch
+    calls = iter(range(1, 10**6))
+
+    def batch(*a: object, **k: object) -> dict[str, torch.Tensor]:
+        if next(calls) == n:
+            raise Killed
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sft_module, "sft_batch", batch)
+
+
+def test_resume_continues_to_the_unbroken_runs_metrics_and_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # target 1.0 is never reached here: the checks (steps 3 and 6) run, and must agree after resume
+    cfg = sft_config(steps=7, check_every=3, stop_at_accuracy=1.0)
+    cfg.run.checkpoint_every = 2
+    ref = run_sft(cfg, out=str(tmp_path / "ref"))
+    expected = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    assert [r["step"] for r in expected if "sft/check_accuracy" in r] == [3, 6, 7]
+
+    _kill_at_call(monkeypatch, 6)  # killed before step 6: metrics 1-5 written, checkpoint at 4
+    with pytest.raises(Killed):
+        run_sft(cfg, out=str(tmp_path / "b"))
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    with pytest.raises(TetherError, match="already holds a run; pass --resume"):
+        run_sft(cfg, out=str(tmp_path / "b"))
+    monkeypatch.undo()
+    got = run_sft(cfg, out=str(tmp_path / "b"), resume=True)
+    assert read_jsonl(tmp_path / "b" / "metrics.jsonl") == expected
+    assert got["eval"] == ref["eval"] and got["steps"] == 7
+    a = ModelConfig(name_or_path=str(tmp_path / "ref" / "model"))
+    b = ModelConfig(name_or_path=str(tmp_path / "b" / "model"))
+    for (name, pa), (_, pb) in zip(
+        load_policy(a)[0].named_parameters(), load_policy(b)[0].named_parameters()
+    ):
+        assert torch.equal(pa, pb), name
+
+
+def test_resume_after_the_stop_skips_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sft_module, "sampled_accuracy", lambda *a, **k: 0.9)
+    cfg = sft_config(steps=50, check_every=2, stop_at_accuracy=0.5)
+    first = run_sft(cfg, out=str(tmp_path / "s"))
+    assert first["steps"] == 2 and first["stopped_early"]
+    _kill_at_call(monkeypatch, 1)  # any step taken now would raise
+    again = run_sft(cfg, out=str(tmp_path / "s"), resume=True)
+    assert again["steps"] == 2 and again["eval"] == first["eval"]
+    assert [r["step"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")] == [1, 2]
+
+
+def test_resume_without_a_checkpoint_starts_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = sft_config(steps=4)
+    cfg.run.checkpoint_every = 10
+    _kill_at_call(monkeypatch, 3)
+    with pytest.raises(Killed):
+        run_sft(cfg, out=str(tmp_path / "s"))
+    monkeypatch.undo()
+    summary = run_sft(cfg, out=str(tmp_path / "s"), resume=True)
+    assert summary["steps"] == 4
+    assert [r["step"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")] == [1, 2, 3, 4]

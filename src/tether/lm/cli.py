@@ -77,7 +77,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.seed is not None:
         flags.append(f"sft.seed={args.seed}")
     cfg = from_dict(SFTConfig, apply_overrides(data, flags + list(args.overrides)))
-    summary = run_sft(cfg, out=args.out)
+    summary = run_sft(cfg, out=args.out, resume=args.resume)
     print_run_summary(summary, Path(summary["model_dir"]).parent)
     return 0
 
@@ -134,6 +134,11 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sft", help="supervised warm start on a task's reference solutions")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (with none yet: start it again)",
+    )
     common(p, "SFT steps")
     p.set_defaults(func=cmd_sft)
 

@@ -76,10 +76,11 @@ def run_demo(out: str | None = None, quick: bool = False, seed: int = 0) -> dict
                 },
                 "sampling": SAMPLING,
                 "eval": eval_cfg,
-                "run": {"progress": True},
+                "run": {"progress": True, "checkpoint_every": 100},
             },
         )
-        sft_summary = run_sft(sft_cfg, out=str(sft_dir))
+        # resume=True: a demo killed during SFT continues from its last checkpoint.
+        sft_summary = run_sft(sft_cfg, out=str(sft_dir), resume=True)
     else:
         sft_summary = RunDir(sft_dir).read_summary() or {}
     sft_eval = sft_summary["eval"]
@@ -101,10 +102,10 @@ def run_demo(out: str | None = None, quick: bool = False, seed: int = 0) -> dict
                     "sampling": SAMPLING,
                     "eval": eval_cfg,
                     "train": {"steps": settings["rl_steps"], **RL_TRAIN, "seed": seed},
-                    "run": {"checkpoint_every": 1000},
+                    "run": {"checkpoint_every": 50},
                 },
             )
-            trainer = RLTrainer(cfg, out=run_dir)
+            trainer = RLTrainer(cfg, out=run_dir, resume=True)  # continues a killed stage
             summary = trainer.train()
             summary["eval"] = evaluate(
                 trainer.model, trainer.tokenizer, trainer.task, cfg.eval, cfg.sampling, seed=seed

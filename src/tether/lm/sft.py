@@ -21,7 +21,14 @@ from tether.lm.prompts import PromptStream
 from tether.lm.rollout import SamplingConfig, make_sampler
 from tether.lm.tasks import get_task
 from tether.lm.tasks.base import Prompt, Task, safe_score
-from tether.runs import RunDir
+from tether.runs import Checkpoint, RunDir, save_checkpoint
+from tether.runs.checkpoint import (
+    capture_rng,
+    load_latest_checkpoint,
+    restore_rng,
+    restore_training_state,
+    training_state,
+)
 
 
 def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
@@ -66,16 +73,22 @@ def sampled_accuracy(
     return correct / max(len(prompts), 1)
 
 
-def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
+def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """SFT on ``config.task``'s reference solutions; with ``resume`` it continues the run in
+    ``out`` from its last checkpoint (every ``run.checkpoint_every`` steps and at the end), with
+    the metrics an unbroken run writes."""
     cfg = config
     task = get_task(cfg.task.name, **cfg.task.params)
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")
     run = RunDir(out or cfg.run.out or f"runs/sft-{cfg.task.name}-s{cfg.sft.seed}")
-    run.prepare(resume=False)
+    # A run killed before its first checkpoint lost nothing but the logs of unsaved steps: start again.
+    resume = resume and run.resumable()
+    run.prepare(resume)
     cfg.run.apply()
-    run.write_config(to_dict(cfg))
+    if not resume:
+        run.write_config(to_dict(cfg))
     torch.manual_seed(cfg.sft.seed)
     model, tokenizer = load_policy(cfg.model)
     device = next(model.parameters()).device
@@ -97,10 +110,36 @@ def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
     check_set = random.Random(cfg.sft.seed + 1).sample(prompts, min(cfg.sft.check_prompts, len(prompts)))
     check_accuracy: float | None = None
     steps_run = 0
+    done = False
+
+    def save(step: int) -> None:
+        tensors, o_meta = training_state(model, opt)
+        r_tensors, r_state = capture_rng()
+        tensors.update(r_tensors)
+        state = {
+            "optim": o_meta,
+            "scheduler": sched.state_dict(),
+            "prompts": stream.state_dict(),
+            "check_accuracy": check_accuracy,
+            "done": done,
+            **r_state,
+        }
+        save_checkpoint(run.path, Checkpoint(step, tensors, state), keep=cfg.run.keep_checkpoints)
+
+    if resume:
+        ck = load_latest_checkpoint(run.path)
+        restore_training_state(ck, model, opt)
+        sched.load_state_dict(ck.state["scheduler"])
+        stream.load_state_dict(ck.state["prompts"])
+        restore_rng(ck.tensors, ck.state)
+        check_accuracy = ck.state["check_accuracy"]
+        done = bool(ck.state["done"])
+        steps_run = ck.step
+        run.truncate_logs(ck.step)
     model.train()
     t0 = time.perf_counter()
-    with TrainProgress(total=total, enabled=cfg.run.progress, description="sft") as progress:
-        for step in range(1, total + 1):
+    with TrainProgress(total=total, start=steps_run, enabled=cfg.run.progress, description="sft") as progress:
+        for step in range(steps_run + 1, 1 if done else total + 1):
             chunk = stream.next(cfg.sft.batch_size)
             batch = {
                 k: v.to(device)
@@ -133,7 +172,10 @@ def run_sft(config: SFTConfig, out: str | None = None) -> dict[str, Any]:
                 record["sft/check_accuracy"] = check_accuracy
             run.metrics.append(record)
             progress.update(step, record)
-            if check_accuracy is not None and check_accuracy >= target:
+            done = step == total or (check_accuracy is not None and check_accuracy >= target)
+            if done or step % cfg.run.checkpoint_every == 0:
+                save(step)
+            if done:
                 break
     model.eval()
     model.save_pretrained(run.path / "model")
