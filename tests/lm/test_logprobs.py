@@ -214,3 +214,34 @@ def test_shared_prompts_under_a_lora_adapter() -> None:
     with torch.no_grad():
         fed = count_token_positions(model, lambda: completion_logits(model, *batch))
     assert fed == 3 * batch[0].shape[1] + batch[0].shape[0] * (batch[2].shape[1] - 1)
+
+
+def test_shared_pass_gradients_are_bitwise_repeatable() -> None:
+    """Re-indexing the prompt's keys/values to the group's rows must not race in the backward
+    pass: advanced indexing (``x[rows]``) accumulates its CPU gradient in parallel in no fixed
+    order, which changed RL runs from step 2 and broke exact resumes (index_select does not)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=192,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    batch = grouped_batch(seed=3, prompts=5, group=16, t=6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the race needs at least two threads
+    try:
+        grads = set()
+        for _ in range(6):
+            model.zero_grad()
+            lp, _ = completion_logprobs(model, *batch, share_prompts=True)
+            (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+            grads.add(torch.cat([p.grad.flatten() for p in model.parameters()]).numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1

@@ -179,6 +179,39 @@ def test_resume_gives_the_same_metrics_and_weights(tmp_path: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_is_exact_at_the_demo_models_width(tmp_path: Path) -> None:
+    """The tiny test model is too small for the CPU's parallel kernels to split its tensors;
+    at the demo's width (192) they do, and a race in the shared-prompt backward pass (advanced
+    indexing) made two runs of one config differ from step 2. Two threads, shuffled mini-batches."""
+    wide = [
+        "model.tiny_hidden=192",
+        "model.tiny_intermediate=256",
+        "model.tiny_layers=2",
+        "model.tiny_heads=4",
+        *ARITH,
+        "train.prompts_per_step=8",
+        "train.group_size=8",
+        "train.minibatches=2",
+        "train.share_prompts=true",
+        "run.threads=2",
+        "run.checkpoint_every=2",
+    ]
+    threads = torch.get_num_threads()
+    try:
+        a = RLTrainer(make_config(tmp_path / "a", "train.steps=4", *wide))
+        a.train()
+        RLTrainer(make_config(tmp_path / "b", "train.steps=2", *wide)).train()
+        b = RLTrainer(make_config(tmp_path / "b", "train.steps=4", *wide), resume=True)
+        b.train()
+    finally:
+        torch.set_num_threads(threads)
+    ma = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert math_only(ma) == math_only(read_jsonl(tmp_path / "b" / "metrics.jsonl"))
+    assert ma[-1]["policy/kl_ref"] != ma[0]["policy/kl_ref"]  # the policy moved
+    wa, wb = weights(a.model), weights(b.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_resume_without_checkpoint_restarts_from_scratch(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()

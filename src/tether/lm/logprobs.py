@@ -149,6 +149,26 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tens
     return first, inverse
 
 
+def _expand_cache_rows(cache: Any, inverse: Tensor) -> None:
+    """Re-index every layer's keys/values from the U distinct prompts to the N rows.
+
+    ``index_select`` keeps the backward pass deterministic; Hugging Face's
+    ``batch_select_indices`` (advanced indexing) is the fallback for caches without per-layer
+    ``keys`` / ``values`` tensors.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers and all(
+        isinstance(getattr(layer, "keys", None), Tensor)
+        and isinstance(getattr(layer, "values", None), Tensor)
+        for layer in layers
+    ):
+        for layer in layers:
+            layer.keys = layer.keys.index_select(0, inverse)
+            layer.values = layer.values.index_select(0, inverse)
+        return
+    cache.batch_select_indices(inverse)
+
+
 def _can_share_prompts(model: Any) -> bool:
     """Whether the prompt's keys/values can be computed once and reused by its group's rows.
 
@@ -230,10 +250,12 @@ def _completion_logits(
         )
         cache = getattr(out, "past_key_values", None)
         if cache is not None and hasattr(cache, "batch_select_indices"):
-            head: Tensor = out.logits[:, -1:, :][inverse]  # predicts the first completion token
+            # index_select, not x[inverse]: the CPU backward of advanced indexing accumulates in
+            # parallel in no fixed order, so runs (and resumes) would differ in the last bits.
+            head: Tensor = out.logits[:, -1:, :].index_select(0, inverse)  # predicts the first token
             if t == 1:
                 return head
-            cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...], differentiable
+            _expand_cache_rows(cache, inverse)  # [U, ...] -> [N, ...], differentiable
             rest = model(
                 input_ids=completion_ids[:, :-1],
                 attention_mask=full_mask,

@@ -35,7 +35,7 @@ class Groups:
 
     def gather(self, per_group: torch.Tensor) -> torch.Tensor:
         """Per-group values [Q, ...] to per-sample values [B, ...]."""
-        return per_group[self.index]
+        return per_group.index_select(0, self.index)  # deterministic backward, unlike per_group[index]
 
     def members(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[Q, B] bool: sample b belongs to group q (and ``rows[b]`` is true, when given)."""
