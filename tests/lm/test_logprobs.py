@@ -20,15 +20,22 @@ from tether.lm.model import _enable_checkpointing
 VOCAB = 40
 
 
-def tiny(config_cls: type, model_cls: type, seed: int = 0) -> torch.nn.Module:
+def tiny(
+    config_cls: type,
+    model_cls: type,
+    seed: int = 0,
+    hidden: int = 32,
+    intermediate: int = 64,
+    kv_heads: int = 2,
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = config_cls(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=64,
         pad_token_id=0,
     )
@@ -220,18 +227,7 @@ def test_shared_pass_gradients_are_bitwise_repeatable() -> None:
     """Re-indexing the prompt's keys/values to the group's rows must not race in the backward
     pass: advanced indexing (``x[rows]``) accumulates its CPU gradient in parallel in no fixed
     order, which changed RL runs from step 2 and broke exact resumes (index_select does not)."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=192,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = tiny(LlamaConfig, LlamaForCausalLM, hidden=192, intermediate=256, kv_heads=4)
     batch = grouped_batch(seed=3, prompts=5, group=16, t=6)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the race needs at least two threads
