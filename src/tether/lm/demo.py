@@ -30,8 +30,8 @@ EVAL = {"prompts": 300, "k": 8}
 # The tiny model sits on a loss plateau (about 1.3 nats, ~1% accuracy) before it learns to add,
 # and when it leaves depends on the seed (at lr 1e-3 SFT reached 40% after 325-700 steps for seeds
 # 0-4). A fixed SFT length therefore left some seeds on the plateau and others near 100%, with
-# nothing for RL to do either way. SFT instead stops at the first check (every 25 steps, one sample on each of 128
-# train prompts) at or above SFT_TARGET, within a budget of sft_steps.
+# nothing for RL to do either way. SFT instead stops at the first check (every sft_check_every
+# steps, one sample on each of 128 train prompts) at or above SFT_TARGET, within sft_steps.
 SFT_TARGET = 0.4
 
 
