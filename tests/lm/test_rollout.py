@@ -348,6 +348,7 @@ def test_vllm_sampler_matches_trainer_logprobs() -> None:  # pragma: no cover - 
     )
     settings = {"temperature": 0.9, "top_k": 10, "top_p": 0.9}
     sampler = VLLMSampler(model, hf_tok, SamplingConfig(max_new_tokens=12, backend="vllm", **settings))
+    assert sampler.dtype == "float32"  # the policy's dtype, not vLLM's auto (bf16)
     b = sampler.generate(PROMPTS, generator=torch.Generator().manual_seed(0))
     assert b.completion_ids.shape[0] == len(PROMPTS)
     assert (b.completion_mask.long().diff(dim=1) <= 0).all()

@@ -53,11 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = RLTrainer(cfg, resume=args.resume)
     summary = trainer.train()
     if not args.no_eval:
-        from tether.lm.evaluate import evaluate
-
-        summary["eval"] = evaluate(
-            trainer.model, trainer.tokenizer, trainer.task, cfg.eval, cfg.sampling, seed=cfg.train.seed
-        )
+        summary["eval"] = trainer.evaluate()
         trainer.run.write_summary(summary)
     print_run_summary(summary, trainer.run.path)
     return 0

@@ -13,7 +13,6 @@ import yaml
 from tether.config import from_dict
 from tether.errors import TetherError
 from tether.lm.config import LMConfig, SFTConfig
-from tether.lm.evaluate import evaluate
 from tether.lm.report import print_comparison
 from tether.lm.sft import run_sft
 from tether.lm.trainer import RLTrainer
@@ -107,9 +106,7 @@ def run_demo(out: str | None = None, quick: bool = False, seed: int = 0) -> dict
             )
             trainer = RLTrainer(cfg, out=run_dir, resume=True)  # continues a killed stage
             summary = trainer.train()
-            summary["eval"] = evaluate(
-                trainer.model, trainer.tokenizer, trainer.task, cfg.eval, cfg.sampling, seed=seed
-            )
+            summary["eval"] = trainer.evaluate()
             trainer.run.write_summary(summary)
         else:
             summary = existing

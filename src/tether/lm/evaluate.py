@@ -9,7 +9,7 @@ import torch
 
 from tether.lm.config import EvalSettings
 from tether.lm.logprobs import completion_logprobs
-from tether.lm.rollout import SamplingConfig, make_sampler
+from tether.lm.rollout import Sampler, SamplingConfig, make_sampler
 from tether.lm.tasks.base import Task, safe_score
 
 
@@ -31,14 +31,23 @@ def evaluate(
     settings: EvalSettings,
     sampling: SamplingConfig,
     seed: int = 0,
+    sampler: Sampler | None = None,
 ) -> dict[str, Any]:
-    """Score ``settings.k`` samples per held-out prompt and one greedy completion."""
+    """Score ``settings.k`` samples per held-out prompt and one greedy completion.
+
+    ``sampler``: the backend to sample with (a trainer's, so that a vLLM engine is reused and
+    not built again); it is synced to ``model`` first. None builds one from ``sampling``.
+    """
     prompts = task.prompts("test", settings.prompts, seed=seed)
     device = next(model.parameters()).device
     sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
     greedy_cfg = dataclasses.replace(sampling, temperature=1.0, top_k=1, top_p=1.0)
-    sampler = make_sampler(model, tokenizer, sample_cfg)
-    greedy = make_sampler(model, tokenizer, greedy_cfg)
+    if sampler is None:
+        sampler = make_sampler(model, tokenizer, sample_cfg)
+    else:
+        sampler.sync_weights(model)
+        sampler = sampler.with_config(sample_cfg)
+    greedy = sampler.with_config(greedy_cfg)
     gen = torch.Generator().manual_seed(seed + 1)
     correct: list[int] = []
     greedy_correct = 0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tether.errors import InvalidInputError
+from tether.errors import InvalidInputError, TetherError
 from tether.lm.logprobs import position_ids_from_mask, processed_logprobs, prompt_groups
 from tether.lm.precision import autocast_context, autocast_dtype
 
@@ -77,6 +77,24 @@ class SamplingConfig:
         metadata={
             "help": "`hf`: tether's batched KV-cache sampler on the policy itself (CPU or GPU). "
             "`vllm`: a vLLM engine (GPU only, `pip install tether[vllm]`)."
+        },
+    )
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "Weights and activations of the vLLM engine. `auto`: the policy's parameter dtype, "
+            "so that samples come from the trainer's distribution (vLLM's own `auto` would run a float32 "
+            "policy in bf16, and the samples drift off-policy)."
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={
+            "min": 0.0,
+            "min_exclusive": True,
+            "max": 1.0,
+            "help": "Fraction of the GPU's memory the vLLM engine may take (weights and KV cache); "
+            "the policy, its optimizer and the reference model share the rest.",
         },
     )
 
@@ -157,11 +175,21 @@ class RolloutBatch:
 
 
 class Sampler(Protocol):
-    """What the trainer needs from a rollout backend."""
+    """What the trainer needs from a rollout backend.
+
+    ``sync_weights(model)`` makes the next ``generate`` sample from ``model``'s current weights
+    (the trainer calls it before every rollout); ``with_config(config)`` is a sampler with other
+    sampling settings on the same backend (evaluation's sampled and greedy passes), so one vLLM
+    engine serves training, checks and evaluation.
+    """
 
     config: SamplingConfig
 
     def generate(self, prompts: list[str], generator: torch.Generator | None = None) -> RolloutBatch: ...
+
+    def sync_weights(self, model: Any) -> None: ...
+
+    def with_config(self, config: SamplingConfig) -> Sampler: ...
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -567,6 +595,16 @@ class HFSampler:
         device: torch.device = next(self.model.parameters()).device
         return device
 
+    def sync_weights(self, model: Any) -> None:
+        """Nothing to copy: this sampler runs the live module. ``model`` must be that module."""
+        if model is not self.model:
+            raise TetherError(
+                "HFSampler samples from the module it was built with; build a new sampler for another model"
+            )
+
+    def with_config(self, config: SamplingConfig) -> HFSampler:
+        return HFSampler(self.model, self.tokenizer, config, fast_decode=self.fast_decode)
+
     def generate(self, prompts: list[str], generator: torch.Generator | None = None) -> RolloutBatch:
         if not prompts:
             raise InvalidInputError("generate() needs at least one prompt")
@@ -678,7 +716,13 @@ def make_sampler(model: Any, tokenizer: Any, config: SamplingConfig) -> Sampler:
     if config.backend == "vllm":
         from tether.lm.vllm_backend import VLLMSampler
 
-        return VLLMSampler(model, tokenizer, config)
+        return VLLMSampler(
+            model,
+            tokenizer,
+            config,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            dtype=config.vllm_dtype,
+        )
     raise InvalidInputError(
         f"sampling.backend: {config.backend!r} is not allowed; choose one of 'hf', 'vllm'"
     )

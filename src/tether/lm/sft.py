@@ -18,7 +18,7 @@ from tether.lm.model import load_policy
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
-from tether.lm.rollout import SamplingConfig, make_sampler
+from tether.lm.rollout import Sampler, SamplingConfig, make_sampler
 from tether.lm.tasks import get_task
 from tether.lm.tasks.base import Prompt, Task, safe_score
 from tether.runs import Checkpoint, RunDir, save_checkpoint
@@ -61,9 +61,17 @@ def sampled_accuracy(
     temperature: float,
     seed: int,
     batch_size: int = 256,
+    sampler: Sampler | None = None,
 ) -> float:
-    """Fraction of ``prompts`` answered correctly by one sample each at ``temperature``."""
-    sampler = make_sampler(model, tokenizer, dataclasses.replace(sampling, temperature=temperature))
+    """Fraction of ``prompts`` answered correctly by one sample each at ``temperature``.
+
+    ``sampler``: a backend to reuse (synced to ``model`` first); None builds one."""
+    cfg = dataclasses.replace(sampling, temperature=temperature)
+    if sampler is None:
+        sampler = make_sampler(model, tokenizer, cfg)
+    else:
+        sampler.sync_weights(model)
+        sampler = sampler.with_config(cfg)
     gen = torch.Generator().manual_seed(seed)
     correct = 0
     for start in range(0, len(prompts), batch_size):
@@ -109,6 +117,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     # The stop rule looks at train prompts (the ones SFT fits), never at the held-out split.
     check_set = random.Random(cfg.sft.seed + 1).sample(prompts, min(cfg.sft.check_prompts, len(prompts)))
     check_accuracy: float | None = None
+    check_sampler: Sampler | None = None
     steps_run = 0
     done = False
 
@@ -165,8 +174,17 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
             steps_run = step
             if target > 0 and (step % cfg.sft.check_every == 0 or step == total):
                 model.eval()
+                if check_sampler is None:  # one backend for every check (a vLLM engine is costly)
+                    check_sampler = make_sampler(model, tokenizer, cfg.sampling)
                 check_accuracy = sampled_accuracy(
-                    model, tokenizer, task, check_set, cfg.sampling, cfg.eval.temperature, seed=cfg.sft.seed
+                    model,
+                    tokenizer,
+                    task,
+                    check_set,
+                    cfg.sampling,
+                    cfg.eval.temperature,
+                    seed=cfg.sft.seed,
+                    sampler=check_sampler,
                 )
                 model.train()
                 record["sft/check_accuracy"] = check_accuracy
@@ -180,7 +198,9 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     model.eval()
     model.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
-    result = evaluate(model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed)
+    result = evaluate(
+        model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed, sampler=check_sampler
+    )
     summary = {
         "task": cfg.task.name,
         "steps": steps_run,

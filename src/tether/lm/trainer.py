@@ -21,6 +21,7 @@ from tether.catalogue.aggregate import Aggregation, count_sequences, count_token
 from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.config import LMConfig
+from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
 from tether.lm.model import load_policy, load_reference
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
@@ -208,6 +209,7 @@ class RLTrainer:
         """Sample completions for each planned prompt and score them; with dynamic sampling, drop
         groups whose rewards are all equal and refill the batch (DAPO)."""
         cfg = self.config.train
+        self.sampler.sync_weights(self.model)  # a vLLM engine holds its own copy of the weights
         ro = self._generate(self._plan(cfg.prompts_per_step), 0)
         if cfg.dynamic_sampling:
             ro = self._refill(ro)
@@ -508,6 +510,19 @@ class RLTrainer:
             k3 = torch.expm1(-d) + d
             out["policy/kl_ref"] = float((k3 * m).sum() / m.sum().clamp(min=1))
         return out
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out accuracy, pass@k and entropy of the current policy (``eval.*`` settings),
+        sampled with the trainer's own backend and seeded by ``train.seed``."""
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            self.task,
+            self.config.eval,
+            self.config.sampling,
+            seed=self.config.train.seed,
+            sampler=self.sampler,
+        )
 
     # ----------------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
