@@ -1,6 +1,8 @@
-"""Time tether's HFSampler against ``model.generate`` on a tiny Llama on CPU.
+"""Time tether's HFSampler against ``model.generate`` on a tiny Llama on CPU (and, on a GPU
+machine with vLLM, against tether's vLLM backend).
 
     .venv/bin/python bench/rollout_speed.py --batch 16 --max-new-tokens 64 --repeats 5
+    python bench/rollout_speed.py --device cuda --vllm --batch 256 --group-size 8 --max-new-tokens 64
 
 Both sample with the same temperature / top-k / top-p, the same ``max_new_tokens`` and the
 same pad and EOS ids, on a model of the shape of tether's default tiny model (1.8M
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -23,15 +26,25 @@ from tether.lm.rollout import HFSampler, SamplingConfig, _encode_left_padded
 from tether.lm.tokenizer import build_char_tokenizer
 
 
-def tiny_llama(vocab: int, pad: int, bos: int, eos: int, seed: int = 0) -> LlamaForCausalLM:
-    """The shape of tether's default tiny model (``tether.lm.model.ModelConfig`` defaults)."""
+def tiny_llama(
+    vocab: int,
+    pad: int,
+    bos: int,
+    eos: int,
+    seed: int = 0,
+    hidden: int = 192,
+    layers: int = 4,
+    heads: int = 4,
+    intermediate: int = 512,
+) -> LlamaForCausalLM:
+    """By default the shape of tether's default tiny model (``tether.lm.model.ModelConfig``)."""
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=512,
         pad_token_id=pad,
         bos_token_id=bos,
@@ -60,12 +73,33 @@ def main() -> None:
         help="G: rows per distinct prompt, as in a GRPO rollout (batch // G distinct prompts)",
     )
     parser.add_argument("--prefix", default="", help="text put before every prompt (an instruction)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also time tether's vLLM backend (needs vllm and --device cuda); it stops at the "
+        "tokenizer's EOS, so its rows may be shorter: compare tokens/s",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     tok = build_char_tokenizer(model_max_length=512)
-    model = tiny_llama(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    model = tiny_llama(
+        len(tok),
+        tok.pad_token_id,
+        tok.bos_token_id,
+        tok.eos_token_id,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate,
+    ).to(device=args.device, dtype=getattr(torch, args.dtype))
     # An EOS id outside the vocabulary is never sampled: both runs generate exactly
     # max_new_tokens tokens per row (an untrained model would otherwise stop at random).
     never = len(tok) + 7
@@ -83,6 +117,12 @@ def main() -> None:
     sampler.eos_ids = [never]
 
     enc_ids, enc_mask = _encode_left_padded(tok, prompts, int(tok.pad_token_id))
+    enc_ids, enc_mask = enc_ids.to(args.device), enc_mask.to(args.device)
+    contestants: dict[str, Callable[[], int]] = {}
+
+    def sync() -> None:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
 
     def run_ours() -> int:
         batch = sampler.generate(prompts, generator=torch.Generator().manual_seed(0))
@@ -104,30 +144,46 @@ def main() -> None:
             )
         return int(out.shape[0] * (out.shape[1] - enc_ids.shape[1]))
 
+    contestants["HFSampler.generate"] = run_ours
+    contestants["model.generate"] = run_hf
+    if args.vllm:
+        from tether.lm.vllm_backend import VLLMSampler
+
+        engine = VLLMSampler(model, tok, cfg)
+
+        def run_vllm() -> int:
+            batch = engine.generate(prompts, generator=torch.Generator().manual_seed(0))
+            return int(batch.completion_mask.sum())
+
+        contestants["VLLMSampler.generate"] = run_vllm
+
     # interleaved repeats, best time of each: robust to other processes loading the machine
-    run_ours()
-    run_hf()
-    times_ours, times_hf = [], []
-    n_ours = n_hf = 0
+    for run in contestants.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in contestants}
+    tokens: dict[str, int] = {}
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        n_ours = run_ours()
-        times_ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        n_hf = run_hf()
-        times_hf.append(time.perf_counter() - start)
-    t_ours, t_hf = min(times_ours), min(times_hf)
+        for name, run in contestants.items():
+            sync()
+            start = time.perf_counter()
+            tokens[name] = run()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(t) for name, t in times.items()}
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
     print(
-        f"tiny Llama {n_params / 1e6:.2f}M params, vocab {len(tok)}, batch {args.batch} "
+        f"Llama {n_params / 1e6:.2f}M params, vocab {len(tok)}, {args.device}{gpu} {args.dtype}, batch {args.batch} "
         f"({len(distinct)} distinct prompts of {enc_ids.shape[1]} tokens at most), "
         f"max_new_tokens {args.max_new_tokens}, threads {torch.get_num_threads()}, "
         f"T={args.temperature} top_k={args.top_k} top_p={args.top_p}"
     )
-    print(
-        f"HFSampler.generate : {t_ours * 1e3:8.1f} ms  {n_ours / t_ours:10.0f} tokens/s (best of {args.repeats})"
-    )
-    print(f"model.generate     : {t_hf * 1e3:8.1f} ms  {n_hf / t_hf:10.0f} tokens/s (best of {args.repeats})")
-    print(f"speed-up           : {t_hf / t_ours:.2f}x")
+    for name, t in best.items():
+        print(f"{name:21s}: {t * 1e3:8.1f} ms  {tokens[name] / t:10.0f} tokens/s (best of {args.repeats})")
+    ours = tokens["HFSampler.generate"] / best["HFSampler.generate"]
+    print(f"speed-up over model.generate: {best['model.generate'] / best['HFSampler.generate']:.2f}x")
+    if args.vllm:
+        rate = tokens["VLLMSampler.generate"] / best["VLLMSampler.generate"]
+        print(f"vLLM tokens/s over HFSampler tokens/s: {rate / ours:.2f}x")
 
 
 if __name__ == "__main__":
