@@ -17,6 +17,7 @@ def test_quiet_on_healthy_metrics() -> None:
             "response/truncation_rate": 0.2,
             "reward/zero_std_frac": 0.5,
             "policy/kl_ref": 0.01,
+            "rollout/is_ess": 0.97,
         }
         assert m.check(step, metrics) == []
 
@@ -35,6 +36,7 @@ def test_each_alarm_fires() -> None:
             "reward/zero_std_frac": 1.0,
             "grad/norm": 20.0,
             "policy/kl_ref": 3.0,
+            "rollout/is_ess": 0.2,
             "policy/loss": float("nan"),
         },
     )
@@ -47,6 +49,7 @@ def test_each_alarm_fires() -> None:
             "all_zero_variance",
             "grad_norm_spike",
             "kl_runaway",
+            "sampler_mismatch",
         ]
     )
     assert m.counts["nan"] == 1

@@ -72,6 +72,28 @@ class TrainSettings:
             "(exact when one epoch has one mini-batch); auto = reuse exactly then, with the built-in sampler"
         },
     )
+    sampler_correction: Literal[
+        "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = field(
+        default="none",
+        metadata={
+            "help": "importance weights for the sampler/trainer mismatch, on each token's policy-gradient "
+            "term (tether.lm.mismatch): token_truncate = TIS (Yao et al. 2025), min(pi_old/mu, max); the "
+            "others as TRL's vllm_importance_sampling_mode. For a sampler that is not exact, e.g. a bf16 "
+            "vLLM engine; old log-probs are then always recomputed by the trainer"
+        },
+    )
+    sampler_correction_min: float = field(
+        default=0.0, metadata={"min": 0.0, "help": "lower bound C_min of the importance ratio"}
+    )
+    sampler_correction_max: float = field(
+        default=2.0,
+        metadata={
+            "min": 0.0,
+            "min_exclusive": True,
+            "help": "upper bound C_max of the importance ratio (TIS: C=2)",
+        },
+    )
     share_prompts: bool | Literal["auto"] = field(
         default="auto",
         metadata={
@@ -151,6 +173,17 @@ class LMConfig:
             raise ConfigError(
                 "train.old_logprobs=reuse is only exact for one epoch over one mini-batch; "
                 "use train.old_logprobs=auto or recompute"
+            )
+        if self.train.sampler_correction != "none" and self.train.old_logprobs == "reuse":
+            raise ConfigError(
+                f"train.sampler_correction={self.train.sampler_correction} compares the sampler's log-probs "
+                "with the trainer's, which train.old_logprobs=reuse replaces by the sampler's own; "
+                "use train.old_logprobs=auto or recompute"
+            )
+        if self.train.sampler_correction_min >= self.train.sampler_correction_max:
+            raise ConfigError(
+                f"train.sampler_correction_min={self.train.sampler_correction_min} must be below "
+                f"train.sampler_correction_max={self.train.sampler_correction_max}"
             )
         if self.train.minibatches > self.train.prompts_per_step * self.train.group_size:
             raise ConfigError(

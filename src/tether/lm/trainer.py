@@ -23,6 +23,7 @@ from tether.errors import TetherError
 from tether.lm.config import LMConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
+from tether.lm.mismatch import importance_stats, sampler_importance_weights
 from tether.lm.model import load_policy, load_reference
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
@@ -324,6 +325,7 @@ class RLTrainer:
                 and cfg.train.epochs == 1
                 and cfg.train.minibatches == 1
                 and cfg.sampling.backend == "hf"
+                and cfg.train.sampler_correction == "none"
             )
         ) and not self.needs_distribution
         if reuse_old:
@@ -365,6 +367,21 @@ class RLTrainer:
             plugin.after_advantages(self, ro, inputs)
         advantages = inputs["advantages"]
         response_mask = inputs["response_mask"]
+        if cfg.train.sampler_correction != "none":  # weights the policy-gradient term only
+            weights = sampler_importance_weights(
+                old_logprobs,
+                batch.sampler_logprobs.float(),
+                response_mask,
+                cfg.train.sampler_correction,
+                cfg.train.sampler_correction_min,
+                cfg.train.sampler_correction_max,
+            )
+            advantages = advantages * weights
+            kept = response_mask.float()
+            metrics["rollout/is_weight_mean"] = float((weights * kept).sum() / kept.sum().clamp(min=1))
+            metrics["rollout/is_zeroed_frac"] = float(
+                ((weights == 0) & response_mask).sum() / kept.sum().clamp(min=1)
+            )
         t_prep = time.perf_counter() - t1
 
         # K epochs of mini-batch updates.
@@ -505,6 +522,7 @@ class RLTrainer:
             "rollout/dropped_groups": float(ro.dropped_groups),
             "cost/mean": sum(s.cost for s in ro.scores) / len(ro.scores),
         }
+        out.update(importance_stats(old_logprobs, batch.sampler_logprobs, mask))
         if ref_logprobs is not None:
             d = old_logprobs - ref_logprobs
             k3 = torch.expm1(-d) + d

@@ -15,6 +15,9 @@ Alarms and the metrics they read:
 - ``all_zero_variance``: ``reward/zero_std_frac`` equal to 1: no group carries a signal.
 - ``grad_norm_spike``: ``grad/norm`` above ``grad_spike_factor`` x its running EMA (verl #1066).
 - ``kl_runaway``: ``policy/kl_ref`` above ``kl_max``.
+- ``sampler_mismatch``: ``rollout/is_ess`` (effective sample size of the trainer/sampler
+  importance ratios, as a fraction) below ``is_ess_min``: the samples come from a distribution
+  far from the trainer's (TRL #4159, #6789; Yao et al. 2025).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ TRUNCATION = "response/truncation_rate"
 ZERO_STD = "reward/zero_std_frac"
 GRAD_NORM = "grad/norm"
 KL_REF = "policy/kl_ref"
+IS_ESS = "rollout/is_ess"
 
 
 @dataclass
@@ -50,6 +54,14 @@ class MonitorConfig:
     grad_warmup_steps: int = field(default=3, metadata={"min": 0, "help": "steps before spikes are judged"})
     kl_max: float = field(
         default=1.0, metadata={"min": 0.0, "help": "alarm when KL to reference exceeds this"}
+    )
+    is_ess_min: float = field(
+        default=0.5,
+        metadata={
+            "min": 0.0,
+            "max": 1.0,
+            "help": "alarm when the importance-sampling ESS of sampler vs trainer log-probs falls below this",
+        },
     )
 
 
@@ -124,6 +136,14 @@ class Monitor:
         kl = _finite(metrics.get(KL_REF))
         if kl is not None and kl > c.kl_max:
             fire("kl_runaway", f"KL to reference {kl:.3g} exceeds {c.kl_max:g}", kl)
+        ess = _finite(metrics.get(IS_ESS))
+        if ess is not None and ess < c.is_ess_min:
+            fire(
+                "sampler_mismatch",
+                f"importance-sampling ESS {ess:.3g} is below {c.is_ess_min:g}: the sampler's distribution is far "
+                "from the trainer's (see train.sampler_correction)",
+                ess,
+            )
         for a in alarms:
             self.counts[a.kind] = self.counts.get(a.kind, 0) + 1
         return alarms
