@@ -69,6 +69,7 @@ WRITER = textwrap.dedent(
     import sys, torch
     from tether.runs import Checkpoint, save_checkpoint
     run = sys.argv[1]
+    open(sys.argv[2], "w").close()  # imports done: the test's kill lands among checkpoint writes
     step = 0
     while True:
         step += 1
@@ -84,9 +85,17 @@ def test_kill_during_checkpoint_writes_leaves_latest_intact(tmp_path: Path) -> N
     script.write_text(WRITER)
     run = tmp_path / "run"
     rng = random.Random(0)
+    started = tmp_path / "started"
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, str(script), str(run)], env={**os.environ})
-        time.sleep(0.8 + rng.random() * 0.7)
+        started.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, str(script), str(run), str(started)], env={**os.environ})
+        # Wait for the writer's imports (seconds on a loaded machine), then kill it at a random
+        # moment of its write loop.
+        deadline = time.monotonic() + 120
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists(), "the checkpoint writer did not start"
+        time.sleep(0.05 + rng.random() * 0.45)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         path = latest_checkpoint(run)
