@@ -14,9 +14,11 @@ Sampling is seeded per request from the given ``torch.Generator``.
 
 Precision: ``sampling.vllm_dtype=auto`` runs the engine in the policy's compute dtype (the
 autocast dtype when the policy has one, else its parameters'). vLLM's own ``auto`` would run a
-float32 policy in bf16; on the demo's GRPO run (H100, one seed) that sampler/trainer mismatch
-cost most of the gain: held-out accuracy 0.493 with a bf16 engine, 0.675 with a float32 one,
-0.709 with the HF sampler, from 0.422 after SFT.
+float32 policy in bf16, and the samples would come from another distribution than the one the
+trainer scores (a log-prob gap of 0.006 against 0.0008 in float32). On one seed of the demo's GRPO
+stage (H100) held-out accuracy went from 0.422 after SFT to 0.493 with a bf16 engine, 0.675 with
+a float32 one and 0.709 with the HF sampler; bench/mismatch.py (CPU, a bf16 copy of the policy as
+sampler, two seeds) found no such loss, so the bf16 row may be seed noise.
 
 The engine runs in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set
 otherwise), and one engine serves every sampling setting (:meth:`VLLMSampler.with_config`).
