@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+import tether.lm.rollout as rollout_module
 import tether.lm.sft as sft_module
 from tests.lm.test_sft import sft_config
 from tests.lm.test_trainer import make_config
@@ -239,5 +240,6 @@ def test_sft_checks_reuse_one_sampler(tmp_path: Path, monkeypatch) -> None:
         return real(model, tok, config)
 
     monkeypatch.setattr(sft_module, "make_sampler", counting)
+    monkeypatch.setattr(rollout_module, "make_sampler", counting)  # what sampler_for builds with
     summary = run_sft(sft_config(steps=6, check_every=2, stop_at_accuracy=1.0), out=str(tmp_path / "s"))
     assert summary["steps"] == 6 and len(built) == 1  # three checks and the final evaluation

@@ -9,7 +9,7 @@ import torch
 
 from tether.lm.config import EvalSettings
 from tether.lm.logprobs import completion_logprobs
-from tether.lm.rollout import Sampler, SamplingConfig, make_sampler
+from tether.lm.rollout import Sampler, SamplingConfig, sampler_for
 from tether.lm.tasks.base import Task, safe_score
 
 
@@ -42,11 +42,7 @@ def evaluate(
     device = next(model.parameters()).device
     sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
     greedy_cfg = dataclasses.replace(sampling, temperature=1.0, top_k=1, top_p=1.0)
-    if sampler is None:
-        sampler = make_sampler(model, tokenizer, sample_cfg)
-    else:
-        sampler.sync_weights(model)
-        sampler = sampler.with_config(sample_cfg)
+    sampler = sampler_for(model, tokenizer, sample_cfg, reuse=sampler)
     greedy = sampler.with_config(greedy_cfg)
     gen = torch.Generator().manual_seed(seed + 1)
     correct: list[int] = []

@@ -709,6 +709,15 @@ class HFSampler:
         return tokens[:, :steps], alive_mask[:, :steps], logps[:, :steps], ~done
 
 
+def sampler_for(model: Any, tokenizer: Any, config: SamplingConfig, reuse: Sampler | None = None) -> Sampler:
+    """A sampler for ``model`` with ``config``: ``reuse`` synced to ``model`` and set to ``config``
+    (its backend kept, e.g. a trainer's vLLM engine), else a new one from ``config``."""
+    if reuse is None:
+        return make_sampler(model, tokenizer, config)
+    reuse.sync_weights(model)
+    return reuse.with_config(config)
+
+
 def make_sampler(model: Any, tokenizer: Any, config: SamplingConfig) -> Sampler:
     """The rollout backend named by ``config.backend``: ``hf`` or ``vllm``."""
     if config.backend == "hf":

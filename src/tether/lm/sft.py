@@ -18,7 +18,7 @@ from tether.lm.model import load_policy
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
-from tether.lm.rollout import Sampler, SamplingConfig, make_sampler
+from tether.lm.rollout import Sampler, SamplingConfig, make_sampler, sampler_for
 from tether.lm.tasks import get_task
 from tether.lm.tasks.base import Prompt, Task, safe_score
 from tether.runs import Checkpoint, RunDir, save_checkpoint
@@ -67,11 +67,7 @@ def sampled_accuracy(
 
     ``sampler``: a backend to reuse (synced to ``model`` first); None builds one."""
     cfg = dataclasses.replace(sampling, temperature=temperature)
-    if sampler is None:
-        sampler = make_sampler(model, tokenizer, cfg)
-    else:
-        sampler.sync_weights(model)
-        sampler = sampler.with_config(cfg)
+    sampler = sampler_for(model, tokenizer, cfg, reuse=sampler)
     gen = torch.Generator().manual_seed(seed)
     correct = 0
     for start in range(0, len(prompts), batch_size):
