@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.lm.test_trainer import make_config
+from tether.catalogue.mismatch import importance_stats, sampler_importance_weights
 from tether.config import ConfigError
-from tether.lm.mismatch import importance_stats, sampler_importance_weights
 from tether.lm.rollout import HFSampler, RolloutBatch
 from tether.lm.trainer import RLTrainer
 

@@ -78,7 +78,7 @@ class TrainSettings:
         default="none",
         metadata={
             "help": "importance weights for the sampler/trainer mismatch, on each token's policy-gradient "
-            "term (tether.lm.mismatch): token_truncate = TIS (Yao et al. 2025), min(pi_old/mu, max); the "
+            "term (tether.catalogue.mismatch): token_truncate = TIS (Yao et al. 2025), min(pi_old/mu, max); the "
             "others as TRL's vllm_importance_sampling_mode. For a sampler that is not exact, e.g. a bf16 "
             "vLLM engine; old log-probs are then always recomputed by the trainer"
         },

@@ -18,12 +18,12 @@ import torch
 
 from tether.catalogue import get
 from tether.catalogue.aggregate import Aggregation, count_sequences, count_tokens
+from tether.catalogue.mismatch import correction_metrics, importance_stats, sampler_importance_weights
 from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.config import LMConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
-from tether.lm.mismatch import importance_stats, sampler_importance_weights
 from tether.lm.model import load_policy, load_reference
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
@@ -377,11 +377,7 @@ class RLTrainer:
                 cfg.train.sampler_correction_max,
             )
             advantages = advantages * weights
-            kept = response_mask.float()
-            metrics["rollout/is_weight_mean"] = float((weights * kept).sum() / kept.sum().clamp(min=1))
-            metrics["rollout/is_zeroed_frac"] = float(
-                ((weights == 0) & response_mask).sum() / kept.sum().clamp(min=1)
-            )
+            metrics.update(correction_metrics(weights, response_mask))
         t_prep = time.perf_counter() - t1
 
         # K epochs of mini-batch updates.

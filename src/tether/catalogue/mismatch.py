@@ -26,9 +26,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tether.catalogue.aggregate import masked_mean
+
 Mode = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
-__all__ = ["Mode", "importance_stats", "sampler_importance_weights"]
+__all__ = ["Mode", "correction_metrics", "importance_stats", "sampler_importance_weights"]
 
 
 def sampler_importance_weights(
@@ -74,4 +76,13 @@ def importance_stats(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: T
         "rollout/is_ratio_min": float(rho.min()),
         "rollout/is_ratio_max": float(rho.max()),
         "rollout/is_ess": ess,
+    }
+
+
+def correction_metrics(weights: Tensor, mask: Tensor) -> dict[str, float]:
+    """The applied weights over the mask: their mean and the fraction set to zero (masked)."""
+    m = mask.to(weights.dtype)
+    return {
+        "rollout/is_weight_mean": float(masked_mean(weights, m)),
+        "rollout/is_zeroed_frac": float(masked_mean((weights == 0).to(weights.dtype), m)),
     }
