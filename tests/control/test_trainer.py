@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,31 @@ def test_bad_env_id_fails_before_work(tmp_path: Path) -> None:
     with pytest.raises(TetherError, match="CartPole-v1"):
         ControlTrainer(make_config(tmp_path / "run", "env.id=CartPol-v1"))
     assert not (tmp_path / "run").exists()
+
+
+def test_imports_register_a_users_env_and_eval_finds_it_again(tmp_path: Path) -> None:
+    env_file = tmp_path / "my_envs.py"
+    env_file.write_text(
+        "import gymnasium as gym\n"
+        "if 'user/ShortCartPole-v0' not in gym.registry:\n"
+        "    gym.register('user/ShortCartPole-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv',"
+        " max_episode_steps=20)\n"
+    )
+    out = tmp_path / "run"
+    cfg = make_config(out, "env.id=user/ShortCartPole-v0", f"imports=[{env_file}]", "train.total_steps=128")
+    ControlTrainer(cfg).train()
+    lengths = [r["episode/length"] for r in RunDir(out).metrics.read() if "episode/length" in r]
+    assert lengths and max(lengths) <= 20  # the user's registration (20-step episodes) was used
+    import gymnasium as gym
+
+    from tether.control.evaluate import evaluate_run
+
+    # As in a new process: the env and the imported file are forgotten; the run's config imports it again.
+    del gym.registry["user/ShortCartPole-v0"]
+    for name in [m for m in sys.modules if m.startswith("tether_user_my_envs_")]:
+        del sys.modules[name]
+    result = evaluate_run(out, episodes=2, write=False)
+    assert result["env"] == "user/ShortCartPole-v0" and max(result["episode_lengths"]) <= 20
 
 
 def test_bad_config_and_recipe_fail_clearly(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def build_run_config(spec: RunSpec) -> Any:
 
 def _build_lm_config(spec: RunSpec) -> Any:
     from tether.lm.cli import build_lm_config
-    from tether.lm.tasks import get_task
+    from tether.lm.tasks import build_task
 
     args = argparse.Namespace(
         recipe=spec.recipe,
@@ -160,8 +160,8 @@ def _build_lm_config(spec: RunSpec) -> Any:
         config=spec.config,
         overrides=list(spec.overrides),
     )
-    cfg = build_lm_config(args)
-    get_task(cfg.task.name, **cfg.task.params)  # task name and parameters (splits are built lazily)
+    cfg = build_lm_config(args)  # imports the run's own modules first
+    build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)  # task, rewards
     from tether.lm.trainer import apply_method_overrides
     from tether.recipes import Method, load_recipe
 

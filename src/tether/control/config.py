@@ -86,6 +86,13 @@ class RunSettings:
 @dataclass
 class ControlConfig:
     recipe: str = "ppo"
+    imports: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "your modules or .py files, imported first: they may register Gymnasium envs "
+            "(gymnasium.register), catalogue entries and recipes' components (tether.userimports)"
+        },
+    )
     env: EnvSettings = field(default_factory=EnvSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     run: RunSettings = field(default_factory=RunSettings)

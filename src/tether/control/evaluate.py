@@ -41,6 +41,7 @@ from tether.control.safety_layer import CONSTRAINT_KEY, LinearCostModel, SafetyL
 from tether.errors import TetherError
 from tether.runs.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
 from tether.runs.files import atomic_write_json
+from tether.userimports import import_user_code
 
 __all__ = ["EVAL_FILE", "evaluate_run", "load_control_config", "load_policy"]
 
@@ -333,6 +334,7 @@ def evaluate_run(
     eval_id = env_id or cfg.env.id
     from tether.control.trainer import check_env_id
 
+    import_user_code(cfg.imports)  # the run's own modules (they may register its env)
     check_env_id(eval_id)
     if video_dir is not None and importlib.util.find_spec("moviepy") is None:
         raise TetherError("recording videos needs moviepy, which is not installed: pip install tether[video]")

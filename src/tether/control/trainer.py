@@ -49,6 +49,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.userimports import import_user_code
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -166,6 +167,7 @@ def build_method(cfg: ControlConfig) -> Method:
 
     ``ControlTrainer`` calls it first; the arena calls it to validate planned runs.
     """
+    import_user_code(cfg.imports)  # the user's modules may register the env or components
     check_env_id(cfg.env.id)
     method = Method(resolve_recipe(cfg.recipe), cost_limit=cfg.train.cost_limit)
     method.check_inputs(set(CONTROL_INPUTS), "control")

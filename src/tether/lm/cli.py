@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import ConfigError, apply_overrides, from_dict, load_yaml
+from tether.userimports import import_user_code
 
 
 def _base(args: argparse.Namespace) -> dict[str, Any]:
@@ -21,6 +22,8 @@ def build_lm_config(args: argparse.Namespace) -> Any:
 
     base = _base(args)
     overrides = list(args.overrides)
+    # The user's modules first: they may register the recipe's components, the task or a plugin.
+    import_user_code(apply_overrides(base, overrides).get("imports"))
     recipe_name = args.recipe or base.get("recipe") or "grpo"
     for o in overrides:
         if o.startswith("recipe="):
@@ -83,13 +86,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tether.lm.evaluate import evaluate
     from tether.lm.model import ModelConfig, load_policy
     from tether.lm.rollout import SamplingConfig
-    from tether.lm.tasks import get_task
+    from tether.lm.tasks import build_task
 
     path = Path(args.checkpoint)
     model_dir = path / "model" if (path / "model").is_dir() else path
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"{str(path)!r} is neither a run directory with model/ nor a model directory")
     data = apply_overrides({}, list(args.overrides))
+    import_user_code(data.get("imports"))
     task_cfg = from_dict(TaskConfig, data.get("task", {}) | ({"name": args.task} if args.task else {}))
     settings = from_dict(
         EvalSettings,
@@ -97,7 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     sampling = from_dict(SamplingConfig, data.get("sampling", {}))
     model, tok = load_policy(from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}))
-    result = evaluate(model, tok, get_task(task_cfg.name, **task_cfg.params), settings, sampling)
+    task = build_task(task_cfg.name, task_cfg.params, task_cfg.rewards, task_cfg.reward_weights)
+    result = evaluate(model, tok, task, settings, sampling)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -23,6 +23,29 @@ from tether.monitor import MonitorConfig
 class TaskConfig:
     name: str = field(default="arithmetic", metadata={"help": "registered task: arithmetic, countdown, file"})
     params: dict[str, Any] = field(default_factory=dict, metadata={"help": "task constructor arguments"})
+    rewards: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "reward functions replacing the task's reward by their weighted mean (tether.lm.tasks."
+            "rewards): module:function, path/to/file.py:function, or verifier / correct / format"
+        },
+    )
+    reward_weights: list[float] = field(
+        default_factory=list, metadata={"help": "one weight >= 0 per reward function (default: 1 each)"}
+    )
+
+    def validate(self) -> None:
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(
+                f"task.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
+                "task.rewards; give one weight per reward function (or none for 1 each)"
+            )
+        if any(not w >= 0.0 for w in self.reward_weights):  # also NaN
+            raise ConfigError(f"task.reward_weights={self.reward_weights}: weights must be >= 0")
+        if self.rewards and self.reward_weights and sum(self.reward_weights) <= 0.0:
+            raise ConfigError(
+                "task.reward_weights are all 0; give at least one reward function a positive weight"
+            )
 
 
 @dataclass
@@ -145,7 +168,9 @@ class RunSettings:
 
 @dataclass
 class EvalSettings:
-    prompts: int = field(default=200, metadata={"min": 1, "help": "held-out prompts"})
+    prompts: int = field(
+        default=200, metadata={"min": 1, "help": "held-out prompts (the whole test split when it has fewer)"}
+    )
     k: int = field(default=8, metadata={"min": 1, "help": "samples per prompt for pass@k"})
     temperature: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
     batch_size: int = field(default=256, metadata={"min": 1})
@@ -156,6 +181,13 @@ class LMConfig:
     """``tether train``: the RL loop on a language model."""
 
     recipe: str = field(default="grpo", metadata={"help": "recipe name or path to a recipe YAML"})
+    imports: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "your modules or .py files, imported first: they may register tasks, loop plugins and "
+            "catalogue entries (tether.userimports)"
+        },
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -223,6 +255,13 @@ class SFTSettings:
 class SFTConfig:
     """``tether sft``: supervised warm start on a task's reference solutions."""
 
+    imports: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "your modules or .py files, imported first: they may register tasks, loop plugins and "
+            "catalogue entries (tether.userimports)"
+        },
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTSettings = field(default_factory=SFTSettings)

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from tether.errors import TetherError
 from tether.lm.config import EvalSettings
 from tether.lm.logprobs import completion_logprobs
 from tether.lm.rollout import Sampler, SamplingConfig, sampler_for
-from tether.lm.tasks.base import Task, safe_score
+from tether.lm.tasks.base import Task, safe_score_batch
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -37,8 +38,13 @@ def evaluate(
 
     ``sampler``: the backend to sample with (a trainer's, so that a vLLM engine is reused and
     not built again); it is synced to ``model`` first. None builds one from ``sampling``.
+    A test split smaller than ``settings.prompts`` is used whole (the result's ``prompts`` says
+    how many were scored).
     """
-    prompts = task.prompts("test", settings.prompts, seed=seed)
+    available = len(task.prompts("test"))
+    if available == 0:
+        raise TetherError(f"task {task.name!r} has no test prompts to evaluate on; give it a test split")
+    prompts = task.prompts("test", min(settings.prompts, available), seed=seed)
     device = next(model.parameters()).device
     sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
     greedy_cfg = dataclasses.replace(sampling, temperature=1.0, top_k=1, top_p=1.0)
@@ -57,10 +63,10 @@ def evaluate(
         chunk = prompts[start : start + per_prompt]
         texts = [p.text for p in chunk for _ in range(settings.k)]
         batch = sampler.generate(texts, generator=gen)
-        for i, p in enumerate(chunk):
+        scores = safe_score_batch(task, [p for p in chunk for _ in range(settings.k)], batch.completion_texts)
+        for i in range(len(chunk)):
             c = 0
-            for j in range(settings.k):
-                s = safe_score(task, p, batch.completion_texts[i * settings.k + j])
+            for s in scores[i * settings.k : (i + 1) * settings.k]:
                 c += int(s.correct)
                 fmt += int(s.format_ok)
                 n_samples += 1
@@ -82,7 +88,7 @@ def evaluate(
         ent_tokens += float(m.sum())
         len_sum += float(m.sum())
         g = greedy.generate([p.text for p in chunk], generator=gen)
-        greedy_correct += sum(int(safe_score(task, p, t).correct) for p, t in zip(chunk, g.completion_texts))
+        greedy_correct += sum(int(s.correct) for s in safe_score_batch(task, chunk, g.completion_texts))
     k = settings.k
     return {
         "accuracy": sum(correct) / max(n_samples, 1),

@@ -19,8 +19,8 @@ from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import Sampler, SamplingConfig, make_sampler, sampler_for
-from tether.lm.tasks import get_task
-from tether.lm.tasks.base import Prompt, Task, safe_score
+from tether.lm.tasks import build_task
+from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
@@ -29,6 +29,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.userimports import import_user_code
 
 
 def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
@@ -73,7 +74,7 @@ def sampled_accuracy(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         out = sampler.generate([p.text for p in chunk], generator=gen)
-        correct += sum(int(safe_score(task, p, t).correct) for p, t in zip(chunk, out.completion_texts))
+        correct += sum(int(s.correct) for s in safe_score_batch(task, chunk, out.completion_texts))
     return correct / max(len(prompts), 1)
 
 
@@ -82,7 +83,8 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     ``out`` from its last checkpoint (every ``run.checkpoint_every`` steps and at the end), with
     the metrics an unbroken run writes."""
     cfg = config
-    task = get_task(cfg.task.name, **cfg.task.params)
+    import_user_code(cfg.imports)
+    task = build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")

@@ -28,9 +28,10 @@ from tether.lm.model import load_policy, load_reference
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, make_sampler
-from tether.lm.tasks import get_task
-from tether.lm.tasks.base import Prompt, Task, safe_score
+from tether.lm.tasks import build_task
+from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.monitor import Monitor
+from tether.monitor.memory import memory_metrics
 from tether.monitor.updates import combine_update_metrics
 from tether.recipes import Method, load_recipe
 from tether.recipes.loader import Recipe
@@ -42,6 +43,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.userimports import import_user_code
 
 # Inputs the language-model world can hand to catalogue entries (names of DEVELOPERS.md).
 LM_INPUTS = frozenset(
@@ -124,6 +126,7 @@ class RLTrainer:
     def __init__(self, config: LMConfig, resume: bool = False, out: str | Path | None = None) -> None:
         self.config = config
         cfg = config
+        import_user_code(cfg.imports)  # first: the user's modules may register what the run names
         self.recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
         self.method = Method(self.recipe)
         if self.method.constraint is not None:
@@ -131,7 +134,9 @@ class RLTrainer:
                 f"recipe {self.recipe.name!r} has a cost constraint, which the language-model trainer "
                 "does not drive yet; run it in the control world (tether control train --recipe ...)"
             )
-        self.task: Task = get_task(cfg.task.name, **cfg.task.params)
+        self.task: Task = build_task(
+            cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights
+        )
         self.plugins: list[LoopPlugin] = [build_plugin(c["name"], c["params"]) for c in self.recipe.loop]
         needs_ref = "ref_logprobs" in self.method.required_inputs()
         self.use_ref = cfg.train.reference == "always" or (cfg.train.reference == "auto" and needs_ref)
@@ -200,7 +205,7 @@ class RLTrainer:
     def _generate(self, plan: list[tuple[Prompt, int]], first_group: int) -> Rollout:
         per_row = [p for p, k in plan for _ in range(k)]
         batch = self.sampler.generate([p.text for p in per_row], generator=self.generator)
-        scores = [safe_score(self.task, p, c) for p, c in zip(per_row, batch.completion_texts)]
+        scores = safe_score_batch(self.task, per_row, batch.completion_texts)
         group_ids = torch.cat(
             [torch.full((k,), first_group + i, dtype=torch.long) for i, (_, k) in enumerate(plan)]
         )
@@ -479,6 +484,7 @@ class RLTrainer:
                 "time/step_s": step_time,
                 "perf/tokens_per_s": n_tokens / max(step_time, 1e-9),
                 "perf/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
+                **memory_metrics(self.device),
             }
         )
         for plugin in self.plugins:
@@ -518,6 +524,9 @@ class RLTrainer:
             "rollout/dropped_groups": float(ro.dropped_groups),
             "cost/mean": sum(s.cost for s in ro.scores) / len(ro.scores),
         }
+        for label in dict.fromkeys(k for s in ro.scores for k in s.parts):  # task.rewards, each alone
+            values = [s.parts[label] for s in ro.scores if label in s.parts]
+            out[f"reward_fn/{label}"] = sum(values) / len(values)
         out.update(importance_stats(old_logprobs, batch.sampler_logprobs, mask))
         if ref_logprobs is not None:
             d = old_logprobs - ref_logprobs

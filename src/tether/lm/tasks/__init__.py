@@ -2,6 +2,8 @@
 
 Built in: ``arithmetic`` (:class:`ArithmeticTask`), ``countdown`` (:class:`CountdownTask`) and
 ``file`` (:class:`FileTask`, JSONL / JSON / Parquet through ``datasets``, imported lazily).
+:func:`build_task` builds one from a run's ``task`` settings, with the reward replaced by the
+user's reward functions when ``task.rewards`` names some (:mod:`tether.lm.tasks.rewards`).
 """
 
 from tether.lm.tasks.arithmetic import ArithmeticTask
@@ -13,21 +15,26 @@ from tether.lm.tasks.base import (
     get_task,
     register_task,
     safe_score,
+    safe_score_batch,
     task_names,
 )
 from tether.lm.tasks.countdown import CountdownTask
 from tether.lm.tasks.files import FileTask
+from tether.lm.tasks.rewards import RewardedTask, build_task
 
 __all__ = [
     "ArithmeticTask",
     "CountdownTask",
     "FileTask",
     "Prompt",
+    "RewardedTask",
     "Score",
     "Split",
     "Task",
+    "build_task",
     "get_task",
     "register_task",
     "safe_score",
+    "safe_score_batch",
     "task_names",
 ]

@@ -16,7 +16,7 @@ import abc
 import difflib
 import inspect
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -46,7 +46,9 @@ class Score:
 
     ``reward`` in [0, 1]; ``correct`` whether the answer is right; ``format_ok`` whether the
     completion has the expected form; ``cost`` a safety cost (0 when the task has none);
-    ``error`` is set (``"ExcType: message"``) when the verifier raised (see :func:`safe_score`).
+    ``error`` is set (``"ExcType: message"``) when the verifier raised (see :func:`safe_score`);
+    ``parts`` holds each reward function's value when the reward combines several
+    (:mod:`tether.lm.tasks.rewards`).
     """
 
     reward: float
@@ -54,6 +56,7 @@ class Score:
     format_ok: bool = True
     cost: float = 0.0
     error: str | None = None
+    parts: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
 
 
 class Task(abc.ABC):
@@ -98,6 +101,14 @@ class Task(abc.ABC):
     def extract(self, completion: str) -> str | None:
         """The answer a completion gives, or None when it gives none."""
 
+    def score_batch(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Score]:
+        """Score a batch (the trainer's call): by default each completion alone, with :func:`safe_score`.
+
+        Override it to score a batch at once (a reward model, a sandbox); keep one score per
+        completion and put a failure on that completion's ``error``.
+        """
+        return [safe_score(self, p, c) for p, c in zip(prompts, completions, strict=True)]
+
 
 def safe_score(task: Task, prompt: Prompt, completion: str) -> Score:
     """``task.score`` with any exception turned into a zero-reward score carrying the error.
@@ -113,6 +124,26 @@ def safe_score(task: Task, prompt: Prompt, completion: str) -> Score:
         return score
     except Exception as err:
         return Score(reward=0.0, correct=False, format_ok=False, error=f"{type(err).__name__}: {err}")
+
+
+def safe_score_batch(task: Task, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Score]:
+    """``task.score_batch``, with a batch scorer that raises or miscounts turned into errors on every
+    completion of the batch (the run goes on; see :func:`safe_score`)."""
+    try:
+        scores = task.score_batch(prompts, completions)
+        if len(scores) != len(completions):
+            raise ValueError(f"score_batch returned {len(scores)} scores for {len(completions)} completions")
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        return [Score(reward=0.0, correct=False, format_ok=False, error=error) for _ in completions]
+    out = []
+    for score in scores:
+        reward = float(score.reward) if isinstance(score.reward, int | float) else float("nan")
+        if not 0.0 <= reward <= 1.0:  # also catches NaN
+            error = f"ValueError: verifier returned reward {score.reward!r} outside [0, 1]"
+            score = Score(reward=0.0, correct=False, format_ok=False, error=error)
+        out.append(score)
+    return out
 
 
 TaskT = TypeVar("TaskT", bound=type[Task])

@@ -13,7 +13,9 @@ reward 1.0 when the extracted answer equals the file's answer, else 0.0; ``forma
 answer could be extracted. :meth:`FileTask.reference` is ``"#### <answer>"`` (``"\boxed{<answer>}"``
 when ``answer_style="boxed"``), which every style extracts back to the answer.
 
-The prompt column is given to the policy as is (no chat template is applied here).
+The prompt column is given to the policy as is (no chat template is applied here). The row's
+other columns are kept in ``meta["columns"]``; reward functions receive them by column name
+(:mod:`tether.lm.tasks.rewards`).
 """
 
 from __future__ import annotations
@@ -90,18 +92,18 @@ class FileTask(Task):
             n_test = 1
         held_out = set(order[:n_test])
         self._splits: dict[str, list[Prompt]] = {"train": [], "test": []}
-        for index, (text, answer, raw) in enumerate(rows):
+        for index, (text, answer, raw, columns) in enumerate(rows):
             split = "test" if index in held_out else "train"
             self._splits[split].append(
                 Prompt(
                     id=f"{self.name}/{split}/{index}",
                     text=text,
                     answer=answer,
-                    meta={"row": index, "raw_answer": raw, "source": str(self.path)},
+                    meta={"row": index, "raw_answer": raw, "source": str(self.path), "columns": columns},
                 )
             )
 
-    def _read(self) -> list[tuple[str, str, Any]]:
+    def _read(self) -> list[tuple[str, str, Any, dict[str, Any]]]:
         path = self.path
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -132,7 +134,9 @@ class FileTask(Task):
                 )
         if len(data) == 0:
             raise TetherError(f"task file {str(path)!r} has no rows; add (prompt, answer) rows to it")
-        rows: list[tuple[str, str, Any]] = []
+        others = [c for c in columns if c not in (self.prompt_column, self.answer_column)]
+        extra = [dict(zip(others, values)) for values in zip(*(data[c] for c in others))] or [{}] * len(data)
+        rows: list[tuple[str, str, Any, dict[str, Any]]] = []
         for index, (text, raw) in enumerate(zip(data[self.prompt_column], data[self.answer_column])):
             if text is None or not str(text).strip():
                 raise TetherError(
@@ -145,7 +149,7 @@ class FileTask(Task):
                     f"task file {str(path)!r}, row {index}: no answer could be read from column "
                     f"{self.answer_column!r} (value {raw!r}); fill it in or remove the row"
                 )
-            rows.append((str(text), answer, raw))
+            rows.append((str(text), answer, raw, extra[index]))
         return rows
 
     def all_prompts(self, split: Split) -> list[Prompt]:
