@@ -134,6 +134,9 @@ def test_rl_run_on_cuda_trains_and_writes_its_run(tmp_path: Path) -> None:
         for key in ("loss/total", "grad/norm", "policy/entropy", "rollout/logprob_gap_mean", "kl/ref_mean"):
             if key in r:
                 assert r[key] == r[key] and abs(r[key]) != float("inf"), key
+        # per-step GPU memory peaks: at least the policy and the reference (float32) are held
+        weights_gb = 2 * 4 * sum(p.numel() for p in trainer.model.parameters()) / 2**30
+        assert weights_gb <= r["perf/gpu_peak_allocated_gb"] <= r["perf/gpu_peak_reserved_gb"]
     after = trainer.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the weights never moved"
     assert (tmp_path / "run" / "summary.json").exists()
