@@ -82,6 +82,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tether.lm.chat import with_chat_template
     from tether.lm.config import EvalSettings, TaskConfig
     from tether.lm.evaluate import evaluate
     from tether.lm.model import ModelConfig, load_policy
@@ -102,6 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sampling = from_dict(SamplingConfig, data.get("sampling", {}))
     model, tok = load_policy(from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}))
     task = build_task(task_cfg.name, task_cfg.params, task_cfg.rewards, task_cfg.reward_weights)
+    task = with_chat_template(task, task_cfg.chat_template, task_cfg.system_prompt, lambda: tok)
     result = evaluate(model, tok, task, settings, sampling)
     print(json.dumps(result, indent=2))
     return 0

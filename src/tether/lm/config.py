@@ -33,6 +33,16 @@ class TaskConfig:
     reward_weights: list[float] = field(
         default_factory=list, metadata={"help": "one weight >= 0 per reward function (default: 1 each)"}
     )
+    chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "render each prompt as a user message with the tokenizer's chat template (instruct "
+            "models); a file's conversational prompts (lists of role/content messages) always are"
+        },
+    )
+    system_prompt: str = field(
+        default="", metadata={"help": "a system message before each prompt (needs a chat template)"}
+    )
 
     def validate(self) -> None:
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):

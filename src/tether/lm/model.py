@@ -387,6 +387,23 @@ def is_checkpointing(model: Any) -> bool:
     return bool(getattr(base, "is_gradient_checkpointing", False))
 
 
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer alone (cheap: checks that need it run before any model is loaded)."""
+    from transformers import AutoTokenizer
+
+    source, local_only = _resolve_source(config)
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            source, local_files_only=local_only
+        )
+    except Exception as err:
+        raise TetherError(
+            f"could not load the tokenizer of {config.name_or_path!r}: {type(err).__name__}: {err}; "
+            "set model.name_or_path to a local directory written by save_pretrained, or use model.name_or_path=tiny"
+        ) from err
+    return tokenizer
+
+
 def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the policy and its tokenizer, placed and adapted as ``config`` asks.
 

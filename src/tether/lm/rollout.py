@@ -18,6 +18,7 @@ repeated prompts and the prefix common to all prompts once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -230,8 +231,20 @@ def sample_from_logprobs(logprobs: Tensor, generator: torch.Generator | None = N
     return (logprobs - noise.log()).argmax(dim=-1)
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt as the policy sees it, for sampling and SFT alike: with the
+    tokenizer's special tokens (its BOS), except for a text that already begins with the BOS
+    token (a rendered chat template), which would otherwise get it twice."""
+    bos = getattr(tokenizer, "bos_token", None)
+    texts = list(prompts)
+    has_bos = [isinstance(bos, str) and bool(bos) and t.startswith(bos) for t in texts]
+    if not any(has_bos):  # the usual case: one batched call
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    return [list(tokenizer(t, add_special_tokens=not b)["input_ids"]) for t, b in zip(texts, has_bos)]
+
+
 def _encode_left_padded(tokenizer: Any, prompts: list[str], pad_id: int) -> tuple[Tensor, Tensor]:
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    encoded = encode_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in encoded]
     if min(lengths) == 0:
         bad = prompts[lengths.index(0)]

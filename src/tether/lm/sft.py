@@ -12,13 +12,14 @@ import torch
 
 from tether.config import to_dict
 from tether.errors import TetherError
+from tether.lm.chat import with_chat_template
 from tether.lm.config import SFTConfig
 from tether.lm.evaluate import evaluate
-from tether.lm.model import load_policy
+from tether.lm.model import load_policy, load_tokenizer
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
-from tether.lm.rollout import Sampler, SamplingConfig, make_sampler, sampler_for
+from tether.lm.rollout import Sampler, SamplingConfig, encode_prompts, make_sampler, sampler_for
 from tether.lm.tasks import build_task
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.runs import Checkpoint, RunDir, save_checkpoint
@@ -33,12 +34,13 @@ from tether.userimports import import_user_code
 
 
 def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + target + EOS, with labels only on target and EOS tokens."""
+    """Right-padded prompt + target + EOS, with labels only on target and EOS tokens; the prompt is
+    encoded exactly as the sampler encodes it (:func:`~tether.lm.rollout.encode_prompts`: with the
+    tokenizer's BOS), so that SFT trains the policy on the inputs RL samples from."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows, labels = [], []
-    for p, t in zip(prompts, targets):
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+    for p_ids, t in zip(encode_prompts(tokenizer, prompts), targets):
         t_ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
         rows.append(p_ids + t_ids)
         labels.append([-100] * len(p_ids) + t_ids)
@@ -85,6 +87,9 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     cfg = config
     import_user_code(cfg.imports)
     task = build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)
+    task = with_chat_template(
+        task, cfg.task.chat_template, cfg.task.system_prompt, lambda: load_tokenizer(cfg.model)
+    )
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")

@@ -21,10 +21,11 @@ from tether.catalogue.aggregate import Aggregation, count_sequences, count_token
 from tether.catalogue.mismatch import correction_metrics, importance_stats, sampler_importance_weights
 from tether.config import to_dict
 from tether.errors import TetherError
+from tether.lm.chat import with_chat_template
 from tether.lm.config import LMConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
-from tether.lm.model import load_policy, load_reference
+from tether.lm.model import load_policy, load_reference, load_tokenizer
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, make_sampler
@@ -136,6 +137,9 @@ class RLTrainer:
             )
         self.task: Task = build_task(
             cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights
+        )
+        self.task = with_chat_template(
+            self.task, cfg.task.chat_template, cfg.task.system_prompt, lambda: load_tokenizer(cfg.model)
         )
         self.plugins: list[LoopPlugin] = [build_plugin(c["name"], c["params"]) for c in self.recipe.loop]
         needs_ref = "ref_logprobs" in self.method.required_inputs()

@@ -13,7 +13,10 @@ reward 1.0 when the extracted answer equals the file's answer, else 0.0; ``forma
 answer could be extracted. :meth:`FileTask.reference` is ``"#### <answer>"`` (``"\boxed{<answer>}"``
 when ``answer_style="boxed"``), which every style extracts back to the answer.
 
-The prompt column is given to the policy as is (no chat template is applied here). The row's
+The prompt column is given to the policy as is, unless the run renders prompts with a chat
+template (``task.chat_template``, :mod:`tether.lm.chat`); a prompt that is a list of
+``{"role", "content"}`` messages (TRL's conversational format) is kept in ``meta["messages"]``
+(its text is the last user message) and always rendered that way. The row's
 other columns are kept in ``meta["columns"]``; reward functions receive them by column name
 (:mod:`tether.lm.tasks.rewards`).
 """
@@ -94,13 +97,11 @@ class FileTask(Task):
         self._splits: dict[str, list[Prompt]] = {"train": [], "test": []}
         for index, (text, answer, raw, columns) in enumerate(rows):
             split = "test" if index in held_out else "train"
+            meta = {"row": index, "raw_answer": raw, "source": str(self.path), "columns": columns}
+            if "__messages__" in columns:  # rendered with the tokenizer's chat template (tether.lm.chat)
+                meta["messages"] = columns.pop("__messages__")
             self._splits[split].append(
-                Prompt(
-                    id=f"{self.name}/{split}/{index}",
-                    text=text,
-                    answer=answer,
-                    meta={"row": index, "raw_answer": raw, "source": str(self.path), "columns": columns},
-                )
+                Prompt(id=f"{self.name}/{split}/{index}", text=text, answer=answer, meta=meta)
             )
 
     def _read(self) -> list[tuple[str, str, Any, dict[str, Any]]]:
@@ -135,9 +136,16 @@ class FileTask(Task):
         if len(data) == 0:
             raise TetherError(f"task file {str(path)!r} has no rows; add (prompt, answer) rows to it")
         others = [c for c in columns if c not in (self.prompt_column, self.answer_column)]
-        extra = [dict(zip(others, values)) for values in zip(*(data[c] for c in others))] or [{}] * len(data)
+        extra = [dict(zip(others, values)) for values in zip(*(data[c] for c in others))] or [
+            {} for _ in data
+        ]
         rows: list[tuple[str, str, Any, dict[str, Any]]] = []
         for index, (text, raw) in enumerate(zip(data[self.prompt_column], data[self.answer_column])):
+            if isinstance(text, list):  # conversational: a list of {"role", "content"} messages
+                extra[index] = {**extra[index], "__messages__": self._messages(text, index)}
+                text = next(
+                    (m["content"] for m in reversed(text) if m["role"] == "user"), text[-1]["content"]
+                )
             if text is None or not str(text).strip():
                 raise TetherError(
                     f"task file {str(path)!r}, row {index}: column {self.prompt_column!r} is empty; "
@@ -151,6 +159,18 @@ class FileTask(Task):
                 )
             rows.append((str(text), answer, raw, extra[index]))
         return rows
+
+    def _messages(self, value: list[Any], index: int) -> list[dict[str, str]]:
+        ok = bool(value) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+        if not ok:
+            raise TetherError(
+                f"task file {str(self.path)!r}, row {index}: column {self.prompt_column!r} is a list but not a "
+                'conversation; write it as [{"role": "user", "content": "..."}, ...] or as plain text'
+            )
+        return [{"role": m["role"], "content": m["content"]} for m in value]
 
     def all_prompts(self, split: Split) -> list[Prompt]:
         return self._splits[split]
