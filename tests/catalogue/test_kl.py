@@ -178,3 +178,30 @@ def test_padding_gets_no_gradient_even_at_extreme_log_ratio() -> None:
 def test_negative_coef_is_rejected() -> None:
     with pytest.raises(InvalidInputError, match="coef"):
         k3(torch.zeros(1, 1), torch.zeros(1, 1), ONE, coef=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("kl", "expected"),
+    [
+        (0.02, 0.04 * 1.02),  # KL twice the target: error 1 clipped to 0.2, x (1 + 0.1 * 0.2)
+        (0.011, 0.04 * 1.01),  # error 0.1
+        (0.01, 0.04),  # on target: unchanged
+        (0.0095, 0.04 * (1 - 0.1 * 0.05)),
+        (0.0, 0.04 * 0.98),  # error -1 clipped to -0.2
+    ],
+)
+def test_adaptive_kl_coefficient_by_hand(kl: float, expected: float) -> None:
+    from tether.catalogue.regularizers.kl import adaptive_kl_coef
+
+    assert adaptive_kl_coef(0.04, kl, target=0.01) == pytest.approx(expected, rel=1e-12)
+
+
+def test_adaptive_kl_coefficient_is_the_state_update_of_every_estimator() -> None:
+    from tether.catalogue.regularizers.kl import adaptive_kl_coef
+
+    for name in ("kl_k1", "kl_k2", "kl_k3", "kl_low_var", "kl_k3_plus", "kl_abs"):
+        assert get("regularizer", name).state_update is adaptive_kl_coef, name
+    with pytest.raises(InvalidInputError, match="target must be a KL > 0"):
+        adaptive_kl_coef(0.04, 0.01, target=0.0)
+    # the authors' form, 1 + e * n_steps / horizon with 512 episodes a step over 10000: rate 0.0512
+    assert adaptive_kl_coef(1.0, 0.02, target=0.01, rate=512 / 10000) == pytest.approx(1 + 0.2 * 0.0512)

@@ -74,3 +74,27 @@ def test_stateful_recipe_advances_state(name: str, key: str, tmp_path: Path) -> 
         make_config(tmp_path / "run", "train.steps=2", "train.minibatches=4", recipe=name), resume=True
     )
     assert resumed.method.state_dict() == trainer.method.state_dict()
+
+
+def test_adaptive_kl_coefficient_tracks_the_runs_kl_and_resumes(tmp_path: Path) -> None:
+    recipe = tmp_path / "grpo_adaptive_kl.yaml"
+    recipe.write_text(
+        "advantage: grpo\npolicy_loss: ppo_clip\nregularizers:\n"
+        "  - name: kl_k3\n    params: {coef: 0.04}\n"
+        "    state: {param: coef, inputs: {kl: policy/kl_ref}, params: {target: 1.0e-6}}\n"
+    )
+    out = tmp_path / "run"
+    cfg = make_config(out, "train.steps=3", "train.lr=0.05", "run.checkpoint_every=2", recipe=str(recipe))
+    trainer = RLTrainer(cfg)
+    coefs = [trainer.method.state_dict()["2:kl_k3"]]
+    kls = []
+    for _ in range(3):
+        kls.append(trainer.step()["policy/kl_ref"])
+        trainer.step_idx += 1
+        coefs.append(trainer.method.state_dict()["2:kl_k3"])
+    # step 1 starts at the reference (KL 0: shrink 2%); later ones are far above the tiny target (grow 2%)
+    assert kls[0] < 1e-9 and all(k > 1e-6 for k in kls[1:])
+    assert coefs[1] == pytest.approx(0.04 * 0.98) and coefs[3] == pytest.approx(0.04 * 0.98 * 1.02 * 1.02)
+    trainer.save()
+    resumed = RLTrainer(make_config(out, "train.steps=3", recipe=str(recipe)), resume=True)
+    assert resumed.method.state_dict() == trainer.method.state_dict()

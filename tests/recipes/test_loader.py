@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tether.config import ConfigError
 from tether.errors import TetherError, UnknownNameError
 from tether.recipes import Method, load_recipe, recipe_names
+from tether.recipes.compose import call_entry
 
 
 def test_every_recipe_composes() -> None:
@@ -62,3 +64,43 @@ def test_state_wiring_needs_a_state_update(tmp_path: Path) -> None:
     path.write_text("advantage: grpo\npolicy_loss: {name: ppo_clip, state: {param: eps_low}}\n")
     with pytest.raises(ConfigError, match="no registered state update"):
         Method(load_recipe(str(path)))
+
+
+ADAPTIVE_KL = """
+advantage: grpo
+policy_loss: ppo_clip
+regularizers:
+  - name: kl_k3
+    params: {coef: 0.04}
+    state: {param: coef, inputs: {kl: policy/kl_ref}, params: {target: 0.01}}
+"""
+
+
+def test_state_arguments_are_checked_when_the_recipe_is_built(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(ADAPTIVE_KL.replace("params: {target: 0.01}", "params: {}"))
+    with pytest.raises(ConfigError, match="adaptive_kl_coef needs target"):
+        Method(load_recipe(str(path)))
+    path.write_text(ADAPTIVE_KL.replace("target: 0.01", "target: 0.01, horizon: 10"))
+    with pytest.raises(ConfigError, match=r"'horizon' is not an argument.*error_clip, kl, rate, target"):
+        Method(load_recipe(str(path)))
+
+
+def test_adaptive_kl_coefficient_follows_the_measured_kl(tmp_path: Path) -> None:
+    """Ziegler et al.'s controller through the recipe: coef *= 1 + 0.1 clip(kl / 0.01 - 1, +-0.2)."""
+    path = tmp_path / "a.yaml"
+    path.write_text(ADAPTIVE_KL)
+    method = Method(load_recipe(str(path)))
+    (kl,) = [c for c in method.components if c.state is not None]
+    expected = 0.04
+    for measured, factor in ((0.05, 1.02), (0.011, 1.01), (0.009, 0.99), (0.0, 0.98)):
+        method.update_state({"policy/kl_ref": measured})
+        expected *= factor
+        assert kl.params["coef"] == pytest.approx(expected, rel=1e-12)
+    # the KL term of the loss uses the updated coefficient
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    inputs = {"logprobs": lp, "ref_logprobs": ref, "response_mask": mask}
+    term, metrics = call_entry(kl, inputs)
+    assert float(term) == pytest.approx(expected * float(metrics["reg/kl"]), rel=1e-6)
+    assert float(metrics["reg/kl"]) > 0

@@ -71,6 +71,29 @@ def _validate_params(entry: Entry, params: Mapping[str, Any], where: str) -> dic
     return out
 
 
+def _check_state_arguments(name: str, update: Any, state: StateWiring, where: str) -> None:
+    """The state's ``inputs`` and ``params`` name arguments of the update, and give every one it requires."""
+    arguments = list(inspect.signature(update).parameters.values())[1:]  # the first is the state itself
+    if any(a.kind is a.VAR_KEYWORD for a in arguments):
+        return
+    names = {a.name for a in arguments}
+    for section, given in (("inputs", state.inputs), ("params", state.params)):
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ConfigError(
+                f"{where}.state.{section}: {', '.join(map(repr, unknown))} is not an argument of {name!r}'s state "
+                f"update {update.__name__}; its arguments are: {', '.join(sorted(names))}"
+            )
+    missing = [
+        a.name for a in arguments if a.default is a.empty and a.name not in state.inputs | state.params
+    ]
+    if missing:
+        raise ConfigError(
+            f"{where}.state: {name!r}'s state update {update.__name__} needs {', '.join(missing)}; give it in "
+            "state.params (a number) or state.inputs (a metric name)"
+        )
+
+
 def build_component(kind: Kind, spec: Mapping[str, Any], where: str) -> Component:
     entry = get(kind, str(spec["name"]))
     params = _validate_params(entry, spec.get("params") or {}, where)
@@ -87,6 +110,7 @@ def build_component(kind: Kind, spec: Mapping[str, Any], where: str) -> Componen
         if param not in inspect.signature(entry.fn).parameters:
             raise ConfigError(f"{where}.state.param {param!r} is not a parameter of {entry.name!r}")
         state = StateWiring(param, dict(raw.get("inputs") or {}), dict(raw.get("params") or {}))
+        _check_state_arguments(entry.name, entry.state_update, state, where)
         if "init" in raw:
             params[param] = raw["init"]
         elif param in entry.hyperparameters:

@@ -14,6 +14,15 @@ checked on an exact categorical toy in tests/catalogue/test_kl.py:
 
 Metrics: ``reg/kl`` is the aggregated estimate without the coefficient [TRL ``kl``; verl
 ``actor/kl_loss``]; ``reg/kl_loss`` is the term added to the loss (coef * reg/kl).
+
+Fixed or adaptive coefficient: every estimator registers :func:`adaptive_kl_coef` (Ziegler et al.
+2019) as its state update, so a recipe makes ``coef`` track a KL target by giving the entry a
+``state`` (the trainer calls the update after each step with that step's KL)::
+
+    regularizers:
+      - name: kl_k3
+        params: {coef: 0.04}
+        state: {param: coef, inputs: {kl: policy/kl_ref}, params: {target: 0.01}}
 """
 
 from __future__ import annotations
@@ -70,6 +79,35 @@ def k3_plus_per_token(d: torch.Tensor) -> torch.Tensor:
     return k2 - k2.detach() + low_var_kl_per_token(d).detach()
 
 
+def adaptive_kl_coef(
+    coef: float, kl: float, target: float, rate: float = 0.1, error_clip: float = 0.2
+) -> float:
+    """The adaptive KL controller of Ziegler et al., "Fine-Tuning Language Models from Human
+    Preferences", arXiv 1909.08593, section 2.2: one step.
+
+    e = clip(kl / target - 1, -error_clip, error_clip);  coef <- coef * (1 + rate * e).
+
+    ``rate`` is the paper's K_beta (0.1); the authors' code (openai/lm-human-preferences,
+    ``AdaptiveKLController``) writes it as n_steps / horizon, the episodes of the update over a
+    horizon of 10000 episodes. Exact. The coefficient grows while the measured KL is above
+    ``target`` and shrinks while it is below, by at most 2% a step with the defaults. ``kl`` is
+    the step's KL on whatever scale the recipe wires in (``policy/kl_ref`` is a token mean of k3;
+    the paper's KL, and its target of 6 nats, are per sequence): set ``target`` on that scale.
+    Pure: returns the new coefficient.
+    """
+    if not target > 0:
+        raise InvalidInputError(
+            f"adaptive_kl_coef: target must be a KL > 0, got {target!r}; give it in the recipe's "
+            "state.params (e.g. {target: 0.01} for the token-mean policy/kl_ref)"
+        )
+    if rate < 0 or error_clip < 0:
+        raise InvalidInputError(
+            f"adaptive_kl_coef: rate and error_clip must be >= 0, got {rate}, {error_clip}"
+        )
+    error = min(max(float(kl) / target - 1.0, -error_clip), error_clip)
+    return float(coef * (1.0 + rate * error))
+
+
 def _finish(
     per_token: torch.Tensor, response_mask: torch.Tensor, coef: float, aggregation: AggregationLike
 ) -> LossOutput:
@@ -80,7 +118,15 @@ def _finish(
     return term, {"reg/kl": detached(kl), "reg/kl_loss": detached(term)}
 
 
-@register("regularizer", "kl_k1", paper=PITFALLS, arxiv="2506.09477", status="exact", card="ratio#B8")
+@register(
+    "regularizer",
+    "kl_k1",
+    paper=PITFALLS,
+    arxiv="2506.09477",
+    status="exact",
+    card="ratio#B8",
+    state_update=adaptive_kl_coef,
+)
 def kl_k1(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -101,7 +147,15 @@ def kl_k1(
     return _finish(k1_per_token(d), response_mask, coef, aggregation)
 
 
-@register("regularizer", "kl_k2", paper=PITFALLS, arxiv="2506.09477", status="exact", card="ratio#B8")
+@register(
+    "regularizer",
+    "kl_k2",
+    paper=PITFALLS,
+    arxiv="2506.09477",
+    status="exact",
+    card="ratio#B8",
+    state_update=adaptive_kl_coef,
+)
 def kl_k2(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -129,6 +183,7 @@ def kl_k2(
     arxiv="2402.03300",
     status="exact",
     card="ratio#B8",
+    state_update=adaptive_kl_coef,
     aliases=("grpo_kl",),
 )
 def kl_k3(
@@ -175,6 +230,7 @@ def kl_k3(
     arxiv="2402.03300",
     status="exact",
     card="ratio#B8",
+    state_update=adaptive_kl_coef,
     aliases=("low_var_kl",),
 )
 def kl_low_var(
@@ -198,7 +254,15 @@ def kl_low_var(
     return _finish(low_var_kl_per_token(d), response_mask, coef, aggregation)
 
 
-@register("regularizer", "kl_k3_plus", paper=PITFALLS, arxiv="2506.09477", status="exact", card="ratio#B8")
+@register(
+    "regularizer",
+    "kl_k3_plus",
+    paper=PITFALLS,
+    arxiv="2506.09477",
+    status="exact",
+    card="ratio#B8",
+    state_update=adaptive_kl_coef,
+)
 def kl_k3_plus(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -218,7 +282,15 @@ def kl_k3_plus(
     return _finish(k3_plus_per_token(d), response_mask, coef, aggregation)
 
 
-@register("regularizer", "kl_abs", paper=PITFALLS, arxiv="2506.09477", status="exact", card="ratio#B8")
+@register(
+    "regularizer",
+    "kl_abs",
+    paper=PITFALLS,
+    arxiv="2506.09477",
+    status="exact",
+    card="ratio#B8",
+    state_update=adaptive_kl_coef,
+)
 def kl_abs(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
