@@ -205,3 +205,27 @@ def test_adaptive_kl_coefficient_is_the_state_update_of_every_estimator() -> Non
         adaptive_kl_coef(0.04, 0.01, target=0.0)
     # the authors' form, 1 + e * n_steps / horizon with 512 episodes a step over 10000: rate 0.0512
     assert adaptive_kl_coef(1.0, 0.02, target=0.01, rate=512 / 10000) == pytest.approx(1 + 0.2 * 0.0512)
+
+
+def test_kl_in_reward_subtracts_the_sequence_kl_by_hand() -> None:
+    fn = get("reward", "kl_in_reward").fn
+    rewards = torch.tensor([1.0, 0.0])
+    old = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0], [-1.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    # k1 per token: (0.5, -1) -> -0.5 ; (0.5, padding) -> 0.5
+    out, metrics = fn(rewards, old, ref, mask, coef=0.1)
+    assert out.tolist() == pytest.approx([1.0 + 0.05, 0.0 - 0.05])
+    assert float(metrics["reward/kl"]) == pytest.approx(0.0) and float(
+        metrics["reward/kl_penalty"]
+    ) == pytest.approx(0.0)
+    assert not out.requires_grad  # a penalty in the reward acts through the advantages only
+    # k3 per token: exp(-d) + d - 1
+    k3 = [math.exp(-0.5) + 0.5 - 1 + math.exp(1.0) - 1 - 1, math.exp(-0.5) + 0.5 - 1]
+    out, metrics = fn(rewards, old, ref, mask, coef=0.2, estimator="k3")
+    assert out.tolist() == pytest.approx([1.0 - 0.2 * k3[0], -0.2 * k3[1]])
+    assert float(metrics["reward/kl"]) == pytest.approx(sum(k3) / 2)
+    # coef 0 is the identity
+    assert torch.equal(fn(rewards, old, ref, mask, coef=0.0)[0], rewards)
+    with pytest.raises(InvalidInputError, match="estimator must be one of"):
+        fn(rewards, old, ref, mask, estimator="k4")

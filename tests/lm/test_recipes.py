@@ -98,3 +98,23 @@ def test_adaptive_kl_coefficient_tracks_the_runs_kl_and_resumes(tmp_path: Path) 
     trainer.save()
     resumed = RLTrainer(make_config(out, "train.steps=3", recipe=str(recipe)), resume=True)
     assert resumed.method.state_dict() == trainer.method.state_dict()
+
+
+def test_kl_in_the_reward_loads_a_reference_and_shifts_the_rewards(tmp_path: Path) -> None:
+    recipe = tmp_path / "grpo_kl_reward.yaml"
+    recipe.write_text(
+        "advantage: grpo\npolicy_loss: ppo_clip\nrewards:\n"
+        "  - name: kl_in_reward\n    params: {coef: 0.5, estimator: k3}\n"
+        "    state: {param: coef, inputs: {kl: reward/kl}, params: {target: 1.0}}\n"
+    )
+    trainer = RLTrainer(make_config(tmp_path / "run", "train.steps=3", "train.lr=0.05", recipe=str(recipe)))
+    assert trainer.ref_model is not None  # the reward entry needs ref_logprobs
+    coef = 0.5
+    for _ in range(3):
+        m = trainer.step()
+        trainer.step_idx += 1
+        assert m["adv/reward_mean"] == pytest.approx(m["reward/mean"] - m["reward/kl_penalty"], abs=1e-6)
+        assert m["reward/kl_penalty"] == pytest.approx(coef * m["reward/kl"], rel=1e-5, abs=1e-12)
+        coef *= 1 + 0.1 * min(max(m["reward/kl"] / 1.0 - 1, -0.2), 0.2)
+        assert trainer.method.state_dict()["0:kl_in_reward"] == pytest.approx(coef)
+    assert m["reward/kl"] > 0  # the policy has left the reference by the last step
