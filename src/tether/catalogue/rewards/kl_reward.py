@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -18,7 +19,7 @@ from tether.catalogue.regularizers.kl import (
 )
 from tether.errors import InvalidInputError
 
-ESTIMATORS = {
+ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "k1": k1_per_token,
     "k2": k2_per_token,
     "k3": k3_per_token,
