@@ -15,11 +15,13 @@ from tether.lm.model import (
     build_tiny_model,
     count_parameters,
     default_model_dir,
+    is_adapter_dir,
     is_checkpointing,
     load_policy,
     load_reference,
     resolve_device,
     resolve_dtype,
+    save_model,
 )
 from tether.lm.precision import AUTO_MIN_PARAMETERS, resolve_autocast
 from tether.lm.tasks import ArithmeticTask, CountdownTask
@@ -273,6 +275,34 @@ def test_lora_wraps_and_only_adapters_train(cache: Path) -> None:
     ids = torch.tensor([tok("1+2=3").input_ids])
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_lora_models_saved_adapters_load_as_merged_weights(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a LoRA run saves as its model (adapters only) loads everywhere a model does: merged
+    onto its base, with the adapted model's outputs."""
+    model, tok = load_policy(small_config(lora_rank=4))
+    torch.manual_seed(0)
+    with torch.no_grad():  # PEFT starts B at 0; move it so that the merge matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    saved = tmp_path / "lora_run" / "model"
+    save_model(model, tok, saved)
+    assert is_adapter_dir(saved)
+    merged, _ = load_policy(ModelConfig(name_or_path=str(saved), device="cpu"))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.tensor([tok("12+34=46").input_ids])
+    model.eval()
+    expected = model(input_ids=ids).logits
+    assert not torch.allclose(expected, load_policy(small_config())[0](input_ids=ids).logits, atol=1e-3)
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    from tether.cli import main
+
+    assert main(["eval", str(saved.parent), "--prompts", "2", "--k", "2"]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
 
 
 def test_bad_lora_targets_raise_tether_error(cache: Path) -> None:

@@ -85,13 +85,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tether.lm.chat import with_chat_template
     from tether.lm.config import EvalSettings, TaskConfig
     from tether.lm.evaluate import evaluate
-    from tether.lm.model import ModelConfig, load_policy
+    from tether.lm.model import ModelConfig, is_adapter_dir, load_policy
     from tether.lm.rollout import SamplingConfig
     from tether.lm.tasks import build_task
 
     path = Path(args.checkpoint)
     model_dir = path / "model" if (path / "model").is_dir() else path
-    if not (model_dir / "config.json").exists():
+    if not (model_dir / "config.json").exists() and not is_adapter_dir(model_dir):
         raise ConfigError(f"{str(path)!r} is neither a run directory with model/ nor a model directory")
     data = apply_overrides({}, list(args.overrides))
     import_user_code(data.get("imports"))

@@ -14,6 +14,7 @@ checkpointing are switched on by the config.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -301,10 +303,10 @@ def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
         return str(build_tiny_model(default_model_dir(config), config)), True
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not is_adapter_dir(path):
             raise TetherError(
-                f"model directory {str(path)!r} has no config.json; point model.name_or_path at a directory "
-                "written by save_pretrained, or use model.name_or_path=tiny"
+                f"model directory {str(path)!r} has no config.json (nor a LoRA adapter_config.json); point "
+                "model.name_or_path at a directory written by save_pretrained, or use model.name_or_path=tiny"
             )
         return str(path), True
     if path.exists():
@@ -317,6 +319,49 @@ def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
             f"model directory {name!r} does not exist; check model.name_or_path, or use model.name_or_path=tiny"
         )
     return name, False
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """PEFT still probes transformers' deprecated ``is_gradient_checkpointing``: not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A directory of LoRA adapters (what a run trained with ``model.lora_rank`` saves as its model)."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def _load_merged_adapter(source: str, dtype: torch.dtype, attn: dict[str, Any]) -> Any:
+    """Base model + the LoRA adapters of ``source``, merged into plain weights (exact: W + B A s)."""
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError as err:
+        raise TetherError(
+            f"{source!r} holds LoRA adapters, and loading them needs PEFT: pip install tether[lora] (or peft>=0.12)"
+        ) from err
+    base = json.loads((Path(source) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    try:
+        with _quiet_peft():
+            model = AutoPeftModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=True, **attn
+            )
+            return model.merge_and_unload()
+    except Exception as err:
+        raise TetherError(
+            f"could not load the LoRA adapters in {source!r} on their base model {base!r}: "
+            f"{type(err).__name__}: {err}; the base model must be a local directory (see adapter_config.json)"
+        ) from err
+
+
+def save_model(model: Any, tokenizer: Any, directory: Path) -> None:
+    """The policy and its tokenizer in Hugging Face format, loadable as ``model.name_or_path``; a
+    LoRA (PEFT) policy saves its adapters, which :func:`load_policy` merges onto their base."""
+    with _quiet_peft():
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def check_attn_implementation(name: str, device: torch.device) -> None:
@@ -347,7 +392,12 @@ def _load_pretrained(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]
     attn = {} if config.attn_implementation == "auto" else {"attn_implementation": config.attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **attn)
+        if local_only and is_adapter_dir(Path(source)):
+            model = _load_merged_adapter(source, dtype, attn)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=local_only, **attn
+            )
     except TetherError:
         raise
     except Exception as err:
@@ -447,10 +497,7 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
             task_type="CAUSAL_LM",
         )
         try:
-            with warnings.catch_warnings():  # peft still probes the deprecated is_gradient_checkpointing
-                warnings.filterwarnings(
-                    "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
-                )
+            with _quiet_peft():
                 model = get_peft_model(model, lora)
         except ValueError as err:
             raise TetherError(

@@ -15,7 +15,7 @@ from tether.errors import TetherError
 from tether.lm.chat import with_chat_template
 from tether.lm.config import SFTConfig
 from tether.lm.evaluate import evaluate
-from tether.lm.model import load_policy, load_tokenizer
+from tether.lm.model import load_policy, load_tokenizer, save_model
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
@@ -199,8 +199,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
             if done:
                 break
     model.eval()
-    model.save_pretrained(run.path / "model")
-    tokenizer.save_pretrained(run.path / "model")
+    save_model(model, tokenizer, run.path / "model")
     result = evaluate(
         model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed, sampler=check_sampler
     )

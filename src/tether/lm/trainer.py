@@ -25,7 +25,7 @@ from tether.lm.chat import with_chat_template
 from tether.lm.config import LMConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
-from tether.lm.model import load_policy, load_reference, load_tokenizer
+from tether.lm.model import load_policy, load_reference, load_tokenizer, save_model
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, make_sampler
@@ -649,9 +649,8 @@ class RLTrainer:
         return path
 
     def save_pretrained(self, directory: Path) -> None:
-        """The policy in Hugging Face format (loadable with from_pretrained / model.name_or_path)."""
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        """The policy in Hugging Face format (see :func:`~tether.lm.model.save_model`)."""
+        save_model(self.model, self.tokenizer, directory)
 
     def _restore(self) -> None:
         ck = load_latest_checkpoint(self.run.path)
