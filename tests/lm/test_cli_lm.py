@@ -52,6 +52,26 @@ def test_train_then_eval_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert result["entropy"] > 0 and result["prompts"] == 3.0
 
 
+def test_eval_of_a_run_directory_uses_the_runs_own_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    countdown = ["task.name=countdown", "sampling.max_new_tokens=5", "eval.prompts=3", "eval.k=2"]
+    assert main(["train", "--out", str(out), "--steps", "1", *TINY, *countdown]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0  # nothing repeated: task, sampling and eval settings are the run's
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "countdown" and result["prompts"] == 3.0 and result["k"] == 2.0
+    for key in ("accuracy", "pass@2", "entropy", "format_rate", "length_mean"):
+        assert result[key] == pytest.approx(summary["eval"][key], abs=1e-6), key  # the run's own final eval
+    assert result["length_mean"] <= 5
+    # another task drops the run's task settings; flags and overrides still win
+    assert main(["eval", str(out), "--task", "arithmetic", "--prompts", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "arithmetic" and result["prompts"] == 2.0
+
+
 def test_eval_refuses_a_directory_without_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err

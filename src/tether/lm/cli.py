@@ -93,7 +93,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_dir = path / "model" if (path / "model").is_dir() else path
     if not (model_dir / "config.json").exists() and not is_adapter_dir(model_dir):
         raise ConfigError(f"{str(path)!r} is neither a run directory with model/ nor a model directory")
-    data = apply_overrides({}, list(args.overrides))
+    defaults = _run_eval_defaults(path)
+    if args.task and defaults.get("task", {}).get("name") != args.task:
+        defaults.pop("task", None)  # another task: none of the run's task settings apply
+    data = apply_overrides(defaults, list(args.overrides))
     import_user_code(data.get("imports"))
     task_cfg = from_dict(TaskConfig, data.get("task", {}) | ({"name": args.task} if args.task else {}))
     settings = from_dict(
@@ -105,8 +108,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = build_task(task_cfg.name, task_cfg.params, task_cfg.rewards, task_cfg.reward_weights)
     task = with_chat_template(task, task_cfg.chat_template, task_cfg.system_prompt, lambda: tok)
     result = evaluate(model, tok, task, settings, sampling)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({"task": task_cfg.name, **result}, indent=2))
     return 0
+
+
+def _run_eval_defaults(path: Path) -> dict[str, Any]:
+    """What ``tether eval RUN_DIR`` takes from the run's own config.yaml: its task (with rewards,
+    chat template), sampling, eval settings, imports and the model's device and precision."""
+    config = path / "config.yaml"
+    if not config.is_file():
+        return {}
+    run = load_yaml(config)
+    out: dict[str, Any] = {
+        k: run[k] for k in ("imports", "task", "sampling", "eval") if isinstance(run.get(k), dict | list)
+    }
+    model: dict[str, Any] = run["model"] if isinstance(run.get("model"), dict) else {}
+    out["model"] = {k: model[k] for k in ("device", "dtype", "autocast", "attn_implementation") if k in model}
+    return out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
