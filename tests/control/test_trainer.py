@@ -184,6 +184,13 @@ def test_cli_control_train(tmp_path: Path) -> None:
     )
     assert rc == 0 and (out / "summary.json").exists()
     assert main(["control", "train", "--env", "Nope-v0", "--out", str(tmp_path / "x")]) == 2
+    # --resume alone continues with the run's settings (CartPole, 2 envs, 32 steps), extended to 128
+    assert main(["control", "train", "--out", str(out), "--resume", "--steps", "128"]) == 0
+    records = RunDir(out).metrics.read()
+    assert len(records) == 2 and records[-1]["env_steps"] == 128
+    # a setting that changes the math is refused, and nothing is touched
+    assert main(["control", "train", "--out", str(out), "--resume", "--steps", "192", "train.lr=0.1"]) == 2
+    assert len(RunDir(out).metrics.read()) == 2
 
 
 def test_running_normalizer_matches_batch_statistics() -> None:

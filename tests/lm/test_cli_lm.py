@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,3 +245,48 @@ def test_sft_sigkill_then_resume_equals_unbroken_run(tmp_path: Path) -> None:
     assert [r["step"] for r in got if "sft/check_accuracy" in r] == [5, 10, 12]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"] == json.loads((ref / "summary.json").read_text())["eval"]
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_others(tmp_path: Path) -> None:
+    """`--out DIR --resume` alone continues a run as it was configured; `--steps` may extend it;
+    a setting that would change the training math is refused before anything is touched."""
+    settings = [*TINY, *COIN, "train.lr=0.03", "task.params.p=0.3", "run.checkpoint_every=1"]
+    ref = tmp_path / "ref"
+    assert main(["train", "--no-eval", "--steps", "3", "--out", str(ref), *settings]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "--no-eval", "--steps", "2", "--out", str(out), *settings]) == 0
+    assert main(["train", "--no-eval", "--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert math_only(read_jsonl(out / "metrics.jsonl")) == math_only(read_jsonl(ref / "metrics.jsonl"))
+
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["train", "--out", str(out), "--resume", "train.lr=0.1", "task.params.p=0.5"]) == 2
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+
+
+def test_resume_refusal_names_each_changed_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--no-eval", "--steps", "1", "--out", str(out), *TINY, *COIN]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "train.lr=0.1", "model.tiny_hidden=64"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.01 in the run, 0.1 now" in err and "model.tiny_hidden: 32 in the run, 64 now" in err
+    assert "A resume may change only: eval, monitor, run" in err
+
+
+def test_sft_resume_alone_continues_with_the_runs_settings(tmp_path: Path) -> None:
+    tiny = [o for o in TINY if not o.startswith("train.")]
+    args = [*tiny, *ARITH, "sft.batch_size=8", "sft.warmup_steps=1", "sft.lr=0.003"]
+    args += ["run.checkpoint_every=1", "run.keep_checkpoints=10"]
+    out = tmp_path / "run"
+    assert main(["sft", "--steps", "4", "--out", str(out), *args]) == 0
+    expected = read_jsonl(out / "metrics.jsonl")
+    for late in ("step_000000003", "step_000000004"):  # as if killed after step 2's checkpoint
+        shutil.rmtree(out / "checkpoints" / late)
+    (out / "summary.json").unlink()
+    assert main(["sft", "--out", str(out), "--resume"]) == 0
+    assert read_jsonl(out / "metrics.jsonl") == expected
+    # the step budget shapes SFT's learning-rate schedule: it may not change on resume
+    assert main(["sft", "--out", str(out), "--resume", "--steps", "6"]) == 2
+    assert main(["sft", "--out", str(out), "--resume", "sft.lr=0.01"]) == 2

@@ -71,7 +71,8 @@ def test_stateful_recipe_advances_state(name: str, key: str, tmp_path: Path) -> 
     trainer.step_idx = 1
     trainer.save()
     resumed = RLTrainer(
-        make_config(tmp_path / "run", "train.steps=2", "train.minibatches=4", recipe=name), resume=True
+        make_config(tmp_path / "run", "train.steps=2", "train.lr=0.3", "train.minibatches=4", recipe=name),
+        resume=True,
     )
     assert resumed.method.state_dict() == trainer.method.state_dict()
 
@@ -96,7 +97,7 @@ def test_adaptive_kl_coefficient_tracks_the_runs_kl_and_resumes(tmp_path: Path) 
     assert kls[0] < 1e-9 and all(k > 1e-6 for k in kls[1:])
     assert coefs[1] == pytest.approx(0.04 * 0.98) and coefs[3] == pytest.approx(0.04 * 0.98 * 1.02 * 1.02)
     trainer.save()
-    resumed = RLTrainer(make_config(out, "train.steps=3", recipe=str(recipe)), resume=True)
+    resumed = RLTrainer(make_config(out, "train.steps=3", "train.lr=0.05", recipe=str(recipe)), resume=True)
     assert resumed.method.state_dict() == trainer.method.state_dict()
 
 

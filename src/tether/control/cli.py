@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from tether.config import apply_overrides, from_dict, load_yaml
+from tether.runs.resume import merge, saved_config
 
 
 def build_control_config(args: argparse.Namespace) -> Any:
@@ -25,7 +26,12 @@ def build_control_config(args: argparse.Namespace) -> Any:
         flags.append(f"train.seed={args.seed}")
     if args.out:
         flags.append(f"run.out={args.out}")
-    return from_dict(ControlConfig, apply_overrides(data, flags + list(args.overrides)))
+    given = apply_overrides(data, flags + list(args.overrides))
+    if getattr(args, "resume", False):  # a run continues with its own settings (config.yaml)
+        saved = saved_config((given.get("run") or {}).get("out") or ControlConfig().run.out)
+        if saved is not None:
+            return from_dict(ControlConfig, merge(saved, given))
+    return from_dict(ControlConfig, given)
 
 
 def cmd_control_train(args: argparse.Namespace) -> int:

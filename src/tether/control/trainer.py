@@ -49,6 +49,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.runs.resume import check_resume_config
 from tether.userimports import import_user_code
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -57,6 +58,10 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 CONTROL_INPUTS = frozenset(
     {"logprobs", "old_logprobs", "advantages", "response_mask", "entropy", "token_rewards", "values"}
 )
+
+#: Settings a resumed run may change (see tether.runs.resume): the step budget, and what only
+#: logs, checkpoints or raises alarms.
+RESUME_MAY_CHANGE = ("train.total_steps", "train.torch_threads", "run", "monitor")
 
 #: Metrics that measure time, not math: excluded when comparing a resumed run with an unbroken one.
 TIMING_PREFIXES = ("perf/",)
@@ -198,6 +203,8 @@ class ControlTrainer:
         self.constraint = self.method.constraint
         self.cost_limit = cost_limit_of(cfg, self.method)
         self.gamma, self.lam = self._wire_discount()
+        if resume:  # before anything in the run directory is touched
+            check_resume_config(out or cfg.run.out, to_dict(cfg), RESUME_MAY_CHANGE)
         self.run = RunDir(out or cfg.run.out)
         resume = resume and self.run.resumable()
         self.run.prepare(resume)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import ConfigError, apply_overrides, from_dict, load_yaml
+from tether.runs.resume import merge, saved_config
 from tether.userimports import import_user_code
 
 
@@ -45,7 +46,19 @@ def build_lm_config(args: argparse.Namespace) -> Any:
         flags.append(f"train.seed={args.seed}")
     if args.out:
         flags.append(f"run.out={args.out}")
-    return from_dict(LMConfig, apply_overrides(data, flags + overrides))
+    given = apply_overrides(data, flags + overrides)
+    if getattr(args, "resume", False):  # a run continues with its own settings (config.yaml)
+        from tether.lm.trainer import default_run_dir
+
+        task = (given.get("task") or {}).get("name") or LMConfig().task.name
+        seed = (given.get("train") or {}).get("seed") or 0
+        saved = saved_config((given.get("run") or {}).get("out") or default_run_dir(recipe.name, task, seed))
+        if saved is not None:
+            explicit = apply_overrides(base, flags + overrides) | (
+                {"recipe": args.recipe} if args.recipe else {}
+            )
+            return from_dict(LMConfig, merge(saved, explicit))
+    return from_dict(LMConfig, given)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -65,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from tether.lm.config import SFTConfig
     from tether.lm.report import print_run_summary
-    from tether.lm.sft import run_sft
+    from tether.lm.sft import run_sft, sft_run_dir
 
     data = _base(args)
     flags = []
@@ -75,7 +88,13 @@ def cmd_sft(args: argparse.Namespace) -> int:
         flags.append(f"sft.steps={args.steps}")
     if args.seed is not None:
         flags.append(f"sft.seed={args.seed}")
-    cfg = from_dict(SFTConfig, apply_overrides(data, flags + list(args.overrides)))
+    given = apply_overrides(data, flags + list(args.overrides))
+    saved = None
+    if args.resume:  # a run continues with its own settings (config.yaml)
+        task = (given.get("task") or {}).get("name") or SFTConfig().task.name
+        seed = (given.get("sft") or {}).get("seed") or 0
+        saved = saved_config(args.out or (given.get("run") or {}).get("out") or sft_run_dir(task, seed))
+    cfg = from_dict(SFTConfig, merge(saved, given) if saved is not None else given)
     summary = run_sft(cfg, out=args.out, resume=args.resume)
     print_run_summary(summary, Path(summary["model_dir"]).parent)
     return 0

@@ -30,6 +30,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.runs.resume import check_resume_config
 from tether.userimports import import_user_code
 
 
@@ -80,6 +81,15 @@ def sampled_accuracy(
     return correct / max(len(prompts), 1)
 
 
+def sft_run_dir(task: str, seed: int) -> str:
+    """The SFT run directory when neither ``out`` nor ``run.out`` gives one."""
+    return f"runs/sft-{task}-s{seed}"
+
+
+#: Settings a resumed SFT run may change (see tether.runs.resume).
+SFT_RESUME_MAY_CHANGE = ("run", "eval")  # not sft.steps: the learning-rate schedule spans them
+
+
 def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> dict[str, Any]:
     """SFT on ``config.task``'s reference solutions; with ``resume`` it continues the run in
     ``out`` from its last checkpoint (every ``run.checkpoint_every`` steps and at the end), with
@@ -93,7 +103,10 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")
-    run = RunDir(out or cfg.run.out or f"runs/sft-{cfg.task.name}-s{cfg.sft.seed}")
+    run_path = out or cfg.run.out or sft_run_dir(cfg.task.name, cfg.sft.seed)
+    if resume:  # before anything in the run directory is touched
+        check_resume_config(run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE)
+    run = RunDir(run_path)
     # A run killed before its first checkpoint lost nothing but the logs of unsaved steps: start again.
     resume = resume and run.resumable()
     run.prepare(resume)

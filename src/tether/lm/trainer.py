@@ -44,6 +44,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.runs.resume import check_resume_config
 from tether.userimports import import_user_code
 
 # Inputs the language-model world can hand to catalogue entries (names of DEVELOPERS.md).
@@ -121,6 +122,16 @@ def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
     )
 
 
+#: Settings a resumed run may change (see tether.runs.resume): the step budget, and what only
+#: logs, checkpoints or evaluates.
+RESUME_MAY_CHANGE = ("train.steps", "run", "eval", "monitor", "sampling.vllm_gpu_memory_utilization")
+
+
+def default_run_dir(recipe_name: str, task: str, seed: int) -> str:
+    """The run directory when neither ``out`` nor ``run.out`` gives one."""
+    return f"runs/{recipe_name}-{task}-s{seed}"
+
+
 class RLTrainer:
     """RL on a language model with any recipe of the catalogue."""
 
@@ -156,7 +167,9 @@ class RLTrainer:
         if not train_prompts:
             raise TetherError(f"task {cfg.task.name!r} has no train prompts")
 
-        run_path = out or cfg.run.out or f"runs/{self.recipe.name}-{cfg.task.name}-s{cfg.train.seed}"
+        run_path = out or cfg.run.out or default_run_dir(self.recipe.name, cfg.task.name, cfg.train.seed)
+        if resume:  # before anything in the run directory is touched
+            check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE)
         self.run = RunDir(run_path)
         # --resume of a run killed before its first checkpoint: nothing was lost but the logs of
         # the unsaved steps, so start it again from scratch (dropping those logs).

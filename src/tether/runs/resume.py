@@ -1,0 +1,78 @@
+"""A resumed run keeps the settings it was started with.
+
+A run's ``config.yaml`` holds its resolved settings. :func:`saved_config` reads them back (the
+command line builds a resumed run from them, so ``--out DIR --resume`` alone continues it), and
+:func:`check_resume_config` refuses, before any work, a resume whose settings differ from them
+anywhere a resume may not change them: a different learning rate, model or task would continue
+a run that never existed. What a resume may change is listed per trainer (the step budget, to
+extend a run; logging, checkpoint cadence and evaluation, which do not touch the training math).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.errors import TetherError
+
+#: Keys of config.yaml that describe the run but are not settings.
+DERIVED_KEYS = ("recipe_resolved", "recipe_path")
+
+
+def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The settings a run was started with (its config.yaml without derived keys), or None."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        return None
+    return {k: v for k, v in data.items() if k not in DERIVED_KEYS}
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, section by section."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _leaves(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(data, Mapping) and data:
+        for key, value in data.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), data
+
+
+def _may_change(key: str, allowed: Collection[str]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def check_resume_config(run_dir: str | Path, config: Mapping[str, Any], may_change: Collection[str]) -> None:
+    """Refuse to resume ``run_dir`` with ``config`` where it differs from the run's saved settings
+    outside ``may_change`` (dotted keys or sections). Settings the saved file does not have (a run
+    started by an older tether) are not compared."""
+    saved = saved_config(run_dir)
+    if saved is None:
+        return
+    before = dict(_leaves(saved))
+    changed = [
+        (key, before[key], value)
+        for key, value in _leaves(dict(config))
+        if key in before and before[key] != value and not _may_change(key, may_change)
+    ]
+    if changed:
+        lines = "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, old, new in changed)
+        raise TetherError(
+            f"cannot resume {str(run_dir)!r} with settings other than those it was started with ({lines}). "
+            "Resume with the run's own settings (--out DIR --resume alone takes them from its config.yaml), "
+            f"or start a new run with another --out. A resume may change only: {', '.join(sorted(may_change))}"
+        )

@@ -1,0 +1,50 @@
+"""tether.runs.resume: what a resumed run may change, by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tether.errors import TetherError
+from tether.runs.resume import check_resume_config, merge, saved_config
+
+SAVED = {
+    "recipe": "grpo",
+    "recipe_resolved": {"name": "grpo"},
+    "train": {"lr": 0.01, "steps": 10},
+    "run": {"out": "runs/x", "progress": True},
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path
+
+
+def test_saved_config_drops_derived_keys_and_merge_lays_sections_over(tmp_path: Path) -> None:
+    run = write(tmp_path, SAVED)
+    saved = saved_config(run)
+    assert saved is not None and "recipe_resolved" not in saved
+    assert merge(saved, {"train": {"steps": 20}}) == {**saved, "train": {"lr": 0.01, "steps": 20}}
+    assert saved_config(tmp_path / "nothing") is None
+
+
+def test_allowed_changes_pass_and_others_are_named(tmp_path: Path) -> None:
+    run = write(tmp_path, SAVED)
+    same = {k: v for k, v in SAVED.items() if k != "recipe_resolved"}
+    check_resume_config(run, same, ())
+    check_resume_config(
+        run, merge(same, {"train": {"steps": 30}, "run": {"progress": False}}), ("train.steps", "run")
+    )
+    # a key the saved file lacks (a newer setting) is not compared
+    check_resume_config(run, merge(same, {"imports": ["x.py"]}), ())
+    with pytest.raises(
+        TetherError, match=r"recipe: 'grpo' in the run, 'dapo' now; train\.lr: 0\.01 in the run, 0\.02 now"
+    ):
+        check_resume_config(run, merge(same, {"train": {"lr": 0.02}, "recipe": "dapo"}), ("train.steps",))
+    with pytest.raises(TetherError, match=r"train\.steps: 10 in the run, 30 now"):
+        check_resume_config(
+            run, merge(same, {"train": {"steps": 30}}), ("train.step",)
+        )  # a prefix, not a section
