@@ -180,17 +180,27 @@ def test_cli_control_train(tmp_path: Path) -> None:
             str(out),
             "env.num_envs=2",
             "train.num_steps=32",
+            "train.anneal_lr=false",
         ]
     )
     assert rc == 0 and (out / "summary.json").exists()
     assert main(["control", "train", "--env", "Nope-v0", "--out", str(tmp_path / "x")]) == 2
     # --resume alone continues with the run's settings (CartPole, 2 envs, 32 steps), extended to 128
+    # (allowed because the learning rate is not annealed over the budget)
     assert main(["control", "train", "--out", str(out), "--resume", "--steps", "128"]) == 0
     records = RunDir(out).metrics.read()
     assert len(records) == 2 and records[-1]["env_steps"] == 128
     # a setting that changes the math is refused, and nothing is touched
     assert main(["control", "train", "--out", str(out), "--resume", "--steps", "192", "train.lr=0.1"]) == 2
     assert len(RunDir(out).metrics.read()) == 2
+    # with the learning rate annealed over the budget (the default), the budget is part of the math
+    annealed = tmp_path / "annealed"
+    small = ["env.num_envs=2", "train.num_steps=32"]
+    assert (
+        main(["control", "train", "--env", "CartPole-v1", "--steps", "64", "--out", str(annealed), *small])
+        == 0
+    )
+    assert main(["control", "train", "--out", str(annealed), "--resume", "--steps", "128"]) == 2
 
 
 def test_running_normalizer_matches_batch_statistics() -> None:

@@ -59,9 +59,9 @@ CONTROL_INPUTS = frozenset(
     {"logprobs", "old_logprobs", "advantages", "response_mask", "entropy", "token_rewards", "values"}
 )
 
-#: Settings a resumed run may change (see tether.runs.resume): the step budget, and what only
-#: logs, checkpoints or raises alarms.
-RESUME_MAY_CHANGE = ("train.total_steps", "train.torch_threads", "run", "monitor")
+#: Settings a resumed run may change (see tether.runs.resume): what only logs, checkpoints or
+#: raises alarms, and the step budget when the learning rate is not annealed over it.
+RESUME_MAY_CHANGE = ("train.torch_threads", "run", "monitor")
 
 #: Metrics that measure time, not math: excluded when comparing a resumed run with an unbroken one.
 TIMING_PREFIXES = ("perf/",)
@@ -204,7 +204,8 @@ class ControlTrainer:
         self.cost_limit = cost_limit_of(cfg, self.method)
         self.gamma, self.lam = self._wire_discount()
         if resume:  # before anything in the run directory is touched
-            check_resume_config(out or cfg.run.out, to_dict(cfg), RESUME_MAY_CHANGE)
+            budget = () if cfg.train.anneal_lr else ("train.total_steps",)
+            check_resume_config(out or cfg.run.out, to_dict(cfg), RESUME_MAY_CHANGE + budget)
         self.run = RunDir(out or cfg.run.out)
         resume = resume and self.run.resumable()
         self.run.prepare(resume)
