@@ -38,7 +38,14 @@ def test_short_run_writes_run_dir(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     records = run.metrics.read()
     assert len(records) == 4 and summary["updates"] == 4 and summary["total_env_steps"] == 256
-    for key in ("policy/entropy", "policy/ratio_max", "grad/norm", "losses/explained_variance", "perf/sps"):
+    for key in (
+        "policy/entropy",
+        "policy/ratio_max",
+        "grad/norm",
+        "losses/explained_variance",
+        "perf/sps",
+        "perf/cpu_peak_rss_gb",
+    ):
         assert key in records[-1]
     assert any("episode/return" in r for r in records)
     for r in records:

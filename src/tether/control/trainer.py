@@ -39,6 +39,7 @@ from tether.control.policy import ActorCritic
 from tether.control.trust_region import cpo_update
 from tether.errors import TetherError, UnknownNameError
 from tether.monitor import Monitor
+from tether.monitor.memory import memory_metrics
 from tether.recipes.compose import Method
 from tether.recipes.loader import Recipe, load_recipe
 from tether.runs import Checkpoint, RunDir, save_checkpoint
@@ -479,6 +480,7 @@ class ControlTrainer:
         out["perf/sps"] = batch / max(elapsed, 1e-9)
         out["perf/rollout_s"] = rollout_time
         out["perf/update_s"] = elapsed - rollout_time
+        out.update(memory_metrics(torch.device("cpu")))  # the control world trains on the CPU
         self.method.update_state(out)
         return out
 
