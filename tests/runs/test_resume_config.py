@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tether.errors import TetherError
+from tether.runs import Checkpoint, save_checkpoint
 from tether.runs.resume import check_resume_config, merge, saved_config
 
 SAVED = {
@@ -18,8 +20,10 @@ SAVED = {
 }
 
 
-def write(tmp_path: Path, data: dict) -> Path:
+def write(tmp_path: Path, data: dict, checkpoint: bool = True) -> Path:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    if checkpoint:
+        save_checkpoint(tmp_path, Checkpoint(step=1, tensors={"w": torch.zeros(1)}, state={}))
     return tmp_path
 
 

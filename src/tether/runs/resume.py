@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from tether.errors import TetherError
+from tether.runs.checkpoint import latest_checkpoint
 
 #: Keys of config.yaml that describe the run but are not settings.
 DERIVED_KEYS = ("recipe_resolved", "recipe_path")
@@ -59,9 +60,10 @@ def _may_change(key: str, allowed: Collection[str]) -> bool:
 def check_resume_config(run_dir: str | Path, config: Mapping[str, Any], may_change: Collection[str]) -> None:
     """Refuse to resume ``run_dir`` with ``config`` where it differs from the run's saved settings
     outside ``may_change`` (dotted keys or sections). Settings the saved file does not have (a run
-    started by an older tether) are not compared."""
+    started by an older tether) are not compared, and a run without a checkpoint starts again with
+    any settings (nothing of it was kept)."""
     saved = saved_config(run_dir)
-    if saved is None:
+    if saved is None or latest_checkpoint(Path(run_dir)) is None:
         return
     before = dict(_leaves(saved))
     changed = [
