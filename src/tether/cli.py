@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from tether.errors import TetherError
+from tether.errors import RunInterrupted, TetherError
 
 
 def _catalogue_rows() -> list[dict[str, object]]:
@@ -149,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except RunInterrupted as err:  # Ctrl-C, handled at a step boundary
+        print(f"tether: {err}", file=sys.stderr)
+        return 130
     except TetherError as err:
         print(f"tether: error: {err}", file=sys.stderr)
         return 2

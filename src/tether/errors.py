@@ -16,3 +16,8 @@ class UnknownNameError(TetherError, KeyError):
 
 class InvalidInputError(TetherError, ValueError):
     """Tensors or values passed to a catalogue entry do not satisfy its contract."""
+
+
+class RunInterrupted(TetherError):
+    """The run stopped at a step boundary on Ctrl-C, with that step's checkpoint saved
+    (:mod:`tether.runs.interrupt`); the command line exits with status 130."""

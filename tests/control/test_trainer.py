@@ -239,3 +239,22 @@ def test_observation_normalizer_is_trained_and_saved_with_the_policy(tmp_path: P
     # The stored rollout observations are the normalized ones, so the networks never see raw input.
     raw = torch.tensor([[1.0, 0.0, 8.0]])
     assert not torch.allclose(trainer.model.normalize(raw), raw)
+
+
+def test_ctrl_c_stops_after_the_update_with_its_checkpoint(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from tether.errors import RunInterrupted
+    from tether.runs import latest_checkpoint
+
+    out = tmp_path / "run"
+    trainer = ControlTrainer(make_config(out, "run.checkpoint_every=100"))
+    trainer.on_update = lambda update, metrics: os.kill(os.getpid(), signal.SIGINT) if update == 2 else None
+    with pytest.raises(RunInterrupted, match=r"interrupted after step 2 of 4.*tether control train --out"):
+        trainer.train()
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step_000000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    summary = ControlTrainer(make_config(out, "run.checkpoint_every=100"), resume=True).train()
+    assert summary["updates"] == 4 and len(RunDir(out).metrics.read()) == 4

@@ -290,3 +290,38 @@ def test_sft_resume_alone_continues_with_the_runs_settings(tmp_path: Path) -> No
     # the step budget shapes SFT's learning-rate schedule: it may not change on resume
     assert main(["sft", "--out", str(out), "--resume", "--steps", "6"]) == 2
     assert main(["sft", "--out", str(out), "--resume", "sft.lr=0.01"]) == 2
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(
+    tmp_path: Path, command: str
+) -> None:
+    """The first Ctrl-C lets the step finish, saves its checkpoint (even between checkpoint steps)
+    and exits with 130 and the command that continues the run; the continued run equals an unbroken one."""
+    tiny = TINY if command == "train" else [o for o in TINY if not o.startswith("train.")]
+    task = COIN if command == "train" else [*ARITH, "sft.batch_size=8", "sft.warmup_steps=1"]
+    args = [command, "--steps", "30", *tiny, *task, "run.checkpoint_every=1000", "run.progress=false"]
+    if command == "train":
+        args.append("--no-eval")
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    script = tmp_path / "cli.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(script), *args, "--out", str(out)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    steps = len(read_jsonl(out / "metrics.jsonl"))
+    assert 2 <= steps < 30
+    assert (out / "checkpoints" / f"step_{steps:09d}").is_dir()  # the interrupted step is saved
+    assert f"interrupted after step {steps} of 30" in err.decode() and "--resume" in err.decode()
+    assert main([command, "--out", str(out), "--resume"]) == 0
+    got, expected = read_jsonl(out / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 31))
+    assert math_only(got) == math_only(expected)

@@ -50,6 +50,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.runs.interrupt import StopRequest, interrupted
 from tether.runs.resume import check_resume_config
 from tether.userimports import import_user_code
 
@@ -607,18 +608,27 @@ class ControlTrainer:
     def _train(self) -> dict[str, Any]:
         cfg = self.config
         last: dict[str, float] = {}
-        while self.update < cfg.num_updates:
-            metrics = self.step()
-            self.update += 1
-            alarms = self.monitor.check(self.update, metrics)
-            self.run.metrics.append({"step": self.update, **metrics, "alarms": len(alarms)})
-            for a in alarms:
-                self.run.alarms.append(a.as_dict())
-            last = metrics
-            if self.update % cfg.run.checkpoint_every == 0 or self.update == cfg.num_updates:
-                self.save()
-            if self.on_update is not None:
-                self.on_update(self.update, metrics)
+        with StopRequest() as stop:
+            while self.update < cfg.num_updates:
+                metrics = self.step()
+                self.update += 1
+                alarms = self.monitor.check(self.update, metrics)
+                self.run.metrics.append({"step": self.update, **metrics, "alarms": len(alarms)})
+                for a in alarms:
+                    self.run.alarms.append(a.as_dict())
+                last = metrics
+                saved = self.update % cfg.run.checkpoint_every == 0 or self.update == cfg.num_updates
+                if saved:
+                    self.save()
+                if self.on_update is not None:
+                    self.on_update(self.update, metrics)
+                if stop.requested:  # Ctrl-C: stop here, at an update boundary, with this update saved
+                    if not saved:
+                        self.save()
+                    self.envs.close()
+                    raise interrupted(
+                        "training", self.update, cfg.num_updates, str(self.run.path), "tether control train"
+                    )
         self.envs.close()
         summary = self.summary(last)
         self.run.write_summary(summary)

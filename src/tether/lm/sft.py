@@ -30,6 +30,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.runs.interrupt import StopRequest, interrupted
 from tether.runs.resume import check_resume_config
 from tether.userimports import import_user_code
 
@@ -163,7 +164,10 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
         run.truncate_logs(ck.step)
     model.train()
     t0 = time.perf_counter()
-    with TrainProgress(total=total, start=steps_run, enabled=cfg.run.progress, description="sft") as progress:
+    with (
+        TrainProgress(total=total, start=steps_run, enabled=cfg.run.progress, description="sft") as progress,
+        StopRequest() as stop,
+    ):
         for step in range(steps_run + 1, 1 if done else total + 1):
             chunk = stream.next(cfg.sft.batch_size)
             batch = {
@@ -211,6 +215,10 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
                 save(step)
             if done:
                 break
+            if stop.requested:  # Ctrl-C: stop here, at a step boundary, with this step saved
+                if step % cfg.run.checkpoint_every:
+                    save(step)
+                raise interrupted("SFT", step, total, str(run.path), "tether sft")
     model.eval()
     save_model(model, tokenizer, run.path / "model")
     result = evaluate(

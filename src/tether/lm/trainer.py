@@ -44,6 +44,7 @@ from tether.runs.checkpoint import (
     restore_training_state,
     training_state,
 )
+from tether.runs.interrupt import StopRequest, interrupted
 from tether.runs.resume import check_resume_config
 from tether.userimports import import_user_code
 
@@ -573,7 +574,7 @@ class RLTrainer:
         if cfg.run.tensorboard:
             self.tb = _tensorboard_writer(self.run.path / "tensorboard")
         last: dict[str, float] = {}
-        with progress:
+        with progress, StopRequest() as stop:
             while self.step_idx < cfg.train.steps:
                 metrics = self.step()
                 self.step_idx += 1
@@ -600,8 +601,17 @@ class RLTrainer:
                 if self.on_step is not None:
                     self.on_step(self.step_idx, metrics)
                 last = metrics
-                if self.step_idx % cfg.run.checkpoint_every == 0 or self.step_idx == cfg.train.steps:
+                saved = self.step_idx % cfg.run.checkpoint_every == 0 or self.step_idx == cfg.train.steps
+                if saved:
                     self.save()
+                if stop.requested:  # Ctrl-C: stop here, at a step boundary, with this step saved
+                    if not saved:
+                        self.save()
+                    if self.tb is not None:
+                        self.tb.close()
+                    raise interrupted(
+                        "training", self.step_idx, cfg.train.steps, str(self.run.path), "tether train"
+                    )
         if self.tb is not None:
             self.tb.close()
         summary = {
