@@ -325,3 +325,22 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(
     got, expected = read_jsonl(out / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, 31))
     assert math_only(got) == math_only(expected)
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "grpo", "--out", str(out), "--dry-run", *TINY, *ARITH]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["recipe_resolved"]["name"] == "grpo" and printed["train"]["group_size"] == 4
+    plan = printed["plan"]
+    assert (
+        plan["reference_model"] is True and plan["rollout_rows_per_step"] == 16 and plan["train_prompts"] > 0
+    )
+    assert "ref_logprobs" in plan["inputs_needed"] and plan["run_dir"] == str(out)
+    assert not out.exists()
+    assert main(["train", "--dry-run", *TINY, "method.kl_k3.coeff=1"]) == 2  # still checked
+    assert "has no parameter 'coeff'" in capsys.readouterr().err

@@ -66,6 +66,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tether.lm.trainer import RLTrainer
 
     cfg = build_lm_config(args)
+    if args.dry_run:  # the resolved settings and plan; nothing is loaded or written
+        import yaml
+
+        from tether.lm.trainer import plan_run
+
+        print(yaml.safe_dump(plan_run(cfg).describe(cfg), sort_keys=False), end="")
+        return 0
     trainer = RLTrainer(cfg, resume=args.resume)
     summary = trainer.train()
     if not args.no_eval:
@@ -170,6 +177,11 @@ def add_commands(sub: Any) -> None:
         help="continue the run in --out from its last checkpoint (with none yet: start it again)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the resolved settings and what the run would do, train nothing",
+    )
     common(p, "RL steps")
     p.set_defaults(func=cmd_train)
 

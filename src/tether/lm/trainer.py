@@ -133,42 +133,80 @@ def default_run_dir(recipe_name: str, task: str, seed: int) -> str:
     return f"runs/{recipe_name}-{task}-s{seed}"
 
 
+@dataclasses.dataclass
+class RunPlan:
+    """What a run of ``config`` will do, resolved and checked without any work (:func:`plan_run`)."""
+
+    recipe: Recipe
+    method: Method
+    task: Task
+    plugins: list[LoopPlugin]
+    use_ref: bool
+    needs_distribution: bool
+    train_prompts: list[Prompt]
+    run_dir: str
+
+    def describe(self, config: LMConfig) -> dict[str, Any]:
+        """The resolved settings and plan, as ``tether train --dry-run`` prints them."""
+        return {
+            "recipe_resolved": _recipe_dict(self.recipe),
+            **to_dict(config),
+            "plan": {
+                "run_dir": config.run.out or self.run_dir,
+                "train_prompts": len(self.train_prompts),
+                "reference_model": self.use_ref,
+                "rollout_rows_per_step": config.train.prompts_per_step * config.train.group_size,
+                "loop_plugins": [p.name for p in self.plugins],
+                "inputs_needed": sorted(self.method.required_inputs()),
+            },
+        }
+
+
+def plan_run(cfg: LMConfig) -> RunPlan:
+    """Resolve ``cfg``'s recipe, method, task and plugins, with every check that needs no model:
+    the user's imports first, then an unknown recipe, component or parameter, a task's name,
+    parameters, rewards or chat template, inputs the language-model world cannot give."""
+    import_user_code(cfg.imports)  # first: the user's modules may register what the run names
+    recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
+    method = Method(recipe)
+    if method.constraint is not None:
+        raise TetherError(
+            f"recipe {recipe.name!r} has a cost constraint, which the language-model trainer "
+            "does not drive yet; run it in the control world (tether control train --recipe ...)"
+        )
+    task = build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)
+    task = with_chat_template(
+        task, cfg.task.chat_template, cfg.task.system_prompt, lambda: load_tokenizer(cfg.model)
+    )
+    plugins = [build_plugin(c["name"], c["params"]) for c in recipe.loop]
+    needs_ref = "ref_logprobs" in method.required_inputs()
+    use_ref = cfg.train.reference == "always" or (cfg.train.reference == "auto" and needs_ref)
+    if needs_ref and not use_ref:
+        raise TetherError(f"recipe {recipe.name!r} needs a reference model; set train.reference=auto")
+    available = set(LM_INPUTS) if use_ref else set(LM_INPUTS) - {"ref_logprobs"}
+    available |= {name for plugin in plugins for name in plugin.provides}
+    method.check_inputs(available, "language-model")
+    needs_distribution = bool({"logits", "old_logits"} & method.required_inputs())
+    train_prompts = task.prompts("train", None, seed=cfg.train.seed)
+    if not train_prompts:
+        raise TetherError(f"task {cfg.task.name!r} has no train prompts")
+    run_dir = default_run_dir(recipe.name, cfg.task.name, cfg.train.seed)
+    return RunPlan(recipe, method, task, plugins, use_ref, needs_distribution, train_prompts, run_dir)
+
+
 class RLTrainer:
     """RL on a language model with any recipe of the catalogue."""
 
     def __init__(self, config: LMConfig, resume: bool = False, out: str | Path | None = None) -> None:
         self.config = config
         cfg = config
-        import_user_code(cfg.imports)  # first: the user's modules may register what the run names
-        self.recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
-        self.method = Method(self.recipe)
-        if self.method.constraint is not None:
-            raise TetherError(
-                f"recipe {self.recipe.name!r} has a cost constraint, which the language-model trainer "
-                "does not drive yet; run it in the control world (tether control train --recipe ...)"
-            )
-        self.task: Task = build_task(
-            cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights
-        )
-        self.task = with_chat_template(
-            self.task, cfg.task.chat_template, cfg.task.system_prompt, lambda: load_tokenizer(cfg.model)
-        )
-        self.plugins: list[LoopPlugin] = [build_plugin(c["name"], c["params"]) for c in self.recipe.loop]
-        needs_ref = "ref_logprobs" in self.method.required_inputs()
-        self.use_ref = cfg.train.reference == "always" or (cfg.train.reference == "auto" and needs_ref)
-        if needs_ref and not self.use_ref:
-            raise TetherError(
-                f"recipe {self.recipe.name!r} needs a reference model; set train.reference=auto"
-            )
-        available = set(LM_INPUTS) if self.use_ref else set(LM_INPUTS) - {"ref_logprobs"}
-        available |= {name for plugin in self.plugins for name in plugin.provides}
-        self.method.check_inputs(available, "language-model")
-        self.needs_distribution = bool({"logits", "old_logits"} & self.method.required_inputs())
-        train_prompts = self.task.prompts("train", None, seed=cfg.train.seed)
-        if not train_prompts:
-            raise TetherError(f"task {cfg.task.name!r} has no train prompts")
+        plan = plan_run(cfg)  # everything a user can get wrong, checked before any work
+        self.recipe, self.method, self.task = plan.recipe, plan.method, plan.task
+        self.plugins: list[LoopPlugin] = plan.plugins
+        self.use_ref, self.needs_distribution = plan.use_ref, plan.needs_distribution
+        train_prompts = plan.train_prompts
 
-        run_path = out or cfg.run.out or default_run_dir(self.recipe.name, cfg.task.name, cfg.train.seed)
+        run_path = out or cfg.run.out or plan.run_dir
         if resume:  # before anything in the run directory is touched
             check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE)
         self.run = RunDir(run_path)
