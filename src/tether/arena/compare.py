@@ -149,7 +149,7 @@ def build_run_config(spec: RunSpec) -> Any:
 
 def _build_lm_config(spec: RunSpec) -> Any:
     from tether.lm.cli import build_lm_config
-    from tether.lm.tasks import build_task
+    from tether.lm.trainer import plan_run
 
     args = argparse.Namespace(
         recipe=spec.recipe,
@@ -160,12 +160,8 @@ def _build_lm_config(spec: RunSpec) -> Any:
         config=spec.config,
         overrides=list(spec.overrides),
     )
-    cfg = build_lm_config(args)  # imports the run's own modules first
-    build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)  # task, rewards
-    from tether.lm.trainer import apply_method_overrides
-    from tether.recipes import Method, load_recipe
-
-    Method(apply_method_overrides(load_recipe(cfg.recipe), cfg.method))  # components and parameters
+    cfg = build_lm_config(args)
+    plan_run(cfg)  # the trainer's own checks: imports, recipe, components, task, rewards, inputs
     return cfg
 
 
