@@ -344,3 +344,26 @@ def test_dry_run_prints_the_plan_and_touches_nothing(
     assert not out.exists()
     assert main(["train", "--dry-run", *TINY, "method.kl_k3.coeff=1"]) == 2  # still checked
     assert "has no parameter 'coeff'" in capsys.readouterr().err
+    # the same for SFT and for the control world
+    tiny = [o for o in TINY if not o.startswith("train.")]
+    assert main(["sft", "--out", str(out), "--dry-run", *tiny, *ARITH, "sft.examples=40"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["plan"] == {
+        "run_dir": str(out),
+        "examples": 40,
+        "steps": 300,
+    }
+    control = [
+        "control",
+        "train",
+        "--env",
+        "tether/SafeCartPole-v0",
+        "--recipe",
+        "ppo_lag",
+        "--out",
+        str(out),
+    ]
+    assert main([*control, "--dry-run", "--steps", "4096", "env.num_envs=2", "train.num_steps=64"]) == 0
+    plan = yaml.safe_load(capsys.readouterr().out)["plan"]
+    assert plan["updates"] == 32 and plan["env_steps_per_update"] == 128 and plan["cost_limit"] == 25.0
+    assert main([*control, "--dry-run", "--env", "CartPol-v1"]) == 2
+    assert not out.exists()

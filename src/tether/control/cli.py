@@ -38,6 +38,21 @@ def cmd_control_train(args: argparse.Namespace) -> int:
     from tether.control.trainer import ControlTrainer
 
     cfg = build_control_config(args)
+    if args.dry_run:  # the resolved settings and plan; nothing is built or written
+        import yaml
+
+        from tether.config import to_dict
+        from tether.control.trainer import build_method, cost_limit_of
+
+        method = build_method(cfg)  # env id, recipe, components, inputs
+        plan = {
+            "run_dir": cfg.run.out,
+            "updates": cfg.num_updates,
+            "env_steps_per_update": cfg.env.num_envs * cfg.train.num_steps,
+            "cost_limit": cost_limit_of(cfg, method),
+        }
+        print(yaml.safe_dump({**to_dict(cfg), "plan": plan}, sort_keys=False), end="")
+        return 0
     trainer = ControlTrainer(cfg, resume=args.resume)
     summary = trainer.train()
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}, indent=2))
@@ -103,6 +118,11 @@ def add_control_commands(sub: Any) -> None:
     p.add_argument("--out", default=None, help="run directory")
     p.add_argument("--config", default=None, help="YAML config file (e.g. control/configs/cartpole_ppo.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the resolved settings and what the run would do, train nothing",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (train.lr=1e-3)")
     p.set_defaults(func=cmd_control_train)
     e = csub.add_parser(

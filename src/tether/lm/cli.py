@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tether.config import ConfigError, apply_overrides, from_dict, load_yaml
+import yaml
+
+from tether.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from tether.runs.resume import merge, saved_config
 from tether.userimports import import_user_code
 
@@ -67,8 +69,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = build_lm_config(args)
     if args.dry_run:  # the resolved settings and plan; nothing is loaded or written
-        import yaml
-
         from tether.lm.trainer import plan_run
 
         print(yaml.safe_dump(plan_run(cfg).describe(cfg), sort_keys=False), end="")
@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from tether.lm.config import SFTConfig
     from tether.lm.report import print_run_summary
-    from tether.lm.sft import run_sft, sft_run_dir
+    from tether.lm.sft import plan_sft, run_sft, sft_run_dir
 
     data = _base(args)
     flags = []
@@ -102,6 +102,12 @@ def cmd_sft(args: argparse.Namespace) -> int:
         seed = (given.get("sft") or {}).get("seed") or 0
         saved = saved_config(args.out or (given.get("run") or {}).get("out") or sft_run_dir(task, seed))
     cfg = from_dict(SFTConfig, merge(saved, given) if saved is not None else given)
+    if args.dry_run:  # the resolved settings and plan; nothing is loaded or written
+        _, examples = plan_sft(cfg)
+        run_dir = args.out or cfg.run.out or sft_run_dir(cfg.task.name, cfg.sft.seed)
+        plan = {"run_dir": run_dir, "examples": len(examples), "steps": cfg.sft.steps}
+        print(yaml.safe_dump({**to_dict(cfg), "plan": plan}, sort_keys=False), end="")
+        return 0
     summary = run_sft(cfg, out=args.out, resume=args.resume)
     print_run_summary(summary, Path(summary["model_dir"]).parent)
     return 0
@@ -167,6 +173,11 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--out", default=None, help="run directory")
         p.add_argument("--config", default=None, help="YAML config file")
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check everything, print the resolved settings and what the run would do, train nothing",
+        )
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     p = sub.add_parser("train", help="RL on a language model with a recipe")
@@ -177,11 +188,6 @@ def add_commands(sub: Any) -> None:
         help="continue the run in --out from its last checkpoint (with none yet: start it again)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check everything, print the resolved settings and what the run would do, train nothing",
-    )
     common(p, "RL steps")
     p.set_defaults(func=cmd_train)
 

@@ -91,11 +91,9 @@ def sft_run_dir(task: str, seed: int) -> str:
 SFT_RESUME_MAY_CHANGE = ("run", "eval")  # not sft.steps: the learning-rate schedule spans them
 
 
-def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> dict[str, Any]:
-    """SFT on ``config.task``'s reference solutions; with ``resume`` it continues the run in
-    ``out`` from its last checkpoint (every ``run.checkpoint_every`` steps and at the end), with
-    the metrics an unbroken run writes."""
-    cfg = config
+def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
+    """The task and the SFT examples of ``cfg``, with every check that needs no model (the user's
+    imports, the task's name, parameters, rewards and chat template, the examples asked for)."""
     import_user_code(cfg.imports)
     task = build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)
     task = with_chat_template(
@@ -104,6 +102,15 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")
+    return task, prompts
+
+
+def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """SFT on ``config.task``'s reference solutions; with ``resume`` it continues the run in
+    ``out`` from its last checkpoint (every ``run.checkpoint_every`` steps and at the end), with
+    the metrics an unbroken run writes."""
+    cfg = config
+    task, prompts = plan_sft(cfg)
     run_path = out or cfg.run.out or sft_run_dir(cfg.task.name, cfg.sft.seed)
     if resume:  # before anything in the run directory is touched
         check_resume_config(run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE)
