@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -184,6 +184,21 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested settings mapping and their values (an empty section is a value)."""
+    if isinstance(data, Mapping) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def key_under(key: str, sections: Collection[str]) -> bool:
+    """Whether dotted ``key`` is one of ``sections`` or lies inside one (``train.lr`` in ``train``)."""
+    return any(key == s or key.startswith(s + ".") for s in sections)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -36,6 +36,7 @@ import numpy as np
 
 from tether.arena.runs import RunRecord, load_runs, series
 from tether.arena.stats import iqm_ci, lower_is_better, recipe_table, summarize_recipe
+from tether.config import flatten, key_under
 from tether.errors import TetherError
 
 #: Learning curves: (metric, y-axis label with unit, title). One PNG per metric present in a run.
@@ -473,13 +474,9 @@ def _config_value(cfg: dict[str, Any], dotted: str) -> Any:
     return cur
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(cfg, dict):
-        out: dict[str, str] = {}
-        for k, v in cfg.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): json.dumps(cfg, sort_keys=True, default=str)}
+def _flatten(cfg: Any) -> dict[str, str]:
+    """Dotted settings as JSON text; empty sections are left out."""
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flatten(cfg).items() if v != {}}
 
 
 _PER_RUN_KEYS = ("recipe", "train.seed", "run.out", "method", "recipe_resolved")
@@ -491,7 +488,7 @@ def _varying_settings(records: Sequence[RunRecord], per_run: Sequence[str] = _PE
     keys = sorted(set().union(*flat)) if flat else []
     out = []
     for k in keys:
-        if any(k == p or k.startswith(p + ".") for p in per_run):
+        if key_under(k, per_run):
             continue
         vals = {f.get(k, "(unset)") for f in flat}
         if len(vals) > 1:

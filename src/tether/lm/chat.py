@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.errors import TetherError
-from tether.lm.tasks.base import Prompt, Score, Split, Task
+from tether.lm.tasks.base import Prompt, Split, Task, TaskWrapper
+from tether.lm.tasks.rewards import build_task
+
+if TYPE_CHECKING:
+    from tether.lm.config import TaskConfig
 
 
 def messages_of(prompt: Prompt, system_prompt: str = "") -> list[dict[str, str]]:
@@ -34,7 +38,7 @@ def is_conversational(prompts: Sequence[Prompt]) -> bool:
     return any(p.meta.get("messages") for p in prompts)
 
 
-class ChatTask(Task):
+class ChatTask(TaskWrapper):
     """``base`` with every prompt's text rendered by ``tokenizer``'s chat template (scores,
     references and answers are the base task's)."""
 
@@ -46,8 +50,7 @@ class ChatTask(Task):
                 "set tokenizer.chat_template and save it next to the model, or set task.chat_template=false "
                 "with plain-text prompts"
             )
-        self.base = base
-        self.name = base.name
+        super().__init__(base)
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self._rendered: dict[str, Prompt] = {}
@@ -74,18 +77,6 @@ class ChatTask(Task):
     def prompts(self, split: Split, n: int | None = None, seed: int = 0) -> list[Prompt]:
         return [self.render(p) for p in self.base.prompts(split, n, seed)]
 
-    def score(self, prompt: Prompt, completion: str) -> Score:
-        return self.base.score(prompt, completion)
-
-    def score_batch(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Score]:
-        return self.base.score_batch(prompts, completions)
-
-    def reference(self, prompt: Prompt) -> str:
-        return self.base.reference(prompt)
-
-    def extract(self, completion: str) -> str | None:
-        return self.base.extract(completion)
-
 
 def with_chat_template(task: Task, enabled: bool, system_prompt: str, tokenizer: Callable[[], Any]) -> Task:
     """``task`` rendered with the chat template when ``enabled`` or when its prompts are
@@ -100,3 +91,10 @@ def with_chat_template(task: Task, enabled: bool, system_prompt: str, tokenizer:
             "to render them as a conversation (the tokenizer needs a chat template)"
         )
     return task
+
+
+def task_from_settings(settings: TaskConfig, tokenizer: Callable[[], Any]) -> Task:
+    """The task a run's ``task`` settings describe: built with its parameters, its reward replaced
+    by ``task.rewards`` when given, its prompts rendered with the chat template when asked for."""
+    task = build_task(settings.name, settings.params, settings.rewards, settings.reward_weights)
+    return with_chat_template(task, settings.chat_template, settings.system_prompt, tokenizer)

@@ -114,12 +114,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tether.lm.chat import with_chat_template
+    from tether.lm.chat import task_from_settings
     from tether.lm.config import EvalSettings, TaskConfig
     from tether.lm.evaluate import evaluate
     from tether.lm.model import ModelConfig, is_adapter_dir, load_policy
     from tether.lm.rollout import SamplingConfig
-    from tether.lm.tasks import build_task
 
     path = Path(args.checkpoint)
     model_dir = path / "model" if (path / "model").is_dir() else path
@@ -137,8 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     sampling = from_dict(SamplingConfig, data.get("sampling", {}))
     model, tok = load_policy(from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}))
-    task = build_task(task_cfg.name, task_cfg.params, task_cfg.rewards, task_cfg.reward_weights)
-    task = with_chat_template(task, task_cfg.chat_template, task_cfg.system_prompt, lambda: tok)
+    task = task_from_settings(task_cfg, lambda: tok)
     result = evaluate(model, tok, task, settings, sampling)
     print(json.dumps({"task": task_cfg.name, **result}, indent=2))
     return 0

@@ -18,6 +18,11 @@ from tether.lm.model import ModelConfig
 from tether.lm.rollout import SamplingConfig
 from tether.monitor import MonitorConfig
 
+IMPORTS_HELP = (
+    "your modules or .py files, imported first: they may register tasks, loop plugins and catalogue "
+    "entries (tether.userimports)"
+)
+
 
 @dataclass
 class TaskConfig:
@@ -191,13 +196,7 @@ class LMConfig:
     """``tether train``: the RL loop on a language model."""
 
     recipe: str = field(default="grpo", metadata={"help": "recipe name or path to a recipe YAML"})
-    imports: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "your modules or .py files, imported first: they may register tasks, loop plugins and "
-            "catalogue entries (tether.userimports)"
-        },
-    )
+    imports: list[str] = field(default_factory=list, metadata={"help": IMPORTS_HELP})
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -265,13 +264,7 @@ class SFTSettings:
 class SFTConfig:
     """``tether sft``: supervised warm start on a task's reference solutions."""
 
-    imports: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "your modules or .py files, imported first: they may register tasks, loop plugins and "
-            "catalogue entries (tether.userimports)"
-        },
-    )
+    imports: list[str] = field(default_factory=list, metadata={"help": IMPORTS_HELP})
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTSettings = field(default_factory=SFTSettings)

@@ -12,7 +12,7 @@ import torch
 
 from tether.config import to_dict
 from tether.errors import TetherError
-from tether.lm.chat import with_chat_template
+from tether.lm.chat import task_from_settings
 from tether.lm.config import SFTConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.model import load_policy, load_tokenizer, save_model
@@ -20,7 +20,6 @@ from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import Sampler, SamplingConfig, encode_prompts, make_sampler, sampler_for
-from tether.lm.tasks import build_task
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
@@ -95,10 +94,7 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
     """The task and the SFT examples of ``cfg``, with every check that needs no model (the user's
     imports, the task's name, parameters, rewards and chat template, the examples asked for)."""
     import_user_code(cfg.imports)
-    task = build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)
-    task = with_chat_template(
-        task, cfg.task.chat_template, cfg.task.system_prompt, lambda: load_tokenizer(cfg.model)
-    )
+    task = task_from_settings(cfg.task, lambda: load_tokenizer(cfg.model))
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")

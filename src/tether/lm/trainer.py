@@ -21,7 +21,7 @@ from tether.catalogue.aggregate import Aggregation, count_sequences, count_token
 from tether.catalogue.mismatch import correction_metrics, importance_stats, sampler_importance_weights
 from tether.config import to_dict
 from tether.errors import TetherError
-from tether.lm.chat import with_chat_template
+from tether.lm.chat import task_from_settings
 from tether.lm.config import LMConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
@@ -29,7 +29,6 @@ from tether.lm.model import load_policy, load_reference, load_tokenizer, save_mo
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, make_sampler
-from tether.lm.tasks import build_task
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.monitor import Monitor
 from tether.monitor.memory import memory_metrics
@@ -174,10 +173,7 @@ def plan_run(cfg: LMConfig) -> RunPlan:
             f"recipe {recipe.name!r} has a cost constraint, which the language-model trainer "
             "does not drive yet; run it in the control world (tether control train --recipe ...)"
         )
-    task = build_task(cfg.task.name, cfg.task.params, cfg.task.rewards, cfg.task.reward_weights)
-    task = with_chat_template(
-        task, cfg.task.chat_template, cfg.task.system_prompt, lambda: load_tokenizer(cfg.model)
-    )
+    task = task_from_settings(cfg.task, lambda: load_tokenizer(cfg.model))
     plugins = [build_plugin(c["name"], c["params"]) for c in recipe.loop]
     needs_ref = "ref_logprobs" in method.required_inputs()
     use_ref = cfg.train.reference == "always" or (cfg.train.reference == "auto" and needs_ref)

@@ -10,12 +10,13 @@ extend a run; logging, checkpoint cadence and evaluation, which do not touch the
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tether.config import flatten, key_under
 from tether.errors import TetherError
 from tether.runs.checkpoint import latest_checkpoint
 
@@ -45,18 +46,6 @@ def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _leaves(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(data, Mapping) and data:
-        for key, value in data.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    else:
-        yield prefix.rstrip("."), data
-
-
-def _may_change(key: str, allowed: Collection[str]) -> bool:
-    return any(key == a or key.startswith(a + ".") for a in allowed)
-
-
 def check_resume_config(run_dir: str | Path, config: Mapping[str, Any], may_change: Collection[str]) -> None:
     """Refuse to resume ``run_dir`` with ``config`` where it differs from the run's saved settings
     outside ``may_change`` (dotted keys or sections). Settings the saved file does not have (a run
@@ -65,11 +54,11 @@ def check_resume_config(run_dir: str | Path, config: Mapping[str, Any], may_chan
     saved = saved_config(run_dir)
     if saved is None or latest_checkpoint(Path(run_dir)) is None:
         return
-    before = dict(_leaves(saved))
+    before = flatten(saved)
     changed = [
         (key, before[key], value)
-        for key, value in _leaves(dict(config))
-        if key in before and before[key] != value and not _may_change(key, may_change)
+        for key, value in flatten(dict(config)).items()
+        if key in before and before[key] != value and not key_under(key, may_change)
     ]
     if changed:
         lines = "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, old, new in changed)

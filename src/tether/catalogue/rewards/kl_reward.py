@@ -71,8 +71,7 @@ def kl_in_reward(
         )
     with torch.no_grad():
         d = masked_log_ratio(old_logprobs.detach().float(), ref_logprobs.detach().float(), response_mask)
-        per_token = torch.where(response_mask.bool(), ESTIMATORS[estimator](d), torch.zeros_like(d))
-        seq_kl = per_token.sum(-1).to(rewards.dtype)
+        seq_kl = ESTIMATORS[estimator](d).sum(-1).to(rewards.dtype)  # d = 0, so k = 0, on padding
         if seq_kl.shape != rewards.shape:
             raise InvalidInputError("kl_in_reward: one completion of log-probs per reward is needed")
         penalty = coef * seq_kl

@@ -110,6 +110,49 @@ class Task(abc.ABC):
         return [safe_score(self, p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
+class TaskWrapper(Task):
+    """A task built on another, ``base``: every method is the base's unless a subclass overrides it
+    (:class:`~tether.lm.tasks.rewards.RewardedTask` its scores, :class:`~tether.lm.chat.ChatTask`
+    its prompts)."""
+
+    def __init__(self, base: Task) -> None:
+        self.base = base
+        self.name = base.name
+
+    def all_prompts(self, split: Split) -> list[Prompt]:
+        return self.base.all_prompts(split)
+
+    def prompts(self, split: Split, n: int | None = None, seed: int = 0) -> list[Prompt]:
+        return self.base.prompts(split, n, seed)
+
+    def score(self, prompt: Prompt, completion: str) -> Score:
+        return self.base.score(prompt, completion)
+
+    def score_batch(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Score]:
+        return self.base.score_batch(prompts, completions)
+
+    def reference(self, prompt: Prompt) -> str:
+        return self.base.reference(prompt)
+
+    def extract(self, completion: str) -> str | None:
+        return self.base.extract(completion)
+
+
+def _failed(err: Exception) -> Score:
+    """The score of a completion whose verifier failed: reward 0, the error recorded."""
+    return Score(reward=0.0, correct=False, format_ok=False, error=f"{type(err).__name__}: {err}")
+
+
+def _checked(score: Score) -> Score:
+    """``score``, or a failure when its reward is not a number in [0, 1]."""
+    try:
+        if not 0.0 <= float(score.reward) <= 1.0:  # also False for NaN
+            raise ValueError(f"verifier returned reward {score.reward!r} outside [0, 1]")
+    except (TypeError, ValueError) as err:
+        return _failed(err)
+    return score
+
+
 def safe_score(task: Task, prompt: Prompt, completion: str) -> Score:
     """``task.score`` with any exception turned into a zero-reward score carrying the error.
 
@@ -117,13 +160,9 @@ def safe_score(task: Task, prompt: Prompt, completion: str) -> Score:
     A reward outside [0, 1] (or not a number) is treated as a verifier error too.
     """
     try:
-        score = task.score(prompt, completion)
-        reward = float(score.reward)
-        if not 0.0 <= reward <= 1.0:  # also False for NaN
-            raise ValueError(f"verifier returned reward {score.reward!r} outside [0, 1]")
-        return score
+        return _checked(task.score(prompt, completion))
     except Exception as err:
-        return Score(reward=0.0, correct=False, format_ok=False, error=f"{type(err).__name__}: {err}")
+        return _failed(err)
 
 
 def safe_score_batch(task: Task, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Score]:
@@ -134,16 +173,8 @@ def safe_score_batch(task: Task, prompts: Sequence[Prompt], completions: Sequenc
         if len(scores) != len(completions):
             raise ValueError(f"score_batch returned {len(scores)} scores for {len(completions)} completions")
     except Exception as err:
-        error = f"{type(err).__name__}: {err}"
-        return [Score(reward=0.0, correct=False, format_ok=False, error=error) for _ in completions]
-    out = []
-    for score in scores:
-        reward = float(score.reward) if isinstance(score.reward, int | float) else float("nan")
-        if not 0.0 <= reward <= 1.0:  # also catches NaN
-            error = f"ValueError: verifier returned reward {score.reward!r} outside [0, 1]"
-            score = Score(reward=0.0, correct=False, format_ok=False, error=error)
-        out.append(score)
-    return out
+        return [_failed(err) for _ in completions]
+    return [_checked(score) for score in scores]
 
 
 TaskT = TypeVar("TaskT", bound=type[Task])

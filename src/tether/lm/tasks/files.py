@@ -95,16 +95,16 @@ class FileTask(Task):
             n_test = 1
         held_out = set(order[:n_test])
         self._splits: dict[str, list[Prompt]] = {"train": [], "test": []}
-        for index, (text, answer, raw, columns) in enumerate(rows):
+        for index, (text, answer, row_meta) in enumerate(rows):
             split = "test" if index in held_out else "train"
-            meta = {"row": index, "raw_answer": raw, "source": str(self.path), "columns": columns}
-            if "__messages__" in columns:  # rendered with the tokenizer's chat template (tether.lm.chat)
-                meta["messages"] = columns.pop("__messages__")
+            meta = {"row": index, "source": str(self.path), **row_meta}
             self._splits[split].append(
                 Prompt(id=f"{self.name}/{split}/{index}", text=text, answer=answer, meta=meta)
             )
 
-    def _read(self) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    def _read(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(prompt text, answer, meta) per row; meta holds the raw answer, the other columns and,
+        for a conversational prompt, its messages (rendered later with the chat template)."""
         path = self.path
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -139,10 +139,11 @@ class FileTask(Task):
         extra = [dict(zip(others, values)) for values in zip(*(data[c] for c in others))] or [
             {} for _ in data
         ]
-        rows: list[tuple[str, str, Any, dict[str, Any]]] = []
+        rows: list[tuple[str, str, dict[str, Any]]] = []
         for index, (text, raw) in enumerate(zip(data[self.prompt_column], data[self.answer_column])):
+            meta: dict[str, Any] = {"raw_answer": raw, "columns": extra[index]}
             if isinstance(text, list):  # conversational: a list of {"role", "content"} messages
-                extra[index] = {**extra[index], "__messages__": self._messages(text, index)}
+                meta["messages"] = self._messages(text, index)
                 text = next(
                     (m["content"] for m in reversed(text) if m["role"] == "user"), text[-1]["content"]
                 )
@@ -157,7 +158,7 @@ class FileTask(Task):
                     f"task file {str(path)!r}, row {index}: no answer could be read from column "
                     f"{self.answer_column!r} (value {raw!r}); fill it in or remove the row"
                 )
-            rows.append((str(text), answer, raw, extra[index]))
+            rows.append((str(text), answer, meta))
         return rows
 
     def _messages(self, value: list[Any], index: int) -> list[dict[str, str]]:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether.config import ConfigError
-from tether.lm.tasks.base import Prompt, Score, Split, Task, get_task
+from tether.lm.tasks.base import Prompt, Score, Task, TaskWrapper, get_task
 from tether.userimports import resolve_object
 
 BUILTIN_REWARDS: dict[str, Callable[[Score], float]] = {
@@ -179,26 +179,13 @@ def build_reward_functions(names: Sequence[str], weights: Sequence[float]) -> li
     return functions
 
 
-class RewardedTask(Task):
+class RewardedTask(TaskWrapper):
     """A task whose reward is the weighted mean of reward functions (its verifier still gives
     accuracy, format and cost)."""
 
     def __init__(self, base: Task, functions: Sequence[RewardFunction]) -> None:
-        self.base = base
-        self.name = base.name
+        super().__init__(base)
         self.functions = list(functions)
-
-    def all_prompts(self, split: Split) -> list[Prompt]:
-        return self.base.all_prompts(split)
-
-    def prompts(self, split: Split, n: int | None = None, seed: int = 0) -> list[Prompt]:
-        return self.base.prompts(split, n, seed)
-
-    def reference(self, prompt: Prompt) -> str:
-        return self.base.reference(prompt)
-
-    def extract(self, completion: str) -> str | None:
-        return self.base.extract(completion)
 
     def score(self, prompt: Prompt, completion: str) -> Score:
         return self.score_batch([prompt], [completion])[0]
