@@ -25,6 +25,9 @@ Mapping (TRL loss_type -> tether entry):
   dapo     -> "clip_higher", token-mean over num_items_in_batch tokens
   cispo    -> "cispo", bound="absolute" (TRL: weight = min(r, epsilon_high)), token-mean
   grpo + importance_sampling_level="sequence" -> "gspo"
+  sapo     -> "sapo", seq-mean-token-mean
+  vespo    -> "vespo", token-mean over num_items_in_batch tokens
+  luspo (importance_sampling_level="sequence") -> "gspo", seq-mean-token-sum (the luspo recipe)
 TRL's k3 is compared without its default off-policy correction (``use_bias_correction_kl=False``,
 the card's plain estimator) and with it (``kl_k3(..., old_logprobs=...)``). Empty rows: TRL's seq-mean divides by all B rows;
 tether's by the non-empty ones unless ``Aggregation(num_sequences=B)`` is given (tested).
@@ -55,6 +58,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from tether.catalogue import get
 from tether.catalogue.aggregate import Aggregation
+from tether.recipes.loader import load_recipe
 
 TRL_VERSION = "1.16.0"
 
@@ -62,6 +66,8 @@ ppo_clip = get("policy_loss", "ppo_clip").fn
 clip_higher = get("policy_loss", "clip_higher").fn
 cispo = get("policy_loss", "cispo").fn
 gspo = get("policy_loss", "gspo").fn
+sapo = get("policy_loss", "sapo").fn
+vespo = get("policy_loss", "vespo").fn
 kl_k3 = get("regularizer", "kl_k3").fn
 
 G = 4  # num_generations
@@ -455,6 +461,66 @@ def test_sequence_level_grpo_equals_gspo(
     # Sequences whose clip is active (zero gradient) and sequences still free both occur.
     free = ours[1].abs().sum(-1) > 0
     assert not bool(free[1]) and bool(free.any())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sapo_equals_trl_sapo(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    batch = make_batch(seed, noise=0.5)
+    trainer = make_trainer(loss_type="sapo")
+    assert (trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg) == (1.0, 1.05)
+    trl_out = trl_loss_and_grad(trainer, batch, monkeypatch)
+    ours = tether_loss_and_grad(lambda lp: sapo(lp, batch.old, batch.adv, batch.mask)[0], batch)
+    assert_agree(trl_out, ours)
+    # Both temperatures are exercised, and no valid token loses its gradient (a soft gate, no cliff).
+    assert bool((batch.adv > 0).any()) and bool((batch.adv < 0).any())
+    assert bool((ours[1][batch.mask] != 0).all())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vespo_equals_trl_vespo(
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    batch = make_batch(seed, noise=0.2)
+    trainer = make_trainer(loss_type="vespo")
+    args = trainer.args
+    assert (args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg) == (
+        2.0,
+        3.0,
+        3.0,
+        2.0,
+    )
+    assert float(batch.inputs["num_items_in_batch"]) == float(batch.mask.sum())
+    trl_out = trl_loss_and_grad(trainer, batch, monkeypatch)
+    ours = tether_loss_and_grad(lambda lp: vespo(lp, batch.old, batch.adv, batch.mask)[0], batch)
+    assert_agree(trl_out, ours)
+    # The sequence weights spread over the kernel: phi differs between rows.
+    phi_rows = (ours[1] / batch.adv[:, None])[batch.mask]
+    assert float(phi_rows.max() - phi_rows.min()) > 1e-3
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_luspo_equals_gspo_with_seq_mean_token_sum(
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """TRL's luspo: the sequence-level clipped ratio, each sequence's loss summed over its tokens."""
+    batch = make_batch(seed)
+    batch.old[1] = batch.lp[1] - 0.5  # one sequence clipped
+    batch.adv[1] = batch.adv[1].abs() + 0.1
+    trainer = make_trainer(
+        loss_type="luspo", epsilon=3e-4, epsilon_high=4e-4, importance_sampling_level="sequence"
+    )
+    trl_out = trl_loss_and_grad(trainer, batch, monkeypatch)
+    ours = tether_loss_and_grad(
+        lambda lp: gspo(lp, batch.old, batch.adv, batch.mask, 3e-4, 4e-4, "seq-mean-token-sum")[0], batch
+    )
+    assert_agree(trl_out, ours)
+    recipe = load_recipe("luspo")
+    assert recipe.policy_loss["name"] == "gspo"
+    assert recipe.policy_loss["params"] == {
+        "eps_low": 3e-4,
+        "eps_high": 4e-4,
+        "aggregation": "seq-mean-token-sum",
+    }
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
