@@ -134,6 +134,23 @@ def test_builtin_rewards_come_from_the_verifier(rewards_file: tuple[Path, Any]) 
     assert [s.parts["correct"] for s in scores] == [1.0, 0.0]
 
 
+def test_an_out_of_range_verifier_reward_is_an_error_under_rewards_too() -> None:
+    """A batch verifier returning 1.5 is a verifier error with or without ``task.rewards=[verifier]``
+    (not a reward silently clamped to 1)."""
+
+    class Overshoots(Fixed):
+        def score_batch(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Score]:
+            return [Score(reward=1.5 if c == "a" else 0.0, correct=c == "a") for c in completions]
+
+    prompts = Fixed().all_prompts("train")
+    plain = safe_score_batch(Overshoots(), prompts[:2], ["a", "b"])
+    task = RewardedTask(Overshoots(), build_reward_functions(["verifier"], []))
+    wrapped = safe_score_batch(task, prompts[:2], ["a", "b"])
+    for scores in (plain, wrapped):
+        assert scores[0].error is not None and "outside [0, 1]" in scores[0].error and scores[0].reward == 0.0
+        assert scores[1].error is None and scores[1].reward == 0.0
+
+
 def test_without_rewards_the_task_is_unchanged() -> None:
     task = build_task("arithmetic", {"digits": 2})
     assert type(task) is type(get_task("arithmetic", digits=2))

@@ -331,3 +331,104 @@ def test_file_task_errors(tmp_path: Path) -> None:
     broken.write_text('{"prompt": "a", "answer": 1}\n{not json\n')
     with pytest.raises(TetherError, match=r"broken\.jsonl"):
         FileTask(str(broken))
+
+
+# ---------------------------------------------------------------- numbers, fractions, lists
+
+
+def test_equal_rationals_normalise_alike_and_lists_do_not_merge() -> None:
+    half = {normalize_number(x) for x in ["0.5", ".5", "1/2", "2/4", r"\frac{1}{2}", r"\dfrac{1}{2}", "0.50"]}
+    assert half == {"0.5"}
+    assert normalize_number(r"-\frac{3}{4}") == normalize_number(r"\tfrac{-3}{4}") == "-0.75"
+    assert normalize_number("2/6") == "1/3" and normalize_number("1e3") == "1000"
+    assert normalize_number(r"\$18") == "18" and normalize_number("1{,}234") == "1234"
+    assert normalize_number("12.5%") == "12.5" and normalize_number("1 000") == "1000"
+    # Commas and spaces only count as thousands separators in their places.
+    assert normalize_number("1, 2") == "1, 2" and not answers_match("12", "1, 2")
+    assert not answers_match("12", "1 2") and normalize_number("1,23") == "1,23"
+    assert normalize_number("1/0") == "1/0" and normalize_number("2:30") == "2:30"
+
+
+def test_hash_answers_keep_fractions_lists_and_times() -> None:
+    assert extract_answer("#### 1/2") == "0.5"
+    assert not answers_match(extract_answer("#### 1/7"), "1/2")
+    assert extract_answer("#### 2:30") == "2:30" and extract_answer("#### 1, 2") == "1, 2"
+    assert extract_answer("#### 1e3") == "1000" and extract_answer("#### 1,234 apples") == "1234"
+    assert extract_answer("the answer is 1/2", "last_number") == "0.5"
+
+
+def test_huge_numbers_are_not_expanded() -> None:
+    """A short completion must not cost a million-digit conversion (or raise on int()'s digit limit)."""
+    assert normalize_number("1e1000000") == "1e1000000"
+    assert normalize_number("1e-1000000") == "1e-1000000"
+    assert normalize_number(".5e1000000") == "5e999999"
+    big = "9" * 5000
+    assert normalize_number(big) == normalize_number(big + ".0") != normalize_number("9" * 4999 + "8")
+    task = FileTask.__new__(FileTask)
+    task.answer_style = "auto"
+    p = Prompt(id="x", text="q", answer="42")
+    score = safe_score(task, p, r"\boxed{1e1000000}")
+    assert score.error is None and score.reward == 0.0
+    arithmetic = ArithmeticTask(digits=1, operations="+", train_size=20, test_size=5)
+    q = arithmetic.prompts("test")[0]
+    long_answer = safe_score(arithmetic, q, "9" * 5000)
+    assert long_answer.error is None and long_answer.reward == 0.0
+
+
+def test_file_task_duplicate_prompts_stay_in_one_split(tmp_path: Path) -> None:
+    rows = [{"prompt": "q", "answer": str(i)} for i in range(4)]
+    rows += [{"prompt": f"p{i}", "answer": str(i)} for i in range(6)]
+    path = _write_jsonl(tmp_path / "dup.jsonl", rows)
+    for seed in range(6):
+        task = FileTask(str(path), test_fraction=0.4, seed=seed)
+        train = {p.text for p in task.prompts("train")}
+        test = {p.text for p in task.prompts("test")}
+        assert not train & test
+        assert len(task.prompts("train")) + len(task.prompts("test")) == 10
+        assert len(test) == 3  # 40% of the 7 distinct prompts
+
+
+def test_file_task_references_read_back_and_bad_answers_are_refused(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [
+        {"prompt": "a", "answer": "1/2"},
+        {"prompt": "b", "answer": "2 apples"},
+        {"prompt": "c", "answer": "3:30"},
+    ]
+    task = FileTask(str(_write_jsonl(tmp_path / "r.jsonl", rows)), test_fraction=0.0)
+    for p in task.prompts("train"):
+        assert task.score(p, task.reference(p)).correct, task.reference(p)
+    assert task.reference(task.prompts("train")[1]) == r"\boxed{2 apples}"
+    nan = tmp_path / "nan.parquet"
+    datasets.Dataset.from_dict({"prompt": ["a", "b"], "answer": [1.0, float("nan")]}).to_parquet(str(nan))
+    with pytest.raises(TetherError, match="row 1"):
+        FileTask(str(nan))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(TetherError, match="has no rows"):
+        FileTask(str(empty))
+    empty_parquet = tmp_path / "empty.parquet"
+    datasets.Dataset.from_dict({"prompt": [], "answer": []}).to_parquet(str(empty_parquet))
+    with pytest.raises(TetherError, match="has no rows"):
+        FileTask(str(empty_parquet))
+
+
+def test_a_nonfinite_cost_is_a_verifier_error() -> None:
+    class Costly(Task):
+        name = "costly"
+
+        def all_prompts(self, split: str) -> list[Prompt]:
+            return [Prompt(id="c/0", text="q", answer="1")]
+
+        def score(self, prompt: Prompt, completion: str) -> Score:
+            return Score(reward=1.0, correct=True, cost=float("nan"))
+
+        def reference(self, prompt: Prompt) -> str:
+            return "1"
+
+        def extract(self, completion: str) -> str | None:
+            return completion
+
+    score = safe_score(Costly(), Prompt(id="c/0", text="q", answer="1"), "1")
+    assert score.error is not None and "cost" in score.error and score.reward == 0.0

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from tether.catalogue import get
 from tether.config import ConfigError, apply_overrides, from_dict
 from tether.errors import TetherError
 from tether.lm.config import LMConfig
@@ -50,13 +51,15 @@ class CoinTask(Task):
     """Arithmetic-looking prompts; the reward is a deterministic coin flip of the completion.
 
     ``p``: probability of reward 1 (0: never, 1: always); ``raise_every``: the verifier raises on
-    every prompt whose index is a multiple of it (0: never); ``salt`` changes the coin.
+    every prompt whose index is a multiple of it (0: never); ``raise_p``: it raises on that share
+    of the completions, each alone (another hash); ``salt`` changes the coin.
     """
 
-    def __init__(self, p: float = 0.5, raise_every: int = 0, salt: int = 0) -> None:
+    def __init__(self, p: float = 0.5, raise_every: int = 0, salt: int = 0, raise_p: float = 0.0) -> None:
         self.p = p
         self.raise_every = raise_every
         self.salt = salt
+        self.raise_p = raise_p
 
     def all_prompts(self, split: Split) -> list[Prompt]:
         start = 0 if split == "train" else 1000
@@ -70,6 +73,8 @@ class CoinTask(Task):
     def score(self, prompt: Prompt, completion: str) -> Score:
         if self.raise_every and prompt.meta["i"] % self.raise_every == 0:
             raise RuntimeError(f"verifier failed on {prompt.id}")
+        if zlib.crc32(f"err|{prompt.id}|{completion}".encode()) % 1000 / 1000 < self.raise_p:
+            raise RuntimeError(f"verifier failed on a completion of {prompt.id}")
         h = zlib.crc32(f"{self.salt}|{prompt.id}|{completion}".encode()) % 1000 / 1000
         hit = h < self.p
         return Score(reward=float(hit), correct=hit)
@@ -329,6 +334,31 @@ def test_raising_verifier_is_isolated(tmp_path: Path) -> None:
     assert summary["verifier_errors"] == total
 
 
+def test_verifier_error_moves_no_other_samples_advantage(tmp_path: Path) -> None:
+    """A failed verification is left out of the group statistics, not counted as a reward of 0:
+    the scored samples get exactly the advantages GRPO gives them on their own."""
+    trainer = RLTrainer(make_config(tmp_path / "run", "train.steps=2", "task.params.raise_p=0.3"))
+    capture = _Capture()
+    trainer.plugins.append(capture)
+    trainer.train()
+    grpo = get("advantage", "grpo").fn
+    checked = 0
+    for ro, adv in capture.seen:
+        scored = torch.tensor([s.error is None for s in ro.scores])
+        assert not bool(scored.all())
+        rewards = torch.tensor([s.reward for s in ro.scores], dtype=torch.float32)[scored]
+        mask = ro.batch.completion_mask[scored]
+        expected, _ = grpo(rewards=rewards, group_ids=ro.group_ids[scored], response_mask=mask, eps=1e-6)
+        torch.testing.assert_close(adv[scored], expected.float(), rtol=1e-6, atol=1e-6)
+        # and counting the error as 0 would have given other values in some group with an error
+        zeroed = torch.tensor([s.reward for s in ro.scores], dtype=torch.float32)
+        wrong, _ = grpo(
+            rewards=zeroed, group_ids=ro.group_ids, response_mask=ro.batch.completion_mask, eps=1e-6
+        )
+        checked += int(not torch.allclose(wrong[scored].float(), expected.float()))
+    assert checked > 0
+
+
 # ------------------------------------------------------------------------------- dynamic sampling
 def test_dynamic_sampling_keeps_only_groups_with_signal(tmp_path: Path) -> None:
     trainer = RLTrainer(
@@ -357,6 +387,25 @@ def test_dynamic_sampling_without_any_signal_keeps_a_batch(tmp_path: Path) -> No
     ro = trainer.rollout()
     assert len(ro) == 16 and ro.rounds == 3
     assert all(s.reward == 0.0 for s in ro.scores)
+
+
+def test_dynamic_sampling_ignores_failed_verifications(tmp_path: Path) -> None:
+    """Every scored sample is correct: the groups carry no signal even when a verifier error sits
+    among them (an error is not a reward of 0), so all of them are dropped."""
+    trainer = RLTrainer(
+        make_config(
+            tmp_path / "run",
+            "train.dynamic_sampling=true",
+            "train.max_refill_rounds=0",
+            "task.params.p=1.0",
+            "task.params.raise_p=0.3",
+        )
+    )
+    ro = trainer.rollout()
+    errors = torch.tensor([s.error is not None for s in ro.scores])
+    mixed = [g for g in ro.group_ids.unique() if 0 < int(errors[ro.group_ids == g].sum()) < 4]
+    assert mixed  # groups with both scored and failed samples occur
+    assert ro.dropped_groups == 4
 
 
 def test_dapo_recipe_turns_dynamic_sampling_on(tmp_path: Path) -> None:

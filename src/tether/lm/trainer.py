@@ -112,6 +112,13 @@ def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Reci
     )
 
 
+def _rows_of(value: Any, rows: torch.Tensor | slice, n: int) -> Any:
+    """A per-row input (a tensor with ``n`` rows) sliced to ``rows``; batch-level inputs pass whole."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[rows]
+    return value
+
+
 def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
     idx = rows.nonzero().squeeze(-1).tolist()
     return Rollout(
@@ -285,9 +292,11 @@ class RLTrainer:
         next_group = int(ro.group_ids.max()) + 1
         while True:
             rounds += 1
-            rewards = torch.tensor([sc.reward for sc in ro.scores], dtype=torch.float64)
-            keep, _ = keep_fn(rewards, ro.group_ids)
-            good = sorted(set(ro.group_ids[keep].tolist()), key=ro.group_ids.tolist().index)
+            # Failed verifications carry no reward: a group's spread is that of its scored samples.
+            scored = torch.tensor([sc.error is None for sc in ro.scores])
+            rewards = torch.tensor([sc.reward for sc in ro.scores], dtype=torch.float64)[scored]
+            keep, _ = keep_fn(rewards, ro.group_ids[scored])
+            good = sorted(set(ro.group_ids[scored][keep].tolist()), key=ro.group_ids.tolist().index)
             dropped += len(set(ro.group_ids.tolist())) - len(good)
             good = good[: cfg.prompts_per_step - n_groups]
             if good:
@@ -356,6 +365,34 @@ class RLTrainer:
         model.train(was_training)
         return torch.cat(parts), (torch.cat(dists) if dists else None)
 
+    def _advantages(
+        self, inputs: dict[str, Any], scored: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Advantages [N, T] from the samples whose verifier did not fail (``scored``); 0 elsewhere.
+
+        A sample whose verifier raised is left out of the estimate, not scored 0: its group's
+        baseline and spread, batch whitening and the advantage metrics see only scored samples,
+        so an error moves no other sample's advantage.
+        """
+        mask = inputs["response_mask"]
+        n = mask.shape[0]
+        if bool(scored.all()):
+            part, adv_metrics = self.method.compute_advantages(inputs)
+        elif bool(scored.any()):
+            rows = scored.nonzero().squeeze(-1)
+            subset = {k: _rows_of(v, rows, n) for k, v in inputs.items()}
+            part, adv_metrics = self.method.compute_advantages(subset)
+        else:
+            return torch.zeros(mask.shape, dtype=torch.float32), {}
+        part = part.float()
+        if part.dim() == 1:
+            part = part.unsqueeze(-1).expand(part.shape[0], mask.shape[1])
+        if bool(scored.all()):
+            return part, adv_metrics
+        full = torch.zeros(mask.shape, dtype=torch.float32)
+        full.index_copy_(0, scored.nonzero().squeeze(-1), part.contiguous())
+        return full, adv_metrics
+
     # ----------------------------------------------------------------------------- one RL step
     def step(self) -> dict[str, float]:
         cfg = self.config
@@ -413,11 +450,7 @@ class RLTrainer:
         for plugin in self.plugins:
             plugin.extra_inputs(self, ro, inputs)
         metrics: dict[str, float] = {k: float(v) for k, v in self.method.shape_rewards(inputs).items()}
-        advantages, adv_metrics = self.method.compute_advantages(inputs)
-        advantages = advantages.float()
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(-1).expand_as(mask)
-        advantages = torch.where(errors.unsqueeze(-1), torch.zeros_like(advantages), advantages)
+        advantages, adv_metrics = self._advantages(inputs, ~errors)
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
         inputs["advantages"] = advantages
         for plugin in self.plugins:
@@ -459,10 +492,7 @@ class RLTrainer:
                 for rows in mb.split(micro):
                     lp, ent, dist = self._logprobs(self.model, batch, rows, grad=True)
                     # Per-row inputs are sliced to the micro-batch; batch-level ones pass whole.
-                    step_inputs = {
-                        k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-                        for k, v in inputs.items()
-                    }
+                    step_inputs = {k: _rows_of(v, rows, n) for k, v in inputs.items()}
                     step_inputs = {
                         k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                         for k, v in step_inputs.items()
@@ -556,13 +586,16 @@ class RLTrainer:
         batch = ro.batch
         mask = batch.completion_mask
         m = mask.float()
+        # Reward statistics over the scored samples: a failed verification has no reward.
+        scored = torch.tensor([s.error is None for s in ro.scores])
+        rewards, groups = rewards[scored], ro.group_ids[scored]
         zero_std = [
-            float(rewards[ro.group_ids == gid].std()) == 0.0 if int((ro.group_ids == gid).sum()) > 1 else True
-            for gid in ro.group_ids.unique().tolist()
+            float(rewards[groups == gid].std()) == 0.0 if int((groups == gid).sum()) > 1 else True
+            for gid in groups.unique().tolist()
         ]
         gap = ((old_logprobs - batch.sampler_logprobs.float()).abs() * m).sum() / m.sum().clamp(min=1)
         out = {
-            "reward/mean": float(rewards.mean()),
+            "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "reward/accuracy": sum(s.correct for s in ro.scores) / len(ro.scores),
             "reward/format": sum(s.format_ok for s in ro.scores) / len(ro.scores),

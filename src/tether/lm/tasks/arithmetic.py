@@ -153,7 +153,10 @@ class ArithmeticTask(Task):
             format_ok = _INT.fullmatch(found) is not None
             if format_ok and self.answer_format == "reversed":
                 found = _reverse_digits(found)
-        correct = format_ok and found is not None and int(found) == int(prompt.answer)
+        # compared as canonical strings: int() of a 5000-digit completion would raise
+        correct = (
+            format_ok and found is not None and normalize_number(found) == normalize_number(prompt.answer)
+        )
         return Score(reward=1.0 if correct else 0.0, correct=correct, format_ok=format_ok)
 
 

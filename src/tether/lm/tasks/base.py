@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import difflib
 import inspect
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -144,10 +145,12 @@ def _failed(err: Exception) -> Score:
 
 
 def _checked(score: Score) -> Score:
-    """``score``, or a failure when its reward is not a number in [0, 1]."""
+    """``score``, or a failure when its reward is not a number in [0, 1] or its cost not finite."""
     try:
         if not 0.0 <= float(score.reward) <= 1.0:  # also False for NaN
             raise ValueError(f"verifier returned reward {score.reward!r} outside [0, 1]")
+        if not math.isfinite(float(score.cost)):
+            raise ValueError(f"verifier returned cost {score.cost!r}, which is not a finite number")
     except (TypeError, ValueError) as err:
         return _failed(err)
     return score

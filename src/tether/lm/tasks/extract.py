@@ -1,62 +1,151 @@
-r"""Answer extraction for the common conventions, and number normalisation.
+r"""Answer extraction for the common conventions, and answer normalisation.
 
-- ``"#### 42"`` (GSM8K): the text after the last ``####`` on its line; a number there loses its
-  thousands separators (``"#### 1,000"`` -> ``"1000"``).
+- ``"#### 42"`` (GSM8K): the answer after the last ``####`` on its line: a number (its thousands
+  separators dropped, ``"#### 1,000"`` -> ``"1000"``), a fraction ``a/b``, or, when the number is
+  followed by ``,`` / ``/`` / ``:`` and more digits (a list, a time), the rest of the line.
 - ``\boxed{...}`` (MATH): the content of the last ``\boxed{`` whose braces balance.
-- the last number in the text.
+- the last number (or fraction ``a/b``) in the text.
 
-:func:`normalize_number` makes equal numbers compare equal as strings (``"3.0"`` -> ``"3"``,
-``"-0"`` -> ``"0"``, ``"1,000"`` -> ``"1000"``); a non-number is returned stripped.
+:func:`normalize_number` makes equal numbers compare equal as strings, exactly (no rounding):
+``"3.0"`` -> ``"3"``, ``"-0"`` -> ``"0"``, ``"1,000"`` -> ``"1000"``, ``"1e3"`` -> ``"1000"``,
+``"1/2"``, ``"\frac{1}{2}"`` and ``".5"`` -> ``"0.5"``, ``"2/6"`` -> ``"1/3"``; ``$``, ``\$``,
+``%`` and a trailing ``.`` are dropped. Anything else (a list ``"1, 2"``, a time ``"2:30"``, text)
+is returned stripped and compared as a string. Huge numbers stay cheap: beyond
+:data:`MAX_EXPANDED_DIGITS` digits a number is written in scientific notation instead of expanded.
 """
 
 from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from typing import Literal
 
 AnswerStyle = Literal["auto", "hash", "boxed", "last_number"]
 ANSWER_STYLES: tuple[AnswerStyle, ...] = ("auto", "hash", "boxed", "last_number")
 
-_NUMBER_STRICT = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-_LEADING_NUMBER = re.compile(r"^\s*\$?\s*(-?\s*(?:\d{1,3}(?:[, ]\d{3})+|\d+)(?:\.\d+)?)")
+MAX_EXPANDED_DIGITS = 1000
+"""Numbers needing more digits than this are canonicalised in scientific notation (``"1e1000000"``),
+so that a completion like ``\boxed{1e1000000}`` costs microseconds, not minutes."""
+
+# A number: thousands groups with "," (or a space) only in their proper places, or plain digits.
+_NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?"
+_NUMBER = re.compile(_NUM)
+_FRACTION = re.compile(r"([-+]?\d+)\s*/\s*([-+]?\d+)")
+_LATEX_FRACTION = re.compile(r"(-?)\\[dt]?frac\s*\{\s*([-+]?\d+)\s*\}\s*\{\s*([-+]?\d+)\s*\}")
+_LEADING = re.compile(rf"^\s*(?:\\?\$)?\s*(-?\s*\d+\s*/\s*\d+|{_NUM})")
+_CONTINUES = re.compile(r"^\s*[,/:]\s*\d")
+_LAST = re.compile(rf"-?\d+/\d+|{_NUM}")
+
+
+def _clean(text: str) -> str:
+    r"""Drop the decorations a number may carry: LaTeX ``{,}``, ``$`` / ``\$``, ``%``, a final ``.``."""
+    s = text.strip().replace("{,}", ",")
+    s = s.removeprefix("\\$").removeprefix("$").removesuffix("$").strip()
+    s = s.removesuffix("\\%").removesuffix("%").strip()
+    return s.rstrip(".").strip()
+
+
+def _scientific(negative: bool, digits: str, exponent: int) -> str:
+    """``digits`` x 10^``exponent`` (no leading or trailing zeros in ``digits``) as ``d.ddde<n>``."""
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{'-' if negative else ''}{mantissa}e{exponent + len(digits) - 1}"
+
+
+def _canonical_decimal(value: Decimal) -> str:
+    """The shortest exact positional form of a finite decimal, built from its digits (never int())."""
+    sign, digit_tuple, exp = value.as_tuple()
+    assert isinstance(exp, int)
+    digits = "".join(map(str, digit_tuple)).lstrip("0")
+    if not digits:
+        return "0"
+    stripped = digits.rstrip("0")
+    exp += len(digits) - len(stripped)
+    digits = stripped
+    negative = bool(sign)
+    if exp >= 0:
+        if len(digits) + exp > MAX_EXPANDED_DIGITS:
+            return _scientific(negative, digits, exp)
+        out = digits + "0" * exp
+    else:
+        places = -exp
+        if places > MAX_EXPANDED_DIGITS:
+            return _scientific(negative, digits, exp)
+        out = (
+            digits[:-places] + "." + digits[-places:]
+            if len(digits) > places
+            else "0." + "0" * (places - len(digits)) + digits
+        )
+    return ("-" if negative else "") + out
+
+
+def _canonical_fraction(value: Fraction) -> str:
+    """A terminating fraction as its decimal (``1/2`` -> ``0.5``), others as ``p/q`` in lowest terms."""
+    den = value.denominator
+    if den == 1:
+        return _canonical_decimal(Decimal(value.numerator))
+    twos = fives = 0
+    while den % 2 == 0:
+        den //= 2
+        twos += 1
+    while den % 5 == 0:
+        den //= 5
+        fives += 1
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)
+    scaled = value.numerator * (10**places // value.denominator)
+    return _canonical_decimal(Decimal(scaled).scaleb(-places))
 
 
 def normalize_number(s: str) -> str:
-    """Canonical string of a number (``"3.0"`` -> ``"3"``, ``"-0"`` -> ``"0"``, ``"0.50"`` -> ``"0.5"``).
+    r"""Canonical string of a number or fraction; other text is returned stripped (see module doc).
 
-    Commas, spaces, a leading ``$`` and a trailing ``.`` are dropped first. Text that is not a
-    finite number is returned stripped and otherwise unchanged.
+    Exact: two answers normalise to the same string exactly when they are the same rational
+    number (``"0.5"``, ``"1/2"``, ``"\frac{1}{2}"``, ``"2/4"``), whatever their size.
     """
     text = s.strip()
-    cleaned = text.replace(",", "").replace(" ", "").removeprefix("$").rstrip(".")
-    if not cleaned or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", cleaned):
+    cleaned = _clean(text)
+    if not cleaned or len(cleaned) > 10 * MAX_EXPANDED_DIGITS:
+        return text
+    latex = _LATEX_FRACTION.fullmatch(cleaned)
+    fraction = _FRACTION.fullmatch(cleaned)
+    if latex or fraction:
+        if latex:
+            num, den = int(latex.group(2)), int(latex.group(3))
+            num = -num if latex.group(1) else num
+        else:
+            assert fraction is not None
+            num, den = int(fraction.group(1)), int(fraction.group(2))
+        if den == 0 or len(cleaned) > MAX_EXPANDED_DIGITS:
+            return text
+        return _canonical_fraction(Fraction(num, den))
+    if not _NUMBER.fullmatch(cleaned):
         return text
     try:
-        value = Decimal(cleaned)
+        value = Decimal(cleaned.replace(",", "").replace(" ", ""))
     except InvalidOperation:
         return text
     if not value.is_finite():
         return text
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
+    return _canonical_decimal(value)
 
 
 def extract_hash_answer(text: str) -> str | None:
     """The answer after the last ``####`` (GSM8K), or None when there is none.
 
-    A number there is returned without commas or inner spaces (``"#### 1,000"`` -> ``"1000"``);
-    other text is returned stripped (up to the end of its line).
+    A number there is returned without commas or inner spaces (``"#### 1,000"`` -> ``"1000"``), a
+    fraction as ``a/b``; a number followed by ``,`` / ``/`` / ``:`` and more digits (a list or a
+    time) keeps the rest of the line; other text is returned stripped (up to the end of its line).
     """
     at = text.rfind("####")
     if at < 0:
         return None
     rest = text[at + 4 :].split("\n", 1)[0]
-    m = _LEADING_NUMBER.match(rest)
-    if m:
+    m = _LEADING.match(rest)
+    if m and not _CONTINUES.match(rest[m.end() :]):
         return m.group(1).replace(",", "").replace(" ", "")
-    rest = rest.strip()
+    rest = rest.strip().rstrip(".").strip()
     return rest or None
 
 
@@ -83,9 +172,9 @@ def extract_boxed(text: str) -> str | None:
 
 
 def extract_last_number(text: str) -> str | None:
-    """The last number in ``text`` (commas removed), or None."""
-    found = _NUMBER_STRICT.findall(text)
-    return found[-1].replace(",", "") if found else None
+    """The last number (or fraction ``a/b``) in ``text``, thousands separators removed, or None."""
+    found = _LAST.findall(text)
+    return found[-1].replace(",", "").replace(" ", "") if found else None
 
 
 def extract_answer(text: str, style: AnswerStyle = "auto") -> str | None:

@@ -5,13 +5,16 @@ an unknown suffix, a missing column or an empty answer stops with a :class:`Teth
 the file, the problem and the fix. Only local paths are read; nothing is downloaded.
 
 Answers in the file are normalised: a GSM8K-style answer (reasoning then ``#### 72``) keeps the
-part after ``####``; a ``\boxed{...}`` answer keeps the box's content; numbers are normalised
-(``"1,000"`` -> ``"1000"``, ``"3.0"`` -> ``"3"``). The raw value stays in ``meta["raw_answer"]``.
+part after ``####``; a ``\boxed{...}`` answer keeps the box's content; numbers and fractions are
+normalised (``"1,000"`` -> ``"1000"``, ``"3.0"`` -> ``"3"``, ``"1/2"`` -> ``"0.5"``). The raw value
+stays in ``meta["raw_answer"]``. A missing, empty or NaN answer stops the build, naming the row.
 
 A completion is scored with :func:`tether.lm.tasks.extract.extract_answer` in ``answer_style``:
 reward 1.0 when the extracted answer equals the file's answer, else 0.0; ``format_ok`` when an
-answer could be extracted. :meth:`FileTask.reference` is ``"#### <answer>"`` (``"\boxed{<answer>}"``
-when ``answer_style="boxed"``), which every style extracts back to the answer.
+answer could be extracted. :meth:`FileTask.reference` is ``"#### <answer>"``, or
+``"\boxed{<answer>}"`` with ``answer_style="boxed"`` and, with ``"auto"``, for an answer that
+``####`` does not read back whole (``"2 apples"``). The held-out split is drawn by distinct
+prompt: rows that repeat a prompt all land in the same split.
 
 The prompt column is given to the policy as is, unless the run renders prompts with a chat
 template (``task.chat_template``, :mod:`tether.lm.chat`); a prompt that is a list of
@@ -23,6 +26,7 @@ other columns are kept in ``meta["columns"]``; reward functions receive them by 
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,19 @@ from tether.lm.tasks.extract import (
 )
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _has_no_rows(path: Path, builder: str) -> bool:
+    """An empty file (only blank lines for JSONL / JSON; zero rows for Parquet), read cheaply."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return int(pq.ParquetFile(path).metadata.num_rows) == 0
+        except Exception:  # not a readable parquet file: load_dataset reports it
+            return False
+    with path.open("rb") as handle:
+        return not any(line.strip() for line in handle)
 
 
 def normalize_reference_answer(raw: Any) -> str:
@@ -88,19 +105,28 @@ class FileTask(Task):
         self.test_fraction = test_fraction
         self.seed = seed
         rows = self._read()
-        order = list(range(len(rows)))
+        # The split is by distinct prompt, so that rows repeating a prompt never straddle it
+        # (with distinct prompts this is the split by row).
+        keys = {self._prompt_key(text, row_meta): None for text, _, row_meta in rows}
+        order = list(range(len(keys)))
         random.Random(seed).shuffle(order)
-        n_test = round(test_fraction * len(rows))
-        if test_fraction > 0 and n_test == 0 and len(rows) >= 2:
+        n_test = round(test_fraction * len(keys))
+        if test_fraction > 0 and n_test == 0 and len(keys) >= 2:
             n_test = 1
+        key_index = {key: i for i, key in enumerate(keys)}
         held_out = set(order[:n_test])
         self._splits: dict[str, list[Prompt]] = {"train": [], "test": []}
         for index, (text, answer, row_meta) in enumerate(rows):
-            split = "test" if index in held_out else "train"
+            split = "test" if key_index[self._prompt_key(text, row_meta)] in held_out else "train"
             meta = {"row": index, "source": str(self.path), **row_meta}
             self._splits[split].append(
                 Prompt(id=f"{self.name}/{split}/{index}", text=text, answer=answer, meta=meta)
             )
+
+    @staticmethod
+    def _prompt_key(text: str, meta: dict[str, Any]) -> str:
+        messages = meta.get("messages")
+        return repr(messages) if messages is not None else text
 
     def _read(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(prompt text, answer, meta) per row; meta holds the raw answer, the other columns and,
@@ -117,6 +143,8 @@ class FileTask(Task):
                 f"task file {str(path)!r} has suffix {path.suffix!r}; tether reads .jsonl, .json and .parquet "
                 "files: convert it or rename it with the right suffix"
             )
+        if _has_no_rows(path, builder):
+            raise TetherError(f"task file {str(path)!r} has no rows; add (prompt, answer) rows to it")
         import datasets
 
         try:
@@ -152,7 +180,8 @@ class FileTask(Task):
                     f"task file {str(path)!r}, row {index}: column {self.prompt_column!r} is empty; "
                     "fill it in or remove the row"
                 )
-            answer = normalize_reference_answer(raw) if raw is not None else ""
+            missing = raw is None or (isinstance(raw, float) and math.isnan(raw))
+            answer = "" if missing else normalize_reference_answer(raw)
             if not answer:
                 raise TetherError(
                     f"task file {str(path)!r}, row {index}: no answer could be read from column "
@@ -177,9 +206,13 @@ class FileTask(Task):
         return self._splits[split]
 
     def reference(self, prompt: Prompt) -> str:
+        boxed = f"\\boxed{{{prompt.answer}}}"
         if self.answer_style == "boxed":
-            return f"\\boxed{{{prompt.answer}}}"
-        return f"#### {prompt.answer}"
+            return boxed
+        hashed = f"#### {prompt.answer}"
+        if self.answer_style == "auto" and not answers_match(self.extract(hashed), prompt.answer):
+            return boxed  # an answer that is not a number ("2 apples") reads back only from a box
+        return hashed
 
     def extract(self, completion: str) -> str | None:
         return extract_answer(completion, self.answer_style)

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether.config import ConfigError
-from tether.lm.tasks.base import Prompt, Score, Task, TaskWrapper, get_task
+from tether.lm.tasks.base import Prompt, Score, Task, TaskWrapper, get_task, safe_score_batch
 from tether.userimports import resolve_object
 
 BUILTIN_REWARDS: dict[str, Callable[[Score], float]] = {
@@ -191,7 +191,7 @@ class RewardedTask(TaskWrapper):
         return self.score_batch([prompt], [completion])[0]
 
     def score_batch(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Score]:
-        base = self.base.score_batch(prompts, completions)
+        base = safe_score_batch(self.base, prompts, completions)  # checked: the verifier part too
         columns = [f.values(prompts, completions, base) for f in self.functions]
         scores = []
         for i, s in enumerate(base):
