@@ -42,6 +42,10 @@ def test_defaults_and_overrides() -> None:
         ("mode=tokens", "mode: 'tokens' is not allowed; choose one of 'token', 'sequence'"),
         ("optim=3", "optim: expected a section"),
         ("nokey", "must look like key.sub=value"),
+        # NaN compares false with every bound, so it must be refused before the range check
+        ("optim.lr=nan", "optim.lr: 'nan' is not a finite number"),
+        ("optim.lr=inf", "optim.lr: 'inf' is not a finite number"),
+        ("optim.clip=-inf", "optim.clip: '-inf' is not a finite number"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override: str, message: str) -> None:

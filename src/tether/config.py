@@ -11,6 +11,7 @@ is allowed. Range constraints are declared on the dataclass field:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -59,6 +60,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as err:
                 errors.append(str(err))
+        if len(errors) == 1:  # Optional[X]: X's own message says what is wrong
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
@@ -107,14 +110,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number: float | None = None
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # NaN passes every range check, and inf is never meant
+            raise ConfigError(f"{key}: {value!r} is not a finite number; give a finite value")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
