@@ -133,6 +133,11 @@ BAD = [
     (["method.kl_k4.coef=0"], "no such component"),
     (["method.policy_loss.eps_hi=0.3"], "no parameter 'eps_hi'"),
     (["task.name=arithmetc"], "unknown task 'arithmetc'.*Did you mean 'arithmetic'"),
+    (
+        ["model.name_or_path=/nonexistent/tether-model"],
+        "model directory '/nonexistent/tether-model' does not exist",
+    ),
+    (["train.lr=nan"], "train.lr: 'nan' is not a finite number"),
 ]
 
 

@@ -321,6 +321,13 @@ def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
     return name, False
 
 
+def check_model_source(config: ModelConfig) -> None:
+    """The checks of ``model.name_or_path`` that need no loading: a local path that does not
+    exist, a file, a directory without config.json. Run by the planners, before any work."""
+    if config.name_or_path != "tiny":
+        _resolve_source(config)
+
+
 @contextlib.contextmanager
 def _quiet_peft() -> Iterator[None]:
     """PEFT still probes transformers' deprecated ``is_gradient_checkpointing``: not the user's concern."""

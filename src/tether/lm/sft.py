@@ -15,7 +15,7 @@ from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import SFTConfig
 from tether.lm.evaluate import evaluate
-from tether.lm.model import load_policy, load_tokenizer, save_model
+from tether.lm.model import check_model_source, load_policy, load_tokenizer, save_model
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
@@ -94,6 +94,7 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
     """The task and the SFT examples of ``cfg``, with every check that needs no model (the user's
     imports, the task's name, parameters, rewards and chat template, the examples asked for)."""
     import_user_code(cfg.imports)
+    check_model_source(cfg.model)
     task = task_from_settings(cfg.task, lambda: load_tokenizer(cfg.model))
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
@@ -111,14 +112,16 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     if resume:  # before anything in the run directory is touched
         check_resume_config(run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE)
     run = RunDir(run_path)
-    # A run killed before its first checkpoint lost nothing but the logs of unsaved steps: start again.
-    resume = resume and run.resumable()
-    run.prepare(resume)
+    run.check(resume)  # read-only: a file, another program's directory, a run to --resume
     cfg.run.apply()
-    if not resume:
-        run.write_config(to_dict(cfg))
     torch.manual_seed(cfg.sft.seed)
     model, tokenizer = load_policy(cfg.model)
+    # Only now is the run directory touched. A run killed before its first checkpoint lost
+    # nothing but the logs of unsaved steps: it starts again.
+    resume = resume and run.resumable()
+    run.prepare(resume)
+    if not resume:
+        run.write_config(to_dict(cfg))
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay

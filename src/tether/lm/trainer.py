@@ -25,7 +25,7 @@ from tether.lm.chat import task_from_settings
 from tether.lm.config import LMConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
-from tether.lm.model import load_policy, load_reference, load_tokenizer, save_model
+from tether.lm.model import check_model_source, load_policy, load_reference, load_tokenizer, save_model
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, make_sampler
@@ -173,6 +173,7 @@ def plan_run(cfg: LMConfig) -> RunPlan:
     the user's imports first, then an unknown recipe, component or parameter, a task's name,
     parameters, rewards or chat template, inputs the language-model world cannot give."""
     import_user_code(cfg.imports)  # first: the user's modules may register what the run names
+    check_model_source(cfg.model)
     recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
     method = Method(recipe)
     if method.constraint is not None:
@@ -213,10 +214,7 @@ class RLTrainer:
         if resume:  # before anything in the run directory is touched
             check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE)
         self.run = RunDir(run_path)
-        # --resume of a run killed before its first checkpoint: nothing was lost but the logs of
-        # the unsaved steps, so start it again from scratch (dropping those logs).
-        resume = resume and self.run.resumable()
-        self.run.prepare(resume)
+        self.run.check(resume)  # read-only: a file, another program's directory, a run to --resume
         cfg.run.apply()
 
         torch.manual_seed(cfg.train.seed)
@@ -224,6 +222,11 @@ class RLTrainer:
         self.device = next(self.model.parameters()).device
         self.share_prompts = resolve_share_prompts(cfg.train.share_prompts, self.device)
         self.ref_model = load_reference(cfg.model, self.model) if self.use_ref else None
+        # Only now, with the models loaded, is the run directory touched. A --resume of a run
+        # killed before its first checkpoint lost nothing but the logs of the unsaved steps, so it
+        # starts again from scratch (dropping those logs).
+        resume = resume and self.run.resumable()
+        self.run.prepare(resume)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,

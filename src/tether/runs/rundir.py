@@ -14,6 +14,9 @@ from tether.runs.checkpoint import latest_checkpoint
 from tether.runs.files import atomic_write_json, atomic_write_text
 from tether.runs.metrics import MetricsLog
 
+RUN_MARKER = ".tether-run"
+"""Written into every run directory when it is prepared: tether writes only into its own runs."""
+
 
 class RunDir:
     """Paths and writers of a run directory."""
@@ -32,26 +35,60 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
-    def prepare(self, resume: bool) -> None:
-        """Create the directory; refuse to overwrite an existing run unless resuming."""
-        has_run = latest_checkpoint(self.path) is not None or self.metrics.path.exists()
-        if has_run and not resume:
+    def is_run(self) -> bool:
+        """Whether the directory holds a tether run (its marker, a checkpoint or a metrics log)."""
+        return (
+            (self.path / RUN_MARKER).is_file()
+            or latest_checkpoint(self.path) is not None
+            or self.metrics.path.exists()
+        )
+
+    def check(self, resume: bool) -> None:
+        """Read-only checks of ``--out``, before any work: not a file, not a directory of other
+        files (tether never writes into one), and no finished or started run unless resuming."""
+        where = str(self.path)
+        if self.path.exists() and not self.path.is_dir():
             raise TetherError(
-                f"run directory {str(self.path)!r} already holds a run; pass --resume to continue it, "
-                "or choose another --out"
+                f"--out {where!r} is a file, not a directory; choose a new directory for the run"
             )
+        if self.path.is_dir() and not self.is_run():
+            names = sorted(p.name for p in self.path.iterdir())
+            if names:
+                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                raise TetherError(
+                    f"--out {where!r} already exists and is not a tether run (it holds {shown}); tether "
+                    "writes a run only into a new or empty directory, or continues its own with --resume: "
+                    "choose another --out"
+                )
+        if not resume and (latest_checkpoint(self.path) is not None or self.metrics.path.exists()):
+            raise TetherError(
+                f"run directory {where!r} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+
+    def prepare(self, resume: bool) -> None:
+        """Create the directory and mark it as a run, after :meth:`check`."""
+        self.check(resume)
         if resume and latest_checkpoint(self.path) is None and self.metrics.path.exists():
             raise TetherError(
                 f"cannot resume {str(self.path)!r}: it has no complete checkpoint; start again with another --out"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        self._mark()
+
+    def _mark(self) -> None:
+        marker = self.path / RUN_MARKER
+        if not marker.is_file():
+            atomic_write_text(marker, "a tether run directory\n")
 
     def resumable(self) -> bool:
         """Whether there is a checkpoint to resume from. Without one, the logs of a run killed
         before its first checkpoint are removed, so that it starts again cleanly (nothing is lost:
-        nothing had been saved)."""
+        nothing had been saved). A directory that is not a run is refused first (:meth:`check`)."""
         if latest_checkpoint(self.path) is not None:
             return True
+        self.check(resume=True)
+        if self.is_run():  # still ours once its logs are gone
+            self._mark()
         for log in (self.metrics, self.alarms, self.samples):
             log.path.unlink(missing_ok=True)
         self.summary_path.unlink(missing_ok=True)

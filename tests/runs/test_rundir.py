@@ -1,0 +1,82 @@
+"""Run directories: tether writes only into a new or empty directory or one of its own runs, and a
+run whose model cannot be loaded leaves nothing behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.lm.test_trainer import ARITH, TINY
+from tests.lm.test_trainer import tiny_cache as tiny_cache  # module-wide TETHER_CACHE, one thread
+from tether.cli import main
+from tether.errors import TetherError
+from tether.runs.rundir import RUN_MARKER, RunDir
+
+
+def settings(command: str) -> list[str]:
+    """The tiny test settings that ``command`` takes (tether sft has no train.* section)."""
+    return [*(a for a in TINY if command == "train" or not a.startswith("train.")), *ARITH]
+
+
+def foreign_dir(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A project directory that happens to hold files with the names a run writes."""
+    proj = tmp_path / "proj"
+    (proj / "model").mkdir(parents=True)
+    files = {"config.yaml": "mine: true\n", "summary.json": '{"mine": 1}\n', "model/config.json": "{}\n"}
+    for name, text in files.items():
+        (proj / name).write_text(text)
+    return proj, files
+
+
+def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path: Path) -> None:
+    proj, files = foreign_dir(tmp_path)
+    for resume in (False, True):
+        with pytest.raises(TetherError, match=r"already exists and is not a tether run.*config\.yaml"):
+            RunDir(proj).prepare(resume)
+    with pytest.raises(TetherError, match="is not a tether run"):
+        RunDir(proj).resumable()  # would delete summary.json of a run without checkpoints
+    assert {name: (proj / name).read_text() for name in files} == files
+    assert not (proj / RUN_MARKER).exists()
+
+
+def test_a_file_is_refused_and_a_new_or_empty_directory_becomes_a_run(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("keep")
+    with pytest.raises(TetherError, match="is a file, not a directory"):
+        RunDir(target).prepare(False)
+    assert target.read_text() == "keep"
+    for path in (tmp_path / "new", tmp_path / "empty"):
+        if path.name == "empty":
+            path.mkdir()
+        run = RunDir(path)
+        run.prepare(False)
+        assert (path / RUN_MARKER).is_file() and run.is_run()
+        run.prepare(True)  # its own run: resuming it is fine (the marker stays)
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_cli_refuses_other_directories_and_files_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    proj, files = foreign_dir(tmp_path)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    for out, message in ((proj, "is not a tether run"), (a_file, "is a file")):
+        rc = main([command, "--out", str(out), "--steps", "1", *settings(command)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, err
+    assert {name: (proj / name).read_text() for name in files} == files
+    assert a_file.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_a_model_that_cannot_load_leaves_no_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    out = tmp_path / "run"
+    bad_model = f"model.name_or_path={tmp_path}/nowhere/model"
+    rc = main([command, "--out", str(out), "--steps", "1", *settings(command), bad_model])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err, err
+    assert not out.exists()
