@@ -134,6 +134,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def check_value(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` as config values are (YAML-friendly
+    coercions, finite numbers); a :class:`ConfigError` naming ``key`` otherwise."""
+    return _coerce(key, value, tp)
+
+
 def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     if value is None:
         return

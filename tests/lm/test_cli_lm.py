@@ -138,6 +138,7 @@ BAD = [
         "model directory '/nonexistent/tether-model' does not exist",
     ),
     (["train.lr=nan"], "train.lr: 'nan' is not a finite number"),
+    (["task.params.digits=abc"], "task.params.digits: expected an integer, got 'abc'"),
 ]
 
 

@@ -314,8 +314,8 @@ def test_file_task_errors(tmp_path: Path) -> None:
         FileTask(str(path))  # the default prompt column "prompt" is absent
     message = str(info.value)
     assert "q.jsonl" in message and "'prompt'" in message and "question" in message
-    assert "task.prompt_column=" in message
-    with pytest.raises(TetherError, match=r"no column 'solution'.*task\.answer_column="):
+    assert "task.params.prompt_column=" in message
+    with pytest.raises(TetherError, match=r"no column 'solution'.*task\.params\.answer_column="):
         FileTask(str(path), prompt_column="question", answer_column="solution")
     with pytest.raises(TetherError, match=r"missing\.jsonl.*does not exist"):
         FileTask(str(tmp_path / "missing.jsonl"))
@@ -432,3 +432,13 @@ def test_a_nonfinite_cost_is_a_verifier_error() -> None:
 
     score = safe_score(Costly(), Prompt(id="c/0", text="q", answer="1"), "1")
     assert score.error is not None and "cost" in score.error and score.reward == 0.0
+
+
+def test_task_parameters_are_checked_against_the_constructor() -> None:
+    with pytest.raises(TetherError, match=r"task 'file' needs task\.params\.path"):
+        get_task("file")
+    with pytest.raises(TetherError, match=r"task\.params\.digits: expected an integer, got 'abc'"):
+        get_task("arithmetic", digits="abc")
+    with pytest.raises(TetherError, match=r"task\.params\.test_fraction: expected a number"):
+        get_task("file", path="x.jsonl", test_fraction="abc")
+    assert get_task("arithmetic", digits="2").digits == 2  # YAML-style coercion, as config values

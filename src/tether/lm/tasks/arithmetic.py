@@ -63,19 +63,21 @@ class ArithmeticTask(Task):
         pad_operands: bool = False,
     ) -> None:
         if digits < 1:
-            raise TetherError(f"task.digits={digits}: must be >= 1")
+            raise TetherError(f"task.params.digits={digits}: must be >= 1")
         if num_operands < 2:
-            raise TetherError(f"task.num_operands={num_operands}: must be >= 2")
+            raise TetherError(f"task.params.num_operands={num_operands}: must be >= 2")
         bad = sorted(set(operations) - set(_OPS))
         if not operations or bad:
             raise TetherError(
-                f"task.operations={operations!r}: {'unsupported operator ' + repr(bad[0]) if bad else 'empty'}; "
+                f"task.params.operations={operations!r}: {'unsupported operator ' + repr(bad[0]) if bad else 'empty'}; "
                 f"use a non-empty subset of {_OPS!r}"
             )
         if answer_format not in ("plain", "hash", "reversed"):
-            raise TetherError(f"task.answer_format={answer_format!r}: choose 'plain', 'hash' or 'reversed'")
+            raise TetherError(
+                f"task.params.answer_format={answer_format!r}: choose 'plain', 'hash' or 'reversed'"
+            )
         if train_size < 0 or test_size < 0:
-            raise TetherError("task.train_size and task.test_size must be >= 0")
+            raise TetherError("task.params.train_size and task.params.test_size must be >= 0")
         self.digits = digits
         self.operations = "".join(sorted(set(operations), key=_OPS.index))
         self.num_operands = num_operands
@@ -89,7 +91,7 @@ class ArithmeticTask(Task):
             raise TetherError(
                 f"arithmetic with digits={digits}, operations={self.operations!r}, num_operands={num_operands} "
                 f"has only {space} distinct problems, fewer than train_size + test_size = "
-                f"{train_size + test_size}; lower task.train_size/task.test_size or raise task.digits"
+                f"{train_size + test_size}; lower task.params.train_size/task.params.test_size or raise task.params.digits"
             )
         self._splits: dict[str, list[Prompt]] | None = None
 

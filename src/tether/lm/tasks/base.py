@@ -17,10 +17,12 @@ import difflib
 import inspect
 import math
 import random
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from tether.config import check_value
 from tether.errors import TetherError, UnknownNameError
 
 Split = Literal["train", "test"]
@@ -224,7 +226,8 @@ def get_task(name: str, **params: Any) -> Task:
         for p in inspect.signature(cls.__init__).parameters.values()
         if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    signature = inspect.signature(cls.__init__)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     unknown = [k for k in params if k not in accepted]
     if unknown and not takes_any:
         close = difflib.get_close_matches(unknown[0], accepted, n=1)
@@ -232,4 +235,35 @@ def get_task(name: str, **params: Any) -> Task:
         raise TetherError(
             f"task {name!r} has no parameter {unknown[0]!r}.{hint} Its parameters are: {', '.join(accepted)}"
         )
-    return cls(**params)
+    missing = [
+        p.name
+        for p in signature.parameters.values()
+        if p.name in accepted and p.default is p.empty and p.name not in params
+    ]
+    if missing:
+        raise TetherError(
+            f"task {name!r} needs task.params.{missing[0]} (its parameters are: {', '.join(accepted)}); "
+            f"set it, e.g. task.params.{missing[0]}=..."
+        )
+    params = _typed_params(cls, name, params)
+    try:
+        return cls(**params)
+    except TetherError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise TetherError(
+            f"task {name!r} could not be built from task.params {params!r}: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _typed_params(cls: type[Task], name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` checked (and YAML-coerced) against the annotations of ``cls.__init__``: a
+    parameter declared ``int`` given ``"abc"`` is a clear error naming ``task.params.<key>``."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: leave the values as given
+        return dict(params)
+    return {
+        key: check_value(f"task.params.{key}", value, hints[key]) if key in hints else value
+        for key, value in params.items()
+    }

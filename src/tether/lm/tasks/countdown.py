@@ -130,13 +130,13 @@ class CountdownTask(Task):
         use_all: bool = True,
     ) -> None:
         if not 2 <= num_numbers <= 6:
-            raise TetherError(f"task.num_numbers={num_numbers}: must be between 2 and 6")
+            raise TetherError(f"task.params.num_numbers={num_numbers}: must be between 2 and 6")
         if max_number < 1 or max_target < 1:
-            raise TetherError("task.max_number and task.max_target must be >= 1")
+            raise TetherError("task.params.max_number and task.params.max_target must be >= 1")
         if not 0.0 <= format_reward < 1.0:
-            raise TetherError(f"task.format_reward={format_reward}: must be in [0, 1)")
+            raise TetherError(f"task.params.format_reward={format_reward}: must be in [0, 1)")
         if train_size < 0 or test_size < 0:
-            raise TetherError("task.train_size and task.test_size must be >= 0")
+            raise TetherError("task.params.train_size and task.params.test_size must be >= 0")
         self.num_numbers = num_numbers
         self.max_number = max_number
         self.max_target = max_target
@@ -171,7 +171,7 @@ class CountdownTask(Task):
                 raise TetherError(
                     f"countdown could only generate {len(puzzles)} distinct puzzles with num_numbers="
                     f"{self.num_numbers}, max_number={self.max_number}, max_target={self.max_target}; "
-                    f"lower task.train_size/task.test_size (asked {needed}) or raise max_number/max_target"
+                    f"lower task.params.train_size/task.params.test_size (asked {needed}) or raise max_number/max_target"
                 )
             numbers = [rng.randint(1, self.max_number) for _ in range(self.num_numbers)]
             expression = self._random_expression(rng, numbers)

@@ -94,10 +94,10 @@ class FileTask(Task):
     ) -> None:
         if answer_style not in ANSWER_STYLES:
             raise TetherError(
-                f"task.answer_style={answer_style!r} is not allowed; choose one of {', '.join(ANSWER_STYLES)}"
+                f"task.params.answer_style={answer_style!r} is not allowed; choose one of {', '.join(ANSWER_STYLES)}"
             )
         if not 0.0 <= test_fraction < 1.0:
-            raise TetherError(f"task.test_fraction={test_fraction}: must be in [0, 1)")
+            raise TetherError(f"task.params.test_fraction={test_fraction}: must be in [0, 1)")
         self.path = Path(path).expanduser()
         self.prompt_column = prompt_column
         self.answer_column = answer_column
@@ -135,7 +135,7 @@ class FileTask(Task):
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise TetherError(
-                f"task file {str(path)!r} {what}; set task.path to a .jsonl, .json or .parquet file"
+                f"task file {str(path)!r} {what}; set task.params.path to a .jsonl, .json or .parquet file"
             )
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -159,7 +159,7 @@ class FileTask(Task):
             if column not in columns:
                 raise TetherError(
                     f"task file {str(path)!r} has no column {column!r}; its columns are {columns}; "
-                    f"set task.{key}=<one of them> (or rename the column in the file)"
+                    f"set task.params.{key}=<one of them> (or rename the column in the file)"
                 )
         if len(data) == 0:
             raise TetherError(f"task file {str(path)!r} has no rows; add (prompt, answer) rows to it")
