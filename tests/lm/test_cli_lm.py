@@ -139,6 +139,7 @@ BAD = [
     ),
     (["train.lr=nan"], "train.lr: 'nan' is not a finite number"),
     (["task.params.digits=abc"], "task.params.digits: expected an integer, got 'abc'"),
+    (["train.minibatches=3"], "train.minibatches=3 does not divide the 16 rows of a step"),
 ]
 
 

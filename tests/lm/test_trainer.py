@@ -275,6 +275,20 @@ def test_nan_step_is_skipped_counted_and_alarmed(tmp_path: Path) -> None:
     alarms = read_jsonl(out / "alarms.jsonl")
     assert any(a["kind"] == "nan" and a["step"] == 2 for a in alarms)
     assert trainer.nan_skips == 0  # step 3 was finite again
+    # A skipped step measured no entropy: NaN, not 0, which would read as a collapse.
+    assert metrics[1]["policy/entropy"] == "nan"
+    assert not any(a["kind"] == "entropy_collapse" for a in alarms)
+
+
+def test_nan_from_the_first_step_keeps_the_entropy_baseline_and_says_no_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    trainer = RLTrainer(make_config(out, "train.steps=4", "train.max_nan_skips=2", "run.checkpoint_every=10"))
+    _nan_on(trainer, {1, 2})
+    with pytest.raises(NonFiniteError, match="No checkpoint had been written yet") as info:
+        trainer.train()
+    assert "resume with --resume" not in str(info.value)
+    assert latest_checkpoint(out) is None
+    assert trainer.monitor.initial_entropy is None  # not 0 from a skipped step
 
 
 def test_repeated_nan_stops_with_intact_checkpoint(tmp_path: Path) -> None:

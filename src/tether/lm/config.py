@@ -226,10 +226,18 @@ class LMConfig:
                 f"train.sampler_correction_min={self.train.sampler_correction_min} must be below "
                 f"train.sampler_correction_max={self.train.sampler_correction_max}"
             )
-        if self.train.minibatches > self.train.prompts_per_step * self.train.group_size:
+        rows = self.train.prompts_per_step * self.train.group_size
+        if self.train.minibatches > rows:
             raise ConfigError(
                 f"train.minibatches={self.train.minibatches} exceeds the rollout batch "
                 f"({self.train.prompts_per_step} x {self.train.group_size}); lower it"
+            )
+        if rows % self.train.minibatches:
+            divisors = [d for d in range(1, rows + 1) if rows % d == 0]
+            raise ConfigError(
+                f"train.minibatches={self.train.minibatches} does not divide the {rows} rows of a step "
+                f"({self.train.prompts_per_step} x {self.train.group_size}), so mini-batches would differ in "
+                f"size; choose one of {', '.join(map(str, divisors))}"
             )
 
 

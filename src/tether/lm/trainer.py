@@ -38,6 +38,7 @@ from tether.recipes.loader import Recipe
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
+    latest_checkpoint,
     load_latest_checkpoint,
     restore_rng,
     restore_training_state,
@@ -484,7 +485,7 @@ class RLTrainer:
         ent_sum, ent_tokens = 0.0, 0.0  # token-mean over every update: independent of micro-batching
         for _epoch in range(cfg.train.epochs):
             order = torch.randperm(n, generator=self.generator)
-            for mb in order.chunk(cfg.train.minibatches):
+            for mb in order.tensor_split(cfg.train.minibatches):  # exactly K updates per epoch
                 agg = Aggregation(
                     num_tokens=max(count_tokens(response_mask[mb]), 1.0),
                     num_sequences=max(count_sequences(response_mask[mb]), 1.0),
@@ -559,7 +560,8 @@ class RLTrainer:
         step_time = time.perf_counter() - t0
         metrics.update(
             {
-                "policy/entropy": ent_sum / max(ent_tokens, 1.0),
+                # NaN when every update was skipped: nothing was measured (0 would read as a collapse)
+                "policy/entropy": ent_sum / ent_tokens if ent_tokens else float("nan"),
                 "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
                 "train/lr": float(self.scheduler.get_last_lr()[0]),
                 "train/nan_skips": float(self.total_nan_skips),
@@ -653,10 +655,17 @@ class RLTrainer:
                     self.run.alarms.append(
                         {"step": self.step_idx, "kind": "stopped", "message": "repeated NaN"}
                     )
+                    kept = latest_checkpoint(self.run.path)
+                    where = (
+                        f"The last good checkpoint ({kept.name} in {str(self.run.path)!r}) is intact: lower "
+                        "train.lr or train.max_grad_norm and resume with --resume."
+                        if kept is not None
+                        else f"No checkpoint had been written yet ({str(self.run.path)!r}): lower train.lr or "
+                        "train.max_grad_norm and start the run again."
+                    )
                     raise NonFiniteError(
-                        f"{self.nan_skips} consecutive steps produced NaN/inf losses or gradients; the run stopped. "
-                        f"The last good checkpoint in {str(self.run.path)!r} is intact: lower train.lr or "
-                        "train.max_grad_norm and resume with --resume."
+                        f"{self.nan_skips} consecutive steps produced NaN/inf losses or gradients; the run "
+                        f"stopped. {where}"
                     )
                 record = {"step": self.step_idx, **metrics, "alarms": len(alarms)}
                 self.run.metrics.append(record)
