@@ -512,3 +512,14 @@ def test_deterministic_setting_turns_on_deterministic_kernels(monkeypatch: pytes
     finally:
         torch.use_deterministic_algorithms(before)
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def test_alarms_are_printed_without_a_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run.progress=false (the test settings; every run of tether compare) still prints alarms."""
+    trainer = RLTrainer(make_config(tmp_path / "run", "train.steps=1", "sampling.max_new_tokens=1"))
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "alarm all_truncated:" in err
+    assert any(a["kind"] == "all_truncated" for a in read_jsonl(tmp_path / "run" / "alarms.jsonl"))

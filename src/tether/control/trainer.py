@@ -21,6 +21,7 @@ import difflib
 import math
 import pickle
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -616,6 +617,7 @@ class ControlTrainer:
                 self.run.metrics.append({"step": self.update, **metrics, "alarms": len(alarms)})
                 for a in alarms:
                     self.run.alarms.append(a.as_dict())
+                    print(f"alarm {a.kind} (update {self.update}): {a.message}", file=sys.stderr, flush=True)
                 last = metrics
                 saved = self.update % cfg.run.checkpoint_every == 0 or self.update == cfg.num_updates
                 if saved:

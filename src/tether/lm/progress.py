@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 from typing import Any
 
@@ -67,5 +68,8 @@ class TrainProgress:
         self.progress.update(self.task, completed=step, info=info)
 
     def alarm(self, kind: str, message: str) -> None:
+        """Alarms are always shown: above the bar, or as a plain stderr line without one."""
         if self.enabled:
             self.console.print(f"[bold red]alarm[/] [red]{kind}[/]: {message}")
+        else:
+            print(f"alarm {kind}: {message}", file=sys.stderr, flush=True)
