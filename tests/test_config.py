@@ -36,6 +36,7 @@ def test_defaults_and_overrides() -> None:
     [
         ("group_sise=4", "unknown config key 'group_sise'. Did you mean 'group_size'"),
         ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+        ("sft.lr=1", "unknown config key 'sft'. Did you mean 'optim.lr'"),  # another command's section
         ("group_size=1", "group_size: 1 is out of range; it must be >= 2"),
         ("optim.lr=-1e-5", "optim.lr: -1e-05 is out of range; it must be > 0"),
         ("group_size=abc", "group_size: expected an integer, got 'abc'"),

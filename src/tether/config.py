@@ -173,6 +173,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        value = data[key]
+        if not close and isinstance(value, Mapping) and value:
+            # a section of another command (tether sft train.lr=...): the same setting here
+            leaf = str(next(iter(value)))
+            homes = [
+                name
+                for name, tp in hints.items()
+                if isinstance(tp, type)
+                and dataclasses.is_dataclass(tp)
+                and leaf in {f.name for f in dataclasses.fields(tp)}
+            ]
+            if homes:
+                hint = f" Did you mean '{prefix}{homes[0]}.{leaf}'?"
         raise ConfigError(
             f"unknown config key '{prefix}{key}'.{hint} Known keys here: {', '.join(prefix + f for f in fields)}"
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.lm.test_trainer import ARITH, COIN, TINY, math_only, read_jsonl
 from tether.cli import main
@@ -374,3 +375,37 @@ def test_dry_run_prints_the_plan_and_touches_nothing(
     assert plan["updates"] == 32 and plan["env_steps_per_update"] == 128 and plan["cost_limit"] == 25.0
     assert main([*control, "--dry-run", "--env", "CartPol-v1"]) == 2
     assert not out.exists()
+
+
+def test_eval_checks_its_flags_and_settings_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tether.lm.model import ModelConfig, build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny", ModelConfig(tiny_hidden=32, tiny_layers=1, tiny_heads=2))
+    import tether.lm.model as model_module
+
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(model_module, "load_policy", no_model)
+    for args, message in (
+        (["--k", "0"], "eval.k: 0 is out of range"),
+        (["--prompts", "0"], "eval.prompts: 0 is out of range"),
+        (["samplng.temperature=0.5"], "takes no 'samplng' settings. Did you mean 'sampling'"),
+        (["sampling.temperature=0"], "sampling.temperature: 0.0 is out of range"),
+        (["task.name=arithmetc"], "unknown task 'arithmetc'"),
+    ):
+        rc = main(["eval", str(model_dir), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_overrides_may_follow_options(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["train", "--dry-run", "train.lr=0.001", "--steps", "3", "train.epochs=2", "train.lr=0.002"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    plan = yaml.safe_load(out)
+    assert (plan["train"]["steps"], plan["train"]["epochs"], plan["train"]["lr"]) == (3, 2, 0.002)
+    with pytest.raises(SystemExit):
+        main(["train", "--dry-run", "--steps", "3", "--bogus"])

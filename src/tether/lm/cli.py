@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tether.lm.chat import task_from_settings
     from tether.lm.config import EvalSettings, TaskConfig
     from tether.lm.evaluate import evaluate
-    from tether.lm.model import ModelConfig, is_adapter_dir, load_policy
+    from tether.lm.model import ModelConfig, is_adapter_dir, load_policy, load_tokenizer
     from tether.lm.rollout import SamplingConfig
 
     path = Path(args.checkpoint)
@@ -128,18 +129,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task and defaults.get("task", {}).get("name") != args.task:
         defaults.pop("task", None)  # another task: none of the run's task settings apply
     data = apply_overrides(defaults, list(args.overrides))
+    unknown = sorted(set(data) - set(EVAL_SECTIONS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], EVAL_SECTIONS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"tether eval takes no {unknown[0]!r} settings.{hint} It reads {', '.join(EVAL_SECTIONS)} "
+            "(e.g. sampling.temperature=0.5, eval.k=16)"
+        )
     import_user_code(data.get("imports"))
-    task_cfg = from_dict(TaskConfig, data.get("task", {}) | ({"name": args.task} if args.task else {}))
-    settings = from_dict(
-        EvalSettings,
-        data.get("eval", {}) | {k: v for k, v in (("prompts", args.prompts), ("k", args.k)) if v},
+    task_cfg = from_dict(
+        TaskConfig, data.get("task", {}) | ({"name": args.task} if args.task else {}), "task."
     )
-    sampling = from_dict(SamplingConfig, data.get("sampling", {}))
-    model, tok = load_policy(from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}))
-    task = task_from_settings(task_cfg, lambda: tok)
+    flags = {k: v for k, v in (("prompts", args.prompts), ("k", args.k)) if v is not None}
+    settings = from_dict(EvalSettings, data.get("eval", {}) | flags, "eval.")
+    sampling = from_dict(SamplingConfig, data.get("sampling", {}), "sampling.")
+    model_cfg = from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}, "model.")
+    task = task_from_settings(task_cfg, lambda: load_tokenizer(model_cfg))  # checked before the model loads
+    model, tok = load_policy(model_cfg)
     result = evaluate(model, tok, task, settings, sampling)
     print(json.dumps({"task": task_cfg.name, **result}, indent=2))
     return 0
+
+
+EVAL_SECTIONS = ("imports", "task", "sampling", "eval", "model")
+"""The settings ``tether eval`` reads (from the run's config.yaml and from key=value overrides)."""
 
 
 def _run_eval_defaults(path: Path) -> dict[str, Any]:

@@ -102,6 +102,12 @@ def _constraint(source: str, value: Any) -> dict[str, Any] | None:
 def load_recipe(name_or_path: str) -> Recipe:
     """A recipe by registered name (``grpo``) or by path to a YAML file."""
     path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UnknownNameError(
+            f"recipe file {name_or_path!r} {what}; pass an existing .yaml file or a recipe name "
+            f"(tether recipes lists them)"
+        )
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
