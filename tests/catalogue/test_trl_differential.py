@@ -469,8 +469,17 @@ def test_sapo_equals_trl_sapo(make_trainer: MakeTrainer, monkeypatch: pytest.Mon
     trainer = make_trainer(loss_type="sapo")
     assert (trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg) == (1.0, 1.05)
     trl_out = trl_loss_and_grad(trainer, batch, monkeypatch)
-    ours = tether_loss_and_grad(lambda lp: sapo(lp, batch.old, batch.adv, batch.mask)[0], batch)
+    # TRL picks the temperature with torch.where(A > 0, 1.0, 1.05), which makes it a float32
+    # tensor: its tau_neg is 1.05 rounded to float32. With that value the two agree to 1e-10;
+    # tether keeps the paper's 1.05 in the input's dtype (a ~1e-6 relative difference).
+    tau_neg_trl = float(torch.tensor(1.05, dtype=torch.float32))
+    assert tau_neg_trl != 1.05
+    ours = tether_loss_and_grad(
+        lambda lp: sapo(lp, batch.old, batch.adv, batch.mask, tau_neg=tau_neg_trl)[0], batch
+    )
     assert_agree(trl_out, ours)
+    exact = tether_loss_and_grad(lambda lp: sapo(lp, batch.old, batch.adv, batch.mask)[0], batch)
+    assert_agree(trl_out, exact, tol=1e-5)
     # Both temperatures are exercised, and no valid token loses its gradient (a soft gate, no cliff).
     assert bool((batch.adv > 0).any()) and bool((batch.adv < 0).any())
     assert bool((ours[1][batch.mask] != 0).all())
