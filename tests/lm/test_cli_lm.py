@@ -43,9 +43,8 @@ def test_train_then_eval_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
     capsys.readouterr()
 
-    # (overrides go before the options: argparse cannot take positionals after them here)
     rc = main(
-        ["eval", str(out), "task.params.digits=2", "sampling.max_new_tokens=6", "--prompts", "3", "--k", "2"]
+        ["eval", str(out), "task.params.digits=2", "--prompts", "3", "sampling.max_new_tokens=6", "--k", "2"]
     )
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
@@ -59,7 +58,8 @@ def test_eval_of_a_run_directory_uses_the_runs_own_settings(
 ) -> None:
     out = tmp_path / "run"
     countdown = ["task.name=countdown", "sampling.max_new_tokens=5", "eval.prompts=3", "eval.k=2"]
-    assert main(["train", "--out", str(out), "--steps", "1", *TINY, *countdown]) == 0
+    # seed 1: the run's own seed picks its held-out prompts and samples, and eval must use it
+    assert main(["train", "--out", str(out), "--steps", "1", "--seed", "1", *TINY, *countdown]) == 0
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0  # nothing repeated: task, sampling and eval settings are the run's
@@ -409,3 +409,25 @@ def test_overrides_may_follow_options(capsys: pytest.CaptureFixture[str]) -> Non
     assert (plan["train"]["steps"], plan["train"]["epochs"], plan["train"]["lr"]) == (3, 2, 0.002)
     with pytest.raises(SystemExit):
         main(["train", "--dry-run", "--steps", "3", "--bogus"])
+
+
+def test_an_extended_run_keeps_its_budget_and_a_finished_run_keeps_its_final_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    base = ["--out", str(out), *TINY, *ARITH, "--no-eval"]
+    assert main(["train", "--steps", "2", *base]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert first["final"]["reward/mean"] == read_jsonl(out / "metrics.jsonl")[-1]["reward/mean"]
+    # A resume with nothing left to train reports the run's final metrics, not {}.
+    assert main(["train", "--out", str(out), "--resume", "--no-eval"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == 2 and again["final"] == first["final"]
+    # Extending the budget is written to config.yaml, so that a plain --resume keeps it.
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-eval"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 3
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    # The thread count changes float rounding: a resume may not change it.
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "run.threads=2"]) == 2
+    assert "run.threads: 1 in the run, 2 now" in capsys.readouterr().err

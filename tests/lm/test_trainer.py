@@ -523,3 +523,31 @@ def test_alarms_are_printed_without_a_progress_bar(
     err = capsys.readouterr().err
     assert "alarm all_truncated:" in err
     assert any(a["kind"] == "all_truncated" for a in read_jsonl(tmp_path / "run" / "alarms.jsonl"))
+
+
+def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path: Path) -> None:
+    """Killed after step 3 with its checkpoint at 2: the resumed run rewrites step 3, and the
+    events logged after the checkpoint are purged, as the JSONL logs are truncated."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    settings = ("train.steps=3", "run.tensorboard=true", "run.checkpoint_every=2")
+    first = RLTrainer(make_config(out, *settings))
+    original_save = first.save
+
+    def save_only_at_2() -> None:  # the final checkpoint (step 3) never lands: a kill
+        if first.step_idx == 2:
+            original_save()
+
+    first.save = save_only_at_2  # type: ignore[method-assign]
+    first.train()
+    first.tb.flush()
+    resumed = RLTrainer(make_config(out, *settings), resume=True)
+    assert resumed.step_idx == 2
+    resumed.train()
+    resumed.tb.flush()
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("reward/mean")]
+    assert sorted(steps) == [1, 2, 3], steps

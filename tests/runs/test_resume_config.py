@@ -42,8 +42,11 @@ def test_allowed_changes_pass_and_others_are_named(tmp_path: Path) -> None:
     check_resume_config(
         run, merge(same, {"train": {"steps": 30}, "run": {"progress": False}}), ("train.steps", "run")
     )
-    # a key the saved file lacks (a newer setting) is not compared
-    check_resume_config(run, merge(same, {"imports": ["x.py"]}), ())
+    # a key the saved file lacks is a change (a new method.<entry>.<param>, a new task parameter)...
+    with pytest.raises(TetherError, match=r"imports: '\(not set\)' in the run, \['x\.py'\] now"):
+        check_resume_config(run, merge(same, {"imports": ["x.py"]}), ())
+    # ... unless it is a setting tether added since, at its default: resolve fills the defaults in
+    check_resume_config(run, merge(same, {"imports": []}), (), resolve=lambda d: {"imports": [], **d})
     with pytest.raises(
         TetherError, match=r"recipe: 'grpo' in the run, 'dapo' now; train\.lr: 0\.01 in the run, 0\.02 now"
     ):
@@ -52,3 +55,14 @@ def test_allowed_changes_pass_and_others_are_named(tmp_path: Path) -> None:
         check_resume_config(
             run, merge(same, {"train": {"steps": 30}}), ("train.step",)
         )  # a prefix, not a section
+
+
+def test_a_new_key_in_a_free_form_section_is_a_change(tmp_path: Path) -> None:
+    """method: {} in the run, method.kl_k3.coef=5 now: refused (it changes the loss)."""
+    saved = {"recipe": "grpo", "method": {}, "task": {"name": "arithmetic", "params": {"digits": 2}}}
+    run = write(tmp_path, saved)
+    check_resume_config(run, saved, ())
+    with pytest.raises(TetherError, match=r"method\.kl_k3\.coef: '\(not set\)' in the run, 5\.0 now"):
+        check_resume_config(run, merge(saved, {"method": {"kl_k3": {"coef": 5.0}}}), ())
+    with pytest.raises(TetherError, match=r"task\.params\.train_size"):
+        check_resume_config(run, merge(saved, {"task": {"params": {"train_size": 300}}}), ())

@@ -80,3 +80,42 @@ def test_a_model_that_cannot_load_leaves_no_run_directory(
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err, err
     assert not out.exists()
+
+
+def test_atomic_directory_swaps_whole_directories_and_keeps_the_old_one_on_failure(tmp_path: Path) -> None:
+    from tether.runs.files import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    assert (target / "weights").read_text() == "v1"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v2 torn")
+        raise RuntimeError("killed mid-write")
+    assert (target / "weights").read_text() == "v1"
+    (tmp_path / ".tmp-model-stale").mkdir()  # what a SIGKILL mid-write leaves
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v3")
+    assert (target / "weights").read_text() == "v3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_save_model_that_fails_leaves_the_previous_model_loadable(tmp_path: Path) -> None:
+    from tether.lm.model import ModelConfig, build_tiny_model, load_policy, save_model
+
+    source = build_tiny_model(tmp_path / "tiny", ModelConfig(tiny_hidden=32, tiny_layers=1, tiny_heads=2))
+    cfg = ModelConfig(name_or_path=str(source), device="cpu")
+    model, tok = load_policy(cfg)
+    out = tmp_path / "run" / "model"
+    save_model(model, tok, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def torn(directory: Path, *a: object, **k: object) -> None:
+        Path(directory, "model.safetensors").write_bytes(b"torn")
+        raise KeyboardInterrupt
+
+    model.save_pretrained = torn  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tok, out)
+    assert (out / "model.safetensors").read_bytes() == before
+    load_policy(ModelConfig(name_or_path=str(out), device="cpu"))  # still a whole model

@@ -608,7 +608,7 @@ class ControlTrainer:
 
     def _train(self) -> dict[str, Any]:
         cfg = self.config
-        last: dict[str, float] = {}
+        last: dict[str, Any] = self.run.metrics_at(self.update)  # a resume with no update left to run
         with StopRequest() as stop:
             while self.update < cfg.num_updates:
                 metrics = self.step()

@@ -126,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").exists() and not is_adapter_dir(model_dir):
         raise ConfigError(f"{str(path)!r} is neither a run directory with model/ nor a model directory")
     defaults = _run_eval_defaults(path)
+    seed = args.seed if args.seed is not None else _run_seed(path)
     if args.task and defaults.get("task", {}).get("name") != args.task:
         defaults.pop("task", None)  # another task: none of the run's task settings apply
     data = apply_overrides(defaults, list(args.overrides))
@@ -147,8 +148,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_cfg = from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}, "model.")
     task = task_from_settings(task_cfg, lambda: load_tokenizer(model_cfg))  # checked before the model loads
     model, tok = load_policy(model_cfg)
-    result = evaluate(model, tok, task, settings, sampling)
+    result = evaluate(model, tok, task, settings, sampling, seed=seed)
     print(json.dumps({"task": task_cfg.name, **result}, indent=2))
+    return 0
+
+
+def _run_seed(path: Path) -> int:
+    """The seed a run evaluated with (``train.seed``, or ``sft.seed`` for an SFT run); 0 otherwise."""
+    config = path / "config.yaml"
+    run = load_yaml(config) if config.is_file() else {}
+    for section in ("train", "sft"):
+        value = run.get(section, {}).get("seed") if isinstance(run.get(section), dict) else None
+        if isinstance(value, int):
+            return value
     return 0
 
 
@@ -217,6 +229,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--task", default=None)
     p.add_argument("--prompts", type=int, default=None)
     p.add_argument("--k", type=int, default=None)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds the held-out prompts and the samples (default: the run's train.seed / sft.seed, else 0)",
+    )
     p.add_argument(
         "overrides", nargs="*", help="key.sub=value (task.params.digits=2, sampling.temperature=1)"
     )

@@ -181,6 +181,18 @@ class RunSettings:
             torch.backends.cudnn.benchmark = False
 
 
+#: Run settings that log, checkpoint or show progress but never change the numbers of a step (so a
+#: resume may change them); not run.threads nor run.deterministic: the thread count changes rounding.
+RUN_LOGGING = (
+    "run.out",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.log_samples",
+    "run.tensorboard",
+    "run.progress",
+)
+
+
 @dataclass
 class EvalSettings:
     prompts: int = field(

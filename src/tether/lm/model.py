@@ -365,10 +365,15 @@ def _load_merged_adapter(source: str, dtype: torch.dtype, attn: dict[str, Any]) 
 
 def save_model(model: Any, tokenizer: Any, directory: Path) -> None:
     """The policy and its tokenizer in Hugging Face format, loadable as ``model.name_or_path``; a
-    LoRA (PEFT) policy saves its adapters, which :func:`load_policy` merges onto their base."""
-    with _quiet_peft():
-        model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    LoRA (PEFT) policy saves its adapters, which :func:`load_policy` merges onto their base.
+
+    Written atomically (:func:`tether.runs.files.atomic_directory`): a kill while saving leaves the
+    previous model whole, never a torn safetensors file that ``tether eval`` cannot read."""
+    from tether.runs.files import atomic_directory
+
+    with atomic_directory(directory) as tmp, _quiet_peft():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def check_attn_implementation(name: str, device: torch.device) -> None:

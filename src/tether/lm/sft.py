@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from tether.config import to_dict
+from tether.config import from_dict, to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
-from tether.lm.config import SFTConfig
+from tether.lm.config import RUN_LOGGING, SFTConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.model import check_model_source, load_policy, load_tokenizer, save_model
 from tether.lm.precision import autocast_context
@@ -87,7 +87,7 @@ def sft_run_dir(task: str, seed: int) -> str:
 
 
 #: Settings a resumed SFT run may change (see tether.runs.resume).
-SFT_RESUME_MAY_CHANGE = ("run", "eval")  # not sft.steps: the learning-rate schedule spans them
+SFT_RESUME_MAY_CHANGE = (*RUN_LOGGING, "eval")  # not sft.steps: the learning-rate schedule spans them
 
 
 def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
@@ -110,7 +110,9 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     task, prompts = plan_sft(cfg)
     run_path = out or cfg.run.out or sft_run_dir(cfg.task.name, cfg.sft.seed)
     if resume:  # before anything in the run directory is touched
-        check_resume_config(run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE)
+        check_resume_config(
+            run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE, lambda d: to_dict(from_dict(SFTConfig, d))
+        )
     run = RunDir(run_path)
     run.check(resume)  # read-only: a file, another program's directory, a run to --resume
     cfg.run.apply()
@@ -120,8 +122,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     # nothing but the logs of unsaved steps: it starts again.
     resume = resume and run.resumable()
     run.prepare(resume)
-    if not resume:
-        run.write_config(to_dict(cfg))
+    run.write_config(to_dict(cfg))  # also on resume: the settings it continues with
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay

@@ -19,10 +19,10 @@ import torch
 from tether.catalogue import get
 from tether.catalogue.aggregate import Aggregation, count_sequences, count_tokens
 from tether.catalogue.mismatch import correction_metrics, importance_stats, sampler_importance_weights
-from tether.config import to_dict
+from tether.config import from_dict, to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
-from tether.lm.config import LMConfig
+from tether.lm.config import RUN_LOGGING, LMConfig
 from tether.lm.evaluate import evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
 from tether.lm.model import check_model_source, load_policy, load_reference, load_tokenizer, save_model
@@ -132,7 +132,12 @@ def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
 
 #: Settings a resumed run may change (see tether.runs.resume): the step budget, and what only
 #: logs, checkpoints or evaluates.
-RESUME_MAY_CHANGE = ("train.steps", "run", "eval", "monitor", "sampling.vllm_gpu_memory_utilization")
+RESUME_MAY_CHANGE = ("train.steps", *RUN_LOGGING, "eval", "monitor", "sampling.vllm_gpu_memory_utilization")
+
+
+def _resolved(cls: type[Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Saved settings built into today's full config of ``cls`` (for the resume check)."""
+    return lambda data: to_dict(from_dict(cls, data))
 
 
 def default_run_dir(recipe_name: str, task: str, seed: int) -> str:
@@ -213,7 +218,7 @@ class RLTrainer:
 
         run_path = out or cfg.run.out or plan.run_dir
         if resume:  # before anything in the run directory is touched
-            check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE)
+            check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE, _resolved(LMConfig))
         self.run = RunDir(run_path)
         self.run.check(resume)  # read-only: a file, another program's directory, a run to --resume
         cfg.run.apply()
@@ -252,8 +257,8 @@ class RLTrainer:
         self.on_step: Callable[[int, dict[str, float]], None] | None = None
         if resume:
             self._restore()
-        else:
-            self.run.write_config({"recipe_resolved": _recipe_dict(self.recipe), **to_dict(cfg)})
+        # Also on resume: a later plain --resume must see this resume's budget (an extended run).
+        self.run.write_config({"recipe_resolved": _recipe_dict(self.recipe), **to_dict(cfg)})
 
     # ----------------------------------------------------------------------------- rollout
     def _plan(self, n: int) -> list[tuple[Prompt, int]]:
@@ -644,8 +649,8 @@ class RLTrainer:
 
         progress = TrainProgress(total=cfg.train.steps, start=self.step_idx, enabled=cfg.run.progress)
         if cfg.run.tensorboard:
-            self.tb = _tensorboard_writer(self.run.path / "tensorboard")
-        last: dict[str, float] = {}
+            self.tb = _tensorboard_writer(self.run.path / "tensorboard", self.step_idx)
+        last: dict[str, Any] = self.run.metrics_at(self.step_idx)  # a resume with no step left to run
         with progress, StopRequest() as stop:
             while self.step_idx < cfg.train.steps:
                 metrics = self.step()
@@ -783,11 +788,13 @@ def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _tensorboard_writer(path: Path) -> Any:
+def _tensorboard_writer(path: Path, step: int) -> Any:
+    """A TensorBoard writer; a resumed run (``step`` > 0) purges events logged after its checkpoint,
+    as the JSONL logs are truncated there, so that no step appears twice."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise TetherError(
             "run.tensorboard=true needs TensorBoard: pip install 'tether[tensorboard]'"
         ) from None
-    return SummaryWriter(log_dir=str(path))
+    return SummaryWriter(log_dir=str(path), purge_step=step + 1 if step > 0 else None)

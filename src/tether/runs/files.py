@@ -1,13 +1,16 @@
-"""Atomic file writes: write to a temporary file in the same directory, fsync, rename.
+"""Atomic writes: write to a temporary file (or directory) beside the target, fsync, rename.
 
 A crash or kill at any point leaves either the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Write a whole directory, then swap it into place: ``with atomic_directory(d) as tmp:``.
+
+    The files go to a hidden sibling; only when the block ends without error does the old
+    directory (if any) move aside and the new one take its name, after which the old one is
+    removed. A kill mid-write leaves the previous directory untouched (and a stale sibling that
+    the next write clears). Between the two renames there is an instant with no directory at all,
+    never a torn one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".tmp-{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with open(child, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -10,7 +10,7 @@ extend a run; logging, checkpoint cadence and evaluation, which do not touch the
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +46,42 @@ def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_resume_config(run_dir: str | Path, config: Mapping[str, Any], may_change: Collection[str]) -> None:
+_UNSET = "(not set)"
+
+
+def _settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened settings, an empty section (``method: {}``) counting as nothing set."""
+    return {k: v for k, v in flatten(dict(data)).items() if v != {}}
+
+
+def check_resume_config(
+    run_dir: str | Path,
+    config: Mapping[str, Any],
+    may_change: Collection[str],
+    resolve: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+) -> None:
     """Refuse to resume ``run_dir`` with ``config`` where it differs from the run's saved settings
-    outside ``may_change`` (dotted keys or sections). Settings the saved file does not have (a run
-    started by an older tether) are not compared, and a run without a checkpoint starts again with
-    any settings (nothing of it was kept)."""
+    outside ``may_change`` (dotted keys or sections); a run without a checkpoint starts again with
+    any settings (nothing of it was kept).
+
+    Every setting of either side is compared, so a key the saved file lacks (a new
+    ``method.<entry>.<param>``, a new ``task.params`` entry) is a change too. ``resolve`` builds
+    the saved settings into the full config of today's tether (defaults filled in), so that a
+    setting added since the run started counts as unchanged unless it was set now.
+    """
     saved = saved_config(run_dir)
     if saved is None or latest_checkpoint(Path(run_dir)) is None:
         return
-    before = flatten(saved)
+    if resolve is not None:
+        try:
+            saved = dict(resolve(saved))
+        except TetherError:  # a config tether no longer reads: compare it as written
+            pass
+    before, now = _settings(saved), _settings(config)
     changed = [
-        (key, before[key], value)
-        for key, value in flatten(dict(config)).items()
-        if key in before and before[key] != value and not key_under(key, may_change)
+        (key, before.get(key, _UNSET), now.get(key, _UNSET))
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key, _UNSET) != now.get(key, _UNSET) and not key_under(key, may_change)
     ]
     if changed:
         lines = "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, old, new in changed)

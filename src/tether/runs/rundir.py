@@ -106,6 +106,16 @@ class RunDir:
         data: dict[str, Any] = json.loads(self.summary_path.read_text())
         return data
 
+    def metrics_at(self, step: int) -> dict[str, Any]:
+        """The metrics logged for ``step`` (without ``step`` and ``alarms``), or {} when there are none:
+        what a resumed run that has nothing left to train reports as its final metrics."""
+        if step <= 0:
+            return {}
+        for record in reversed(self.metrics.read()):
+            if record.get("step") == step:
+                return {k: v for k, v in record.items() if k not in ("step", "alarms")}
+        return {}
+
     def truncate_logs(self, step: int) -> None:
         """On resume: drop log records written after the checkpoint's step."""
         for log in (self.metrics, self.alarms, self.samples):
