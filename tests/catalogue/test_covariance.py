@@ -130,3 +130,18 @@ def test_covariance_losses_reject_bad_fractions() -> None:
         clip_cov(lp, old, adv, mask, cov_low=5.0, cov_high=1.0)
     with pytest.raises(InvalidInputError, match="k_ratio is a fraction"):
         kl_cov(lp, old, adv, mask, k_ratio=2.0)
+
+
+def test_kl_cov_never_spends_a_penalty_slot_on_padding() -> None:
+    """Padding has covariance 0, above every negative one: with k_ratio 1 every valid token (and no
+    padded position) must be penalised."""
+    lp, old, adv, mask = covariance_batch()
+    gen = torch.Generator().manual_seed(1)
+    old = lp + 0.3 * torch.randn(lp.shape, generator=gen, dtype=torch.float64)
+    cov = token_covariance(lp, adv[:, None].expand_as(lp), mask)
+    assert bool((cov[mask] < 0).any()) and bool((~mask).any())
+    n = float(mask.sum())
+    g = grad_of(lambda x: kl_cov(x, old, adv, mask, k_ratio=1.0, kl_coef=0.5)[0], lp)
+    expected = -adv[:, None] * torch.exp(lp - old) / n + 0.5 * torch.sign(lp - old) / n
+    torch.testing.assert_close(g, torch.where(mask, expected, 0.0), rtol=1e-12, atol=1e-12)
+    assert float(kl_cov(lp, old, adv, mask, k_ratio=1.0)[1]["kl_cov/selected_frac"]) == 1.0

@@ -515,21 +515,17 @@ def test_luspo_equals_gspo_with_seq_mean_token_sum(
     batch = make_batch(seed)
     batch.old[1] = batch.lp[1] - 0.5  # one sequence clipped
     batch.adv[1] = batch.adv[1].abs() + 0.1
-    trainer = make_trainer(
-        loss_type="luspo", epsilon=3e-4, epsilon_high=4e-4, importance_sampling_level="sequence"
-    )
-    trl_out = trl_loss_and_grad(trainer, batch, monkeypatch)
-    ours = tether_loss_and_grad(
-        lambda lp: gspo(lp, batch.old, batch.adv, batch.mask, 3e-4, 4e-4, "seq-mean-token-sum")[0], batch
-    )
-    assert_agree(trl_out, ours)
+    # the recipe's parameters: the LUSPO paper's clip range (section 5.1, per TRL's paper index)
     recipe = load_recipe("luspo")
     assert recipe.policy_loss["name"] == "gspo"
-    assert recipe.policy_loss["params"] == {
-        "eps_low": 3e-4,
-        "eps_high": 4e-4,
-        "aggregation": "seq-mean-token-sum",
-    }
+    params = recipe.policy_loss["params"]
+    assert params == {"eps_low": 2e-3, "eps_high": 2.5e-3, "aggregation": "seq-mean-token-sum"}
+    trainer = make_trainer(
+        loss_type="luspo", epsilon=2e-3, epsilon_high=2.5e-3, importance_sampling_level="sequence"
+    )
+    trl_out = trl_loss_and_grad(trainer, batch, monkeypatch)
+    ours = tether_loss_and_grad(lambda lp: gspo(lp, batch.old, batch.adv, batch.mask, **params)[0], batch)
+    assert_agree(trl_out, ours)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])

@@ -42,7 +42,9 @@ def sapo(
     """SAPO: a temperature-controlled sigmoid gate on the token ratio instead of a hard clip.
 
     Paper: Gao et al. (Qwen), "Soft Adaptive Policy Optimization", arXiv 2511.20347. Exact (the
-    paper's gate; agrees with TRL ``loss_type="sapo"`` to float64 rounding, tested).
+    paper's gate). Agrees with TRL ``loss_type="sapo"`` to float64 rounding given TRL's own tau_neg,
+    which TRL rounds to float32 (``torch.where`` with Python floats); with the exact 1.05 kept here
+    the two differ by ~1e-6 relative (tested).
 
     f_t = (4 / tau) * sigmoid(tau * (r_t - 1)),  tau = tau_pos if A_t > 0 else tau_neg
     l_t = -f_t * A_t, seq-mean-token-mean (TRL's aggregation for ``sapo``).
