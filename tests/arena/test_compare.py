@@ -176,6 +176,38 @@ def test_rerun_reuses_finished_runs_without_launching(
     assert {p: p.stat().st_mtime_ns for p in comparison.glob("*/seed*/summary.json")} == before
 
 
+def test_a_finished_run_with_other_settings_is_refused_not_reused(
+    comparison: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another learning rate or budget into the same --out: its runs are not this comparison's."""
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a run was launched"))
+    stale = tmp_path / "stale"
+    shutil.copytree(comparison, stale)
+    with pytest.raises(
+        ConfigError, match=r"holds a run with other settings.*train\.lr: 1e-05 in the run, 0\.05 now"
+    ):
+        plan_runs(["grpo", "rloo"], "arithmetic", 2, 2, [*TINY, "train.lr=0.05"], stale)
+    with pytest.raises(ConfigError, match=r"train\.steps: 2 in the run, 3 now"):
+        plan_runs(["grpo", "rloo"], "arithmetic", 2, 3, TINY, stale)
+    # logging and threads may differ: the runs are reused
+    specs = plan_runs(["grpo", "rloo"], "arithmetic", 2, 2, [*TINY, "run.threads=2"], stale)
+    assert [r.status for r in execute(specs, progress=False)] == ["reused"] * 4
+
+
+def test_runs_of_several_tasks_and_of_a_recipe_file_are_loaded_by_name(
+    comparison: Path, tmp_path: Path
+) -> None:
+    from tether.arena.runs import load_runs
+
+    out = tmp_path / "multi"
+    for task in ("arithmetic", "countdown"):
+        shutil.copytree(comparison / "grpo", out / task / "grpo")
+    assert len(load_runs(out)) == 4  # <task>/<recipe>/seed<k>: three levels down
+    config = out / "arithmetic" / "grpo" / "seed0" / "config.yaml"
+    config.write_text(config.read_text().replace("recipe: grpo", "recipe: /somewhere/mygrpo.yaml"))
+    assert {r.recipe for r in load_runs(out)} == {"grpo", "mygrpo"}  # the stem, as compare names it
+
+
 def test_report_is_built_after_the_runs(comparison: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[Path, str | None]] = []
     monkeypatch.setattr(
@@ -269,3 +301,68 @@ def test_run_spec_threads_override(tmp_path: Path) -> None:
     specs = plan_runs(["grpo"], "arithmetic", 1, 2, ["run.threads=2"], tmp_path, threads=1)
     assert specs[0].threads == 2 and specs[0].overrides.count("run.threads=2") == 1
     assert isinstance(specs[0], RunSpec)
+
+
+# ------------------------------------------------------------------------------ stopping runs
+CHILD = """
+import signal, sys, time, pathlib
+def stop(sig, frame):
+    pathlib.Path(sys.argv[1]).write_text(signal.Signals(sig).name)
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _child(tmp_path: Path, name: str, **kwargs: object) -> subprocess.Popen[str]:
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / name)], stdout=subprocess.PIPE, text=True, **kwargs
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_interrupted_runs_are_stopped_with_sigint_first(tmp_path: Path) -> None:
+    """SIGINT lets a run finish its step and save it; SIGTERM at once (as before) cut that short."""
+    from tether.arena.executors import stop_runs
+
+    proc = _child(tmp_path, "got")
+    stop_runs([proc], grace_seconds=10)  # type: ignore[list-item]
+    assert proc.returncode == 130 and (tmp_path / "got").read_text() == "SIGINT"
+
+
+def test_a_run_is_stopped_when_the_comparison_process_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of the comparison: its runs get SIGINT (Linux PR_SET_PDEATHSIG) instead of running on."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signals are Linux-only")
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import subprocess, sys, time\n"
+        "from tether.arena.executors import _stop_with_parent\n"
+        f"p = subprocess.Popen([sys.executable, {str(tmp_path / 'child.py')!r}, {str(tmp_path / 'got')!r}],"
+        " preexec_fn=_stop_with_parent, stdout=subprocess.PIPE, text=True)\n"
+        "print(p.stdout.readline().strip(), p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    (tmp_path / "child.py").write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready, _pid = proc.stdout.readline().split()
+    assert ready == "ready"
+    proc.kill()
+    proc.wait()
+    import time
+
+    for _ in range(100):
+        if (tmp_path / "got").exists():
+            break
+        time.sleep(0.05)
+    assert (tmp_path / "got").read_text() == "SIGINT"

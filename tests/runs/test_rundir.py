@@ -119,3 +119,34 @@ def test_save_model_that_fails_leaves_the_previous_model_loadable(tmp_path: Path
         save_model(model, tok, out)
     assert (out / "model.safetensors").read_bytes() == before
     load_policy(ModelConfig(name_or_path=str(out), device="cpu"))  # still a whole model
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path: Path) -> None:
+    """Two trainers in one directory (a comparison re-run beside a run still going) would interleave
+    their logs: the second is refused; the same process may take its own lock again."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    RunDir(run).prepare(False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / RUN_MARKER).write_text("x\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from tether.runs.rundir import _lock; from pathlib import Path; "
+            f"_lock(Path({str(tmp_path / 'other')!r})); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TetherError, match="in use by another tether process"):
+            RunDir(tmp_path / "other").prepare(True)
+        RunDir(run).prepare(True)  # this process's own run: fine
+    finally:
+        holder.kill()
+        holder.wait()
+    RunDir(tmp_path / "other").prepare(True)  # released with the process

@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from tether.config import ConfigError
+from tether.errors import RunInterrupted
 
 
 def _names(text: str) -> list[str]:
@@ -42,22 +43,10 @@ def _world_and_targets(args: argparse.Namespace) -> tuple[str, list[str]]:
     return world, _names(args.task or "arithmetic")
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+def _run(args: argparse.Namespace, world: str, targets: Any, overrides: list[str], executor: Any) -> Any:
     from tether.arena.compare import run_comparison
-    from tether.arena.executors import Executor, LocalExecutor, RayExecutor
 
-    overrides = [*(args.set or []), *args.overrides]
-    world, targets = _world_and_targets(args)
-    executor: Executor
-    if args.ray is not None or args.executor == "ray":
-        if args.workers is not None:
-            raise ConfigError("--workers is for the local executor; Ray schedules by --threads per run")
-        executor = RayExecutor(address=args.ray or "local")
-    else:
-        executor = LocalExecutor(max_workers=args.workers)
-    results = run_comparison(
+    return run_comparison(
         recipes=_names(args.recipes),
         tasks=targets,
         seeds=args.seeds,
@@ -71,6 +60,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
         world=world,
         config=args.config,
     )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tether.arena.executors import Executor, LocalExecutor, RayExecutor
+
+    overrides = [*(args.set or []), *args.overrides]
+    world, targets = _world_and_targets(args)
+    executor: Executor
+    if args.ray is not None or args.executor == "ray":
+        if args.workers is not None:
+            raise ConfigError("--workers is for the local executor; Ray schedules by --threads per run")
+        executor = RayExecutor(address=args.ray or "local")
+    else:
+        executor = LocalExecutor(max_workers=args.workers)
+    try:
+        results = _run(args, world, targets, overrides, executor)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            "the comparison was interrupted: finished runs are kept and the running ones stopped at a step "
+            "boundary with a checkpoint; run the same command again to continue it"
+        ) from None
     console = Console()
     counts: dict[str, int] = {}
     for r in results:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tether.config import ConfigError
+from tether.lm.config import RUN_LOGGING as LM_RUN_LOGGING
 
 if TYPE_CHECKING:
     from tether.arena.executors import Executor
@@ -204,6 +205,8 @@ class World:
     needs_eval: bool  # whether a finished summary.json must hold an ``eval``
     build_config: Callable[[RunSpec], Any]  # the run's config, validated as its train command does
     dir_name: Callable[[str], str]
+    # settings an existing run may differ in and still be reused or resumed by a comparison
+    may_differ: tuple[str, ...] = ()
 
     def train_args(self, spec: RunSpec) -> list[str]:
         """The command's leading arguments, before --steps / --config / --out."""
@@ -222,6 +225,7 @@ WORLDS: dict[str, World] = {
         needs_eval=True,
         build_config=_build_lm_config,
         dir_name=str,
+        may_differ=(*LM_RUN_LOGGING, "run.threads", "monitor"),
     ),
     "control": World(
         name="control",
@@ -234,6 +238,7 @@ WORLDS: dict[str, World] = {
         needs_eval=False,
         build_config=_build_control_config,
         dir_name=safe_name,
+        may_differ=("train.torch_threads", "run", "monitor"),
     ),
 }
 
@@ -339,7 +344,30 @@ def plan_runs(
             if (spec.recipe, spec.task) not in checked:
                 build_run_config(spec)
                 checked.add((spec.recipe, spec.task))
+            check_existing_run(spec)
     return specs
+
+
+def check_existing_run(spec: RunSpec) -> None:
+    """Refuse to reuse or resume a run directory that holds a run with other settings (another
+    learning rate, budget or eval), before anything runs: its results would be reported as this
+    comparison's. Only the world's ``may_differ`` settings (logging, threads) may differ."""
+    from tether.config import from_dict, to_dict
+    from tether.runs.resume import changed_settings, describe_changes, saved_config
+
+    if run_state(spec.run_dir, spec.world) == "new" or saved_config(spec.run_dir) is None:
+        return
+    cfg = build_run_config(spec)
+    cls = type(cfg)
+    changed = changed_settings(
+        spec.run_dir, to_dict(cfg), get_world(spec.world).may_differ, lambda d: to_dict(from_dict(cls, d))
+    )
+    if changed:
+        raise ConfigError(
+            f"{spec.run_dir} holds a run with other settings than this comparison asks "
+            f"({describe_changes(changed)}); its results are not this comparison's: use another --out, "
+            "or remove that run"
+        )
 
 
 def run_state(run_dir: str | Path, world: str = "lm") -> RunState:

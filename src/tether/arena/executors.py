@@ -16,7 +16,9 @@ a run launched by the arena is exactly a ``tether train`` (or ``tether control t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -171,14 +173,50 @@ class ProgressBoard:
 
 
 # ------------------------------------------------------------------------------------ local
-class LocalExecutor:
-    """Subprocesses on this machine, at most ``max_workers`` at once."""
+def _stop_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """Linux: the run gets SIGINT when the comparison process dies (even by SIGKILL), so it stops at
+    a step boundary with a checkpoint instead of running on beside a re-run of the comparison."""
+    try:
+        import ctypes
 
-    def __init__(self, max_workers: int | None = None, poll_seconds: float = 0.2) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_runs(procs: Sequence[subprocess.Popen[bytes]], grace_seconds: float) -> None:
+    """Stop runs gracefully: SIGINT (each finishes its step and saves it, as on Ctrl-C), then
+    after ``grace_seconds`` SIGTERM, then SIGKILL. Their checkpoints let them resume."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_seconds
+    for p in alive:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class LocalExecutor:
+    """Subprocesses on this machine, at most ``max_workers`` at once. Interrupted, it stops its
+    runs with SIGINT (a checkpoint at the step boundary) before harder signals; a run also gets
+    SIGINT when the comparison process is killed."""
+
+    def __init__(
+        self, max_workers: int | None = None, poll_seconds: float = 0.2, grace_seconds: float = 60.0
+    ) -> None:
         if max_workers is not None and max_workers < 1:
             raise TetherError(f"--workers {max_workers}: must be >= 1")
         self.max_workers = max_workers
         self.poll_seconds = poll_seconds
+        self.grace_seconds = grace_seconds
 
     def run(self, jobs: Sequence[Job], board: Board) -> list[RunResult]:
         threads = max((j.spec.threads for j in jobs), default=1)
@@ -199,6 +237,7 @@ class LocalExecutor:
                         stderr=log,
                         stdin=subprocess.DEVNULL,
                         env=run_env(job.spec.threads),
+                        preexec_fn=_stop_with_parent,
                     )
                     running.append((job, proc, log, cmd, time.monotonic()))
                     board.update(job.spec, "running")
@@ -225,13 +264,8 @@ class LocalExecutor:
                 if running:
                     time.sleep(self.poll_seconds)
         finally:  # interrupted (Ctrl-C): stop the runs; their checkpoints let them resume
-            for _, proc, err, _, _ in running:
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+            stop_runs([proc for _, proc, _, _, _ in running], self.grace_seconds)
+            for _, _, err, _, _ in running:
                 err.close()
         return results
 

@@ -190,10 +190,9 @@ def load_run(path: str | Path) -> RunRecord:
     env = config.get("env")
     world = "lm"
     if task is None and isinstance(env, dict) and isinstance(env.get("id"), str):
-        # a control run: its environment stands for the task, a recipe path for its file's stem
-        world, task = "control", str(env["id"])
-        if Path(recipe).suffix in (".yaml", ".yml"):
-            recipe = Path(recipe).stem
+        world, task = "control", str(env["id"])  # a control run: its environment stands for the task
+    if Path(recipe).suffix in (".yaml", ".yml"):
+        recipe = Path(recipe).stem  # a recipe file is named by its stem, as compare names its runs
     train = config.get("train")
     seed_val: Any = train.get("seed") if isinstance(train, dict) else None
     if seed_val is None and summary is not None:
@@ -223,9 +222,14 @@ def load_run(path: str | Path) -> RunRecord:
     )
 
 
+MAX_RUN_DEPTH = 3
+"""How deep :func:`load_runs` looks for runs (``<task>/<recipe>/seed<k>``)."""
+
+
 def load_runs(comparison_dir: str | Path) -> list[RunRecord]:
-    """Every run under ``comparison_dir``: subdirectories holding a ``config.yaml``, one or two levels
-    down (``comparison_dir/<recipe>/seed<k>/`` or ``comparison_dir/<anything>/``).
+    """Every run under ``comparison_dir``: subdirectories holding a ``config.yaml``, up to
+    :data:`MAX_RUN_DEPTH` levels down (``<recipe>/seed<k>/``, or ``<task>/<recipe>/seed<k>/`` for a
+    comparison over several tasks or environments); a run's own subdirectories are not searched.
 
     Sorted by (recipe, task, seed, path). A missing directory gives an empty list.
     """
@@ -233,13 +237,17 @@ def load_runs(comparison_dir: str | Path) -> list[RunRecord]:
     if not root.is_dir():
         return []
     found: list[Path] = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir():
-            continue
-        if (child / "config.yaml").exists():
-            found.append(child)
-            continue
-        found.extend(g for g in sorted(child.iterdir()) if g.is_dir() and (g / "config.yaml").exists())
+
+    def walk(directory: Path, depth: int) -> None:
+        for child in sorted(directory.iterdir()):
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            if (child / "config.yaml").exists():
+                found.append(child)
+            elif depth < MAX_RUN_DEPTH:
+                walk(child, depth + 1)
+
+    walk(root, 1)
     records = [load_run(d) for d in found]
     records.sort(key=lambda r: (r.recipe, r.task, r.seed, str(r.path)))
     return records

@@ -10,7 +10,7 @@ extend a run; logging, checkpoint cadence and evaluation, which do not touch the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +54,15 @@ def _settings(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten(dict(data)).items() if v != {}}
 
 
-def check_resume_config(
+def changed_settings(
     run_dir: str | Path,
     config: Mapping[str, Any],
     may_change: Collection[str],
     resolve: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
-) -> None:
-    """Refuse to resume ``run_dir`` with ``config`` where it differs from the run's saved settings
-    outside ``may_change`` (dotted keys or sections); a run without a checkpoint starts again with
-    any settings (nothing of it was kept).
+) -> list[tuple[str, Any, Any]]:
+    """``(key, value in the run, value now)`` for every setting of ``config`` that differs from the
+    run's saved settings outside ``may_change`` (dotted keys or sections); [] for a run without a
+    saved config or without a checkpoint (nothing of it was kept).
 
     Every setting of either side is compared, so a key the saved file lacks (a new
     ``method.<entry>.<param>``, a new ``task.params`` entry) is a change too. ``resolve`` builds
@@ -71,22 +71,37 @@ def check_resume_config(
     """
     saved = saved_config(run_dir)
     if saved is None or latest_checkpoint(Path(run_dir)) is None:
-        return
+        return []
     if resolve is not None:
         try:
             saved = dict(resolve(saved))
         except TetherError:  # a config tether no longer reads: compare it as written
             pass
     before, now = _settings(saved), _settings(config)
-    changed = [
+    return [
         (key, before.get(key, _UNSET), now.get(key, _UNSET))
         for key in sorted(before.keys() | now.keys())
         if before.get(key, _UNSET) != now.get(key, _UNSET) and not key_under(key, may_change)
     ]
+
+
+def describe_changes(changed: Sequence[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, old, new in changed)
+
+
+def check_resume_config(
+    run_dir: str | Path,
+    config: Mapping[str, Any],
+    may_change: Collection[str],
+    resolve: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+) -> None:
+    """Refuse to resume ``run_dir`` with ``config`` where it differs from the run's saved settings
+    outside ``may_change`` (see :func:`changed_settings`)."""
+    changed = changed_settings(run_dir, config, may_change, resolve)
     if changed:
-        lines = "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, old, new in changed)
         raise TetherError(
-            f"cannot resume {str(run_dir)!r} with settings other than those it was started with ({lines}). "
-            "Resume with the run's own settings (--out DIR --resume alone takes them from its config.yaml), "
-            f"or start a new run with another --out. A resume may change only: {', '.join(sorted(may_change))}"
+            f"cannot resume {str(run_dir)!r} with settings other than those it was started with "
+            f"({describe_changes(changed)}). Resume with the run's own settings (--out DIR --resume alone "
+            "takes them from its config.yaml), or start a new run with another --out. A resume may change "
+            f"only: {', '.join(sorted(may_change))}"
         )

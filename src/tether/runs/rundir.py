@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,32 @@ from tether.runs.metrics import MetricsLog
 
 RUN_MARKER = ".tether-run"
 """Written into every run directory when it is prepared: tether writes only into its own runs."""
+RUN_LOCK = ".tether-lock"
+"""Locked (``flock``) by the process that trains in the run, for as long as it lives."""
+
+_HELD: dict[Path, int] = {}  # run directories this process has locked, and the lock's fd
+
+
+def _lock(directory: Path) -> None:
+    """Take the run's lock for this process (again is a no-op); another live process holding it
+    (a second trainer, a comparison re-run beside a run still going) is refused."""
+    key = directory.resolve()
+    if key in _HELD:
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: no lock
+        return
+    fd = os.open(key / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TetherError(
+            f"run directory {str(directory)!r} is in use by another tether process; wait for it to finish "
+            "(or stop it: it resumes from its checkpoint), or choose another --out"
+        ) from None
+    _HELD[key] = fd
 
 
 class RunDir:
@@ -73,6 +100,7 @@ class RunDir:
                 f"cannot resume {str(self.path)!r}: it has no complete checkpoint; start again with another --out"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        _lock(self.path)
         self._mark()
 
     def _mark(self) -> None:
@@ -85,8 +113,11 @@ class RunDir:
         before its first checkpoint are removed, so that it starts again cleanly (nothing is lost:
         nothing had been saved). A directory that is not a run is refused first (:meth:`check`)."""
         if latest_checkpoint(self.path) is not None:
+            _lock(self.path)  # before the checkpoint is read (and the logs truncated) to resume
             return True
         self.check(resume=True)
+        if self.path.is_dir():
+            _lock(self.path)  # ours (checked): before its logs are removed
         if self.is_run():  # still ours once its logs are gone
             self._mark()
         for log in (self.metrics, self.alarms, self.samples):
