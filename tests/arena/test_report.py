@@ -189,7 +189,8 @@ def test_final_score_table_matches_stats(built: tuple[Path, str, str]) -> None:
     assert rows["dapo"][3] == f"{iqm(acc):.3f}"
     p = probability_of_improvement(acc, base)
     plo, phi = poi_ci(acc, base)
-    assert rows["dapo"][4] == f"{p:.2f} [{plo:.2f}, {phi:.2f}]"
+    verdict = "better" if plo > 0.5 else "worse" if phi < 0.5 else "n.s."
+    assert rows["dapo"][4] == f"{p:.2f} [{plo:.2f}, {phi:.2f}] {verdict}"
     assert rows["grpo"][4] == "baseline"
     s = summarize_recipe(dapo, "eval/accuracy")
     assert rows["dapo"][2].startswith(f"{s['mean']:.3f}")
@@ -281,6 +282,11 @@ def test_errors(tmp_path: Path) -> None:
         build_report(root, baseline="ppo")
     with pytest.raises(TetherError, match="target-accuracy"):
         build_report(root, target_accuracy=3.0)
+    with pytest.raises(
+        TetherError,
+        match=r"--metric 'eval/accuracyy': no run of this comparison has it\. Did you mean 'eval/accuracy'",
+    ):
+        build_report(root, metrics=["eval/accuracyy"])
 
 
 def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -322,3 +328,18 @@ def test_tether_report_through_the_main_cli(tmp_path: Path, capsys: pytest.Captu
     assert (root / "report.html").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_one_seed_has_no_interval_and_verdicts_follow_the_ci() -> None:
+    import math
+
+    from tether.arena.report import _mean_ci, _poi_cell
+    from tether.arena.stats import summarize
+
+    one = summarize([4.718])
+    assert _mean_ci(one) == "4.718 (1 seed: no CI)"
+    row = {"recipe": "x", "poi": {"m": {"value": 0.0, "ci_low": math.nan, "ci_high": math.nan}}}
+    assert _poi_cell(row, "m", "base") == "0.00 (no CI: fewer than 2 seeds)"
+    for (low, high), verdict in (((0.6, 0.9), "better"), ((0.1, 0.4), "worse"), ((0.3, 0.8), "n.s.")):
+        row["poi"]["m"] = {"value": 0.5, "ci_low": low, "ci_high": high}
+        assert _poi_cell(row, "m", "base").endswith(verdict)

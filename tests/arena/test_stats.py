@@ -133,7 +133,11 @@ def test_bootstrap_ci_other_stats_and_edges() -> None:
     assert low <= iqm(x) <= high
     low, high = bootstrap_ci(x, stat=np.median)
     assert low <= 4.5 <= high
-    assert bootstrap_ci([2.5]) == (2.5, 2.5)
+    # one seed says nothing about the spread: no interval, not a zero-width one
+    assert all(math.isnan(v) for v in bootstrap_ci([2.5]))
+    assert all(math.isnan(v) for v in poi_ci([2.5], [1.0, 2.0])) and all(
+        math.isnan(v) for v in poi_ci([1.0, 2.0], [3.0])
+    )
     assert all(math.isnan(v) for v in bootstrap_ci([]))
     assert all(math.isnan(v) for v in bootstrap_ci([float("nan")]))
     assert bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tether.config import ConfigError
 from tether.lm.config import RUN_LOGGING as LM_RUN_LOGGING
+from tether.runs.files import atomic_write_text
 
 if TYPE_CHECKING:
     from tether.arena.executors import Executor
@@ -436,8 +437,7 @@ def execute(
 
 
 def write_error(run_dir: Path, text: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ERROR_FILE).write_text(text.rstrip() + "\n")
+    atomic_write_text(run_dir / ERROR_FILE, text.rstrip() + "\n")
 
 
 def _write_manifest(out: Path, specs: Sequence[RunSpec], results: Sequence[RunResult], **info: Any) -> None:
@@ -457,7 +457,7 @@ def _write_manifest(out: Path, specs: Sequence[RunSpec], results: Sequence[RunRe
         ],
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.json").write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out / "comparison.json", json.dumps(data, indent=2) + "\n")
 
 
 def run_comparison(

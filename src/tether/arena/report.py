@@ -27,6 +27,8 @@ import base64
 import html
 import json
 import math
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from tether.arena.runs import RunRecord, load_runs, series
 from tether.arena.stats import iqm_ci, lower_is_better, recipe_table, summarize_recipe
 from tether.config import flatten, key_under
 from tether.errors import TetherError
+from tether.runs.files import atomic_write_text
 
 #: Learning curves: (metric, y-axis label with unit, title). One PNG per metric present in a run.
 CURVES: tuple[tuple[str, str, str], ...] = (
@@ -243,6 +246,8 @@ def _mean_ci(s: dict[str, Any] | None, digits: int = 3) -> str:
     """``mean [low, high]`` of a :func:`tether.arena.stats.summarize` dict."""
     if not s or not s.get("n"):
         return "–"
+    if not (math.isfinite(s["ci_low"]) and math.isfinite(s["ci_high"])):
+        return f"{_fmt(s['mean'], digits)} (1 seed: no CI)"
     return f"{_fmt(s['mean'], digits)} [{_fmt(s['ci_low'], digits)}, {_fmt(s['ci_high'], digits)}]"
 
 
@@ -384,7 +389,7 @@ def _plot_curve(
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.01)
     _legend_outside(ax)
-    fig.savefig(path, dpi=_DPI, metadata={"Software": None})
+    _save_png(fig, path)
     return True
 
 
@@ -457,7 +462,7 @@ def _plot_final_scores(
     ]
     fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=9)
     fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=_DPI, metadata={"Software": None})
+    _save_png(fig, path)
     return True
 
 
@@ -542,7 +547,10 @@ def _poi_cell(row: dict[str, Any], metric: str, baseline: str | None) -> str:
     p = row["poi"].get(metric)
     if not p or not math.isfinite(p["value"]):
         return "–"
-    return f"{_fmt(p['value'], 2)} [{_fmt(p['ci_low'], 2)}, {_fmt(p['ci_high'], 2)}]"
+    if not (math.isfinite(p["ci_low"]) and math.isfinite(p["ci_high"])):
+        return f"{_fmt(p['value'], 2)} (no CI: fewer than 2 seeds)"
+    verdict = "better" if p["ci_low"] > 0.5 else "worse" if p["ci_high"] < 0.5 else "n.s."
+    return f"{_fmt(p['value'], 2)} [{_fmt(p['ci_low'], 2)}, {_fmt(p['ci_high'], 2)}] {verdict}"
 
 
 def _reached(s: dict[str, Any] | None) -> str:
@@ -638,6 +646,18 @@ def _section_for_task(
         "and the probability that a run of the recipe beats a run of the baseline, P(X > Y) + ½ P(X = Y), "
         "with its bootstrap 95% CI (rliable; Agarwal et al. 2021, arXiv:2108.13264)."
     )
+    if base:
+        doc.p(
+            "*better* / *worse*: the 95% CI of P(X > baseline) lies above / below ½; *n.s.*: it contains ½, so "
+            "these seeds show no significant difference. With few seeds the percentile bootstrap cannot be wider "
+            "than the seeds' own spread and understates the uncertainty: read any verdict from fewer than 5 "
+            "seeds per recipe as indicative only."
+        )
+    fewest = min((int(r["metrics"][m]["n"]) for r in rows for m in metrics), default=0)
+    if metrics and fewest < 2:
+        doc.p(
+            "**Warning:** a recipe has fewer than 2 finished seeds here: no interval can be estimated for it."
+        )
     if not metrics:
         doc.p("No finished run has a final score.")
     for m in metrics:
@@ -879,6 +899,18 @@ def _section_for_env(
 
     # Final scores.
     doc.h(level, "Final scores")
+    if base:
+        doc.p(
+            "*better* / *worse*: the 95% CI of P(X > baseline) lies above / below ½; *n.s.*: it contains ½, so "
+            "these seeds show no significant difference. With few seeds the percentile bootstrap cannot be wider "
+            "than the seeds' own spread and understates the uncertainty: read any verdict from fewer than 5 "
+            "seeds per recipe as indicative only."
+        )
+    fewest = min((int(r["metrics"][m]["n"]) for r in rows for m in metrics), default=0)
+    if metrics and fewest < 2:
+        doc.p(
+            "**Warning:** a recipe has fewer than 2 finished seeds here: no interval can be estimated for it."
+        )
     if not metrics:
         doc.p("No finished run has a final score.")
     for m in metrics:
@@ -1018,12 +1050,13 @@ def build_report(
 
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
-    for old in sorted(plots.glob("*.png")):  # a rebuild replaces every plot of the last build
-        old.unlink()
+    previous = set(plots.glob("*.png"))  # removed after the new report is in place, if not redrawn
+    drawn_since = time.time_ns()
 
     tasks = list(dict.fromkeys(r.task for r in records))
     control = {t for t in tasks if all(r.world == "control" for r in records if r.task == t)}
-    chosen = list(metrics or [])
+    chosen = list(dict.fromkeys(metrics or []))  # a repeated --metric gives one table
+    _check_metrics(chosen, records)
     names = ", ".join(order) if len(order) <= 5 else f"{len(order)} recipes"
     title = f"Comparison: {names} on " + ", ".join(t or "(unnamed task)" for t in tasks)
     doc = _Doc()
@@ -1068,10 +1101,37 @@ def build_report(
             lower_extra=lower,
         )
 
+    # Atomic writes, then the stale plots: a kill at any point leaves a report whose plots exist.
     md_path, html_path = root / "report.md", root / "report.html"
-    md_path.write_text(_render_md(doc), encoding="utf-8")
-    html_path.write_text(_render_html(doc, root, title), encoding="utf-8")
+    atomic_write_text(md_path, _render_md(doc))
+    atomic_write_text(html_path, _render_html(doc, root, title))
+    for old in previous:
+        if old.exists() and old.stat().st_mtime_ns < drawn_since:
+            old.unlink()
     return md_path, html_path
+
+
+def _check_metrics(chosen: Sequence[str], records: Sequence[RunRecord]) -> None:
+    """Every ``--metric`` must be a final score some run has, else a clear error (not a table of "–")."""
+    for metric in chosen:
+        if any(math.isfinite(r.final(metric)) for r in records):
+            continue
+        known = sorted(
+            {k for r in records for rec in r.metrics for k in rec if k != "step"}
+            | {f"eval/{k}" for r in records for k in r.eval}
+        )
+        import difflib
+
+        close = difflib.get_close_matches(metric, known, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise TetherError(f"--metric {metric!r}: no run of this comparison has it.{hint}")
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    """A plot written to a temporary file and renamed into place (never a torn PNG)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=_DPI, metadata={"Software": None}, format="png")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------

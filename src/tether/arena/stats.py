@@ -75,16 +75,15 @@ def bootstrap_ci(
     """Percentile bootstrap ``1 - alpha`` confidence interval of ``stat`` over seeds (rliable).
 
     Resamples the runs with replacement ``n_boot`` times, applies ``stat`` to each resample and
-    returns the ``alpha/2`` and ``1 - alpha/2`` percentiles. NaN values are dropped; an empty sample
-    gives ``(nan, nan)``, a single value ``(v, v)``. Deterministic for a given ``seed``.
+    returns the ``alpha/2`` and ``1 - alpha/2`` percentiles. NaN values are dropped; fewer than two
+    values give ``(nan, nan)``: one seed says nothing about the spread (a (v, v) "interval" would
+    claim certainty). Deterministic for a given ``seed``. With few seeds the percentile interval
+    cannot be wider than the seeds' range, so it understates the uncertainty; the report says so.
     Agarwal et al. 2021, arXiv:2108.13264, section 4 (interval estimates).
     """
     a = _clean(values)
-    if a.size == 0:
+    if a.size < 2:
         return math.nan, math.nan
-    if a.size == 1:
-        v = float(stat(a))
-        return v, v
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, a.size, size=(n_boot, a.size))
     boot = _apply_stat(stat, a[idx])
@@ -156,10 +155,11 @@ def poi_ci(
     """Percentile bootstrap CI ``(low, high)`` of :func:`probability_of_improvement`.
 
     The runs of X and of Y are resampled independently (rliable's stratified bootstrap, one stratum
-    per method). Agarwal et al. 2021, arXiv:2108.13264. Empty side: ``(nan, nan)``.
+    per method). Agarwal et al. 2021, arXiv:2108.13264. A side with fewer than two runs: ``(nan, nan)``
+    (resampling one run gives an interval of zero width, not certainty).
     """
     a, b = _clean(x), _clean(y)
-    if a.size == 0 or b.size == 0:
+    if a.size < 2 or b.size < 2:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     ia = rng.integers(0, a.size, size=(n_boot, a.size))
