@@ -539,6 +539,24 @@ def _default_target(records: Sequence[RunRecord]) -> float | None:
     return math.floor(0.8 * max(best) * 20.0 + 1e-9) / 20.0
 
 
+def _verdict_notes(
+    doc: Any, rows: Sequence[dict[str, Any]], metrics: Sequence[str], base: str | None
+) -> None:
+    """What better / worse / n.s. mean, and a warning where a recipe has too few seeds for an interval."""
+    if base:
+        doc.p(
+            "*better* / *worse*: the 95% CI of P(X > baseline) lies above / below ½; *n.s.*: it contains ½, so "
+            "these seeds show no significant difference. With few seeds the percentile bootstrap cannot be wider "
+            "than the seeds' own spread and understates the uncertainty: read any verdict from fewer than 5 "
+            "seeds per recipe as indicative only."
+        )
+    fewest = min((int(r["metrics"][m]["n"]) for r in rows for m in metrics), default=0)
+    if metrics and fewest < 2:
+        doc.p(
+            "**Warning:** a recipe has fewer than 2 finished seeds here: no interval can be estimated for it."
+        )
+
+
 def _poi_cell(row: dict[str, Any], metric: str, baseline: str | None) -> str:
     if baseline is None:
         return "–"
@@ -646,18 +664,7 @@ def _section_for_task(
         "and the probability that a run of the recipe beats a run of the baseline, P(X > Y) + ½ P(X = Y), "
         "with its bootstrap 95% CI (rliable; Agarwal et al. 2021, arXiv:2108.13264)."
     )
-    if base:
-        doc.p(
-            "*better* / *worse*: the 95% CI of P(X > baseline) lies above / below ½; *n.s.*: it contains ½, so "
-            "these seeds show no significant difference. With few seeds the percentile bootstrap cannot be wider "
-            "than the seeds' own spread and understates the uncertainty: read any verdict from fewer than 5 "
-            "seeds per recipe as indicative only."
-        )
-    fewest = min((int(r["metrics"][m]["n"]) for r in rows for m in metrics), default=0)
-    if metrics and fewest < 2:
-        doc.p(
-            "**Warning:** a recipe has fewer than 2 finished seeds here: no interval can be estimated for it."
-        )
+    _verdict_notes(doc, rows, metrics, base)
     if not metrics:
         doc.p("No finished run has a final score.")
     for m in metrics:
@@ -899,18 +906,7 @@ def _section_for_env(
 
     # Final scores.
     doc.h(level, "Final scores")
-    if base:
-        doc.p(
-            "*better* / *worse*: the 95% CI of P(X > baseline) lies above / below ½; *n.s.*: it contains ½, so "
-            "these seeds show no significant difference. With few seeds the percentile bootstrap cannot be wider "
-            "than the seeds' own spread and understates the uncertainty: read any verdict from fewer than 5 "
-            "seeds per recipe as indicative only."
-        )
-    fewest = min((int(r["metrics"][m]["n"]) for r in rows for m in metrics), default=0)
-    if metrics and fewest < 2:
-        doc.p(
-            "**Warning:** a recipe has fewer than 2 finished seeds here: no interval can be estimated for it."
-        )
+    _verdict_notes(doc, rows, metrics, base)
     if not metrics:
         doc.p("No finished run has a final score.")
     for m in metrics:
