@@ -431,3 +431,43 @@ def test_an_extended_run_keeps_its_budget_and_a_finished_run_keeps_its_final_met
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--steps", "4", "run.threads=2"]) == 2
     assert "run.threads: 1 in the run, 2 now" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_run_without_settings_or_with_an_edited_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Stopped while starting: marker, no config.yaml. --resume alone would train the defaults.
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / ".tether-run").write_text("a tether run directory\n")
+    assert main(["train", "--out", str(started), "--resume", *TINY, *ARITH]) == 2
+    assert "holds no config.yaml" in capsys.readouterr().err
+    # A recipe file edited between the start and the resume is another method.
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(
+        "advantage: {name: grpo}\npolicy_loss: {name: ppo_clip, params: {eps_low: 0.2, eps_high: 0.2}}\n"
+    )
+    out = tmp_path / "run"
+    assert (
+        main(
+            ["train", "--recipe", str(recipe), "--out", str(out), "--steps", "2", "--no-eval", *TINY, *ARITH]
+        )
+        == 0
+    )
+    recipe.write_text(recipe.read_text().replace("eps_high: 0.2", "eps_high: 0.5"))
+    capsys.readouterr()
+    for extra in (["--dry-run"], []):
+        assert main(["train", "--out", str(out), "--resume", "--steps", "3", *extra]) == 2
+        assert "recipe_resolved.policy_loss" in capsys.readouterr().err
+
+
+def test_dry_run_checks_the_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    for command in (["train"], ["sft"], ["control", "train"]):
+        assert main([*command, "--dry-run", "--out", str(a_file)]) == 2
+        assert "is a file" in capsys.readouterr().err
+        assert main([*command, "--dry-run", "--out", str(a_file / "sub")]) == 2
+        assert "which is a file" in capsys.readouterr().err
+    assert main(["control", "train", "--dry-run", "train.seed=-1"]) == 2
+    assert "train.seed: -1 is out of range" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from tether.config import apply_overrides, from_dict, load_yaml
-from tether.runs.resume import merge, saved_config
+from tether.runs.resume import merge, resume_settings
 
 
 def build_control_config(args: argparse.Namespace) -> Any:
@@ -28,7 +28,7 @@ def build_control_config(args: argparse.Namespace) -> Any:
         flags.append(f"run.out={args.out}")
     given = apply_overrides(data, flags + list(args.overrides))
     if getattr(args, "resume", False):  # a run continues with its own settings (config.yaml)
-        saved = saved_config((given.get("run") or {}).get("out") or ControlConfig().run.out)
+        saved = resume_settings((given.get("run") or {}).get("out") or ControlConfig().run.out)
         if saved is not None:
             return from_dict(ControlConfig, merge(saved, given))
     return from_dict(ControlConfig, given)
@@ -42,9 +42,10 @@ def cmd_control_train(args: argparse.Namespace) -> int:
         import yaml
 
         from tether.config import to_dict
-        from tether.control.trainer import build_method, cost_limit_of
+        from tether.control.trainer import build_method, check_control_run_dir, cost_limit_of
 
         method = build_method(cfg)  # env id, recipe, components, inputs
+        check_control_run_dir(cfg, method.recipe, cfg.run.out, args.resume)
         plan = {
             "run_dir": cfg.run.out,
             "updates": cfg.num_updates,

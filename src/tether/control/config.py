@@ -58,7 +58,9 @@ class TrainSettings:
         },
     )
     hidden: list[int] = field(default_factory=lambda: [64, 64])
-    seed: int = 1
+    seed: int = field(
+        default=1, metadata={"min": 0, "max": 2**32 - 1, "help": "numpy seeds must be in [0, 2**32)"}
+    )
     torch_threads: int = field(
         default=1,
         metadata={

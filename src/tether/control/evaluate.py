@@ -41,6 +41,7 @@ from tether.control.safety_layer import CONSTRAINT_KEY, LinearCostModel, SafetyL
 from tether.errors import TetherError
 from tether.runs.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
 from tether.runs.files import atomic_write_json
+from tether.runs.resume import DERIVED_KEYS
 from tether.userimports import import_user_code
 
 __all__ = ["EVAL_FILE", "evaluate_run", "load_control_config", "load_policy"]
@@ -75,7 +76,7 @@ def load_control_config(run_dir: str | Path) -> ControlConfig:
         raise TetherError(f"{str(path)!r} is not valid YAML ({err}); is this a control run?") from None
     if not isinstance(data, dict):
         raise TetherError(f"{str(path)!r} does not hold a mapping; is this a control run?")
-    data = {k: v for k, v in data.items() if k != "recipe_path"}
+    data = {k: v for k, v in data.items() if k not in DERIVED_KEYS}
     try:
         return from_dict(ControlConfig, data)
     except ConfigError as err:

@@ -42,7 +42,7 @@ from tether.errors import TetherError, UnknownNameError
 from tether.monitor import Monitor
 from tether.monitor.memory import memory_metrics
 from tether.recipes.compose import Method
-from tether.recipes.loader import Recipe, load_recipe
+from tether.recipes.loader import Recipe, load_recipe, recipe_dict
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
@@ -194,6 +194,17 @@ def standardize(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / (values.std() + 1e-8)
 
 
+def check_control_run_dir(cfg: ControlConfig, recipe: Recipe, run_path: str | Path, resume: bool) -> RunDir:
+    """The read-only checks of the run directory (also for --dry-run): a file or another program's
+    directory, a started run without --resume, and on --resume a changed setting or recipe."""
+    if resume:
+        budget = () if cfg.train.anneal_lr else ("train.total_steps",)
+        check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE + budget, recipe=recipe_dict(recipe))
+    run = RunDir(run_path)
+    run.check(resume)
+    return run
+
+
 class ControlTrainer:
     """PPO-family training on a Gymnasium task, with the method given by a recipe."""
 
@@ -206,12 +217,14 @@ class ControlTrainer:
         self.constraint = self.method.constraint
         self.cost_limit = cost_limit_of(cfg, self.method)
         self.gamma, self.lam = self._wire_discount()
-        if resume:  # before anything in the run directory is touched
-            budget = () if cfg.train.anneal_lr else ("train.total_steps",)
-            check_resume_config(out or cfg.run.out, to_dict(cfg), RESUME_MAY_CHANGE + budget)
+        check_control_run_dir(cfg, self.recipe, out or cfg.run.out, resume)  # before anything is touched
         self.run = RunDir(out or cfg.run.out)
         resume = resume and self.run.resumable()
         self.run.prepare(resume)
+        # First thing in the directory: a run stopped while it starts can be resumed with its settings.
+        self.run.write_config(
+            {**to_dict(cfg), "recipe_path": self.recipe.path, "recipe_resolved": recipe_dict(self.recipe)}
+        )
         self.torch_threads = cfg.train.torch_threads or torch.get_num_threads()
         seed = cfg.train.seed
         random.seed(seed)
@@ -261,7 +274,6 @@ class ControlTrainer:
         self.first_reached: int | None = None
         self.env_reset_on_resume = False
         self.on_update: Callable[[int, dict[str, float]], None] | None = None
-        self.run.write_config({**to_dict(cfg), "recipe_path": self.recipe.path})
         if resume:
             self._restore()
 

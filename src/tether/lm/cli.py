@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from tether.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from tether.runs.resume import merge, saved_config
+from tether.runs.resume import merge, resume_settings
 from tether.userimports import import_user_code
 
 
@@ -55,7 +55,9 @@ def build_lm_config(args: argparse.Namespace) -> Any:
 
         task = (given.get("task") or {}).get("name") or LMConfig().task.name
         seed = (given.get("train") or {}).get("seed") or 0
-        saved = saved_config((given.get("run") or {}).get("out") or default_run_dir(recipe.name, task, seed))
+        saved = resume_settings(
+            (given.get("run") or {}).get("out") or default_run_dir(recipe.name, task, seed)
+        )
         if saved is not None:
             explicit = apply_overrides(base, flags + overrides) | (
                 {"recipe": args.recipe} if args.recipe else {}
@@ -70,9 +72,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = build_lm_config(args)
     if args.dry_run:  # the resolved settings and plan; nothing is loaded or written
-        from tether.lm.trainer import plan_run
+        from tether.lm.trainer import check_run_dir, plan_run
 
-        print(yaml.safe_dump(plan_run(cfg).describe(cfg), sort_keys=False), end="")
+        plan = plan_run(cfg)
+        check_run_dir(cfg, plan, cfg.run.out or plan.run_dir, args.resume)
+        print(yaml.safe_dump(plan.describe(cfg), sort_keys=False), end="")
         return 0
     trainer = RLTrainer(cfg, resume=args.resume)
     summary = trainer.train()
@@ -86,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from tether.lm.config import SFTConfig
     from tether.lm.report import print_run_summary
-    from tether.lm.sft import plan_sft, run_sft, sft_run_dir
+    from tether.lm.sft import check_sft_run_dir, plan_sft, run_sft, sft_run_dir
 
     data = _base(args)
     flags = []
@@ -101,11 +105,12 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.resume:  # a run continues with its own settings (config.yaml)
         task = (given.get("task") or {}).get("name") or SFTConfig().task.name
         seed = (given.get("sft") or {}).get("seed") or 0
-        saved = saved_config(args.out or (given.get("run") or {}).get("out") or sft_run_dir(task, seed))
+        saved = resume_settings(args.out or (given.get("run") or {}).get("out") or sft_run_dir(task, seed))
     cfg = from_dict(SFTConfig, merge(saved, given) if saved is not None else given)
     if args.dry_run:  # the resolved settings and plan; nothing is loaded or written
         _, examples = plan_sft(cfg)
         run_dir = args.out or cfg.run.out or sft_run_dir(cfg.task.name, cfg.sft.seed)
+        check_sft_run_dir(cfg, run_dir, args.resume)
         plan = {"run_dir": run_dir, "examples": len(examples), "steps": cfg.sft.steps}
         print(yaml.safe_dump({**to_dict(cfg), "plan": plan}, sort_keys=False), end="")
         return 0

@@ -89,7 +89,10 @@ class TrainSettings:
     adam_beta2: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0, "max_exclusive": True})
     warmup_steps: int = field(default=0, metadata={"min": 0, "help": "linear learning-rate warm-up"})
     max_grad_norm: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
-    seed: int = field(default=0, metadata={"help": "seeds prompts, sampling, and everything else"})
+    seed: int = field(
+        default=0,
+        metadata={"min": 0, "max": 2**32 - 1, "help": "seeds prompts, sampling, and everything else"},
+    )
     reference: Literal["auto", "always", "never"] = field(
         default="auto",
         metadata={"help": "frozen reference model: auto = when a component needs ref_logprobs"},
@@ -261,7 +264,7 @@ class SFTSettings:
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
     warmup_steps: int = field(default=20, metadata={"min": 0})
     max_grad_norm: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
     examples: int = field(
         default=0, metadata={"min": 0, "help": "train examples used (0: the whole train split)"}
     )

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +103,17 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
     return task, prompts
 
 
+def check_sft_run_dir(cfg: SFTConfig, run_path: str | Path, resume: bool) -> RunDir:
+    """The read-only checks of the run directory (also for --dry-run): see ``check_run_dir``."""
+    if resume:
+        check_resume_config(
+            run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE, lambda d: to_dict(from_dict(SFTConfig, d))
+        )
+    run = RunDir(run_path)
+    run.check(resume)
+    return run
+
+
 def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> dict[str, Any]:
     """SFT on ``config.task``'s reference solutions; with ``resume`` it continues the run in
     ``out`` from its last checkpoint (every ``run.checkpoint_every`` steps and at the end), with
@@ -109,12 +121,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     cfg = config
     task, prompts = plan_sft(cfg)
     run_path = out or cfg.run.out or sft_run_dir(cfg.task.name, cfg.sft.seed)
-    if resume:  # before anything in the run directory is touched
-        check_resume_config(
-            run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE, lambda d: to_dict(from_dict(SFTConfig, d))
-        )
-    run = RunDir(run_path)
-    run.check(resume)  # read-only: a file, another program's directory, a run to --resume
+    run = check_sft_run_dir(cfg, run_path, resume)
     cfg.run.apply()
     torch.manual_seed(cfg.sft.seed)
     model, tokenizer = load_policy(cfg.model)

@@ -34,7 +34,7 @@ from tether.monitor import Monitor
 from tether.monitor.memory import memory_metrics
 from tether.monitor.updates import combine_update_metrics
 from tether.recipes import Method, load_recipe
-from tether.recipes.loader import Recipe
+from tether.recipes.loader import Recipe, recipe_dict
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
@@ -161,7 +161,7 @@ class RunPlan:
     def describe(self, config: LMConfig) -> dict[str, Any]:
         """The resolved settings and plan, as ``tether train --dry-run`` prints them."""
         return {
-            "recipe_resolved": _recipe_dict(self.recipe),
+            "recipe_resolved": recipe_dict(self.recipe),
             **to_dict(config),
             "plan": {
                 "run_dir": config.run.out or self.run_dir,
@@ -204,6 +204,19 @@ def plan_run(cfg: LMConfig) -> RunPlan:
     return RunPlan(recipe, method, task, plugins, use_ref, needs_distribution, train_prompts, run_dir)
 
 
+def check_run_dir(cfg: LMConfig, plan: RunPlan, run_path: str | Path, resume: bool) -> RunDir:
+    """The read-only checks of the run directory, before any work (also for --dry-run): a file or
+    another program's directory, a started run without --resume, and on --resume any setting or
+    recipe part that differs from the run's own."""
+    if resume:
+        check_resume_config(
+            run_path, to_dict(cfg), RESUME_MAY_CHANGE, _resolved(LMConfig), recipe_dict(plan.recipe)
+        )
+    run = RunDir(run_path)
+    run.check(resume)
+    return run
+
+
 class RLTrainer:
     """RL on a language model with any recipe of the catalogue."""
 
@@ -217,10 +230,7 @@ class RLTrainer:
         train_prompts = plan.train_prompts
 
         run_path = out or cfg.run.out or plan.run_dir
-        if resume:  # before anything in the run directory is touched
-            check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE, _resolved(LMConfig))
-        self.run = RunDir(run_path)
-        self.run.check(resume)  # read-only: a file, another program's directory, a run to --resume
+        self.run = check_run_dir(cfg, plan, run_path, resume)
         cfg.run.apply()
 
         torch.manual_seed(cfg.train.seed)
@@ -258,7 +268,7 @@ class RLTrainer:
         if resume:
             self._restore()
         # Also on resume: a later plain --resume must see this resume's budget (an extended run).
-        self.run.write_config({"recipe_resolved": _recipe_dict(self.recipe), **to_dict(cfg)})
+        self.run.write_config({"recipe_resolved": recipe_dict(self.recipe), **to_dict(cfg)})
 
     # ----------------------------------------------------------------------------- rollout
     def _plan(self, n: int) -> list[tuple[Prompt, int]]:
@@ -775,17 +785,6 @@ class RLTrainer:
         self.generator.set_state(ck.tensors["rng.sampler"])
         self.step_idx = ck.step
         self.run.truncate_logs(ck.step)
-
-
-def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
-    return {
-        "name": recipe.name,
-        "advantage": list(recipe.advantage),
-        "policy_loss": recipe.policy_loss,
-        "regularizers": list(recipe.regularizers),
-        "rewards": list(recipe.rewards),
-        "loop": list(recipe.loop),
-    }
 
 
 def _tensorboard_writer(path: Path, step: int) -> Any:

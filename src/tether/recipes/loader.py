@@ -150,3 +150,18 @@ def load_recipe(name_or_path: str) -> Recipe:
         train=dict(data.get("train") or {}),
         path=str(path),
     )
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """A recipe's components and parameters as plain data (``recipe_resolved`` in a run's config.yaml):
+    what a resume compares, so that a recipe file edited since the run started is refused."""
+    return {
+        "name": recipe.name,
+        "advantage": list(recipe.advantage),
+        "policy_loss": recipe.policy_loss,
+        "regularizers": list(recipe.regularizers),
+        "rewards": list(recipe.rewards),
+        "loop": list(recipe.loop),
+        "constraint": recipe.constraint,
+        "train": dict(recipe.train),
+    }

@@ -24,6 +24,20 @@ from tether.runs.checkpoint import latest_checkpoint
 DERIVED_KEYS = ("recipe_resolved", "recipe_path")
 
 
+def resume_settings(run_dir: str | Path) -> dict[str, Any] | None:
+    """:func:`saved_config` for ``--resume`` on the command line: None for a directory that does not
+    exist yet (a fresh start), a refusal for a run that never wrote its settings (killed while it
+    was starting), which would otherwise continue with the defaults of every setting."""
+    saved = saved_config(run_dir)
+    path = Path(run_dir)
+    if saved is None and path.is_dir() and any(path.iterdir()):
+        raise TetherError(
+            f"cannot resume {str(run_dir)!r}: it holds no config.yaml (the run was stopped while it was starting, "
+            "before it saved its settings); start it again without --resume, giving its settings"
+        )
+    return saved
+
+
 def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
     """The settings a run was started with (its config.yaml without derived keys), or None."""
     path = Path(run_dir) / "config.yaml"
@@ -89,15 +103,36 @@ def describe_changes(changed: Sequence[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, old, new in changed)
 
 
+def recipe_changes(run_dir: str | Path, recipe: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """The recipe's own components and parameters (``recipe_resolved`` in config.yaml) where they
+    differ from ``recipe``: a recipe file edited since the run started is another method. Only the
+    parts both sides record are compared (older runs recorded fewer)."""
+    path = Path(run_dir) / "config.yaml"
+    if recipe is None or not path.is_file() or latest_checkpoint(Path(run_dir)) is None:
+        return []
+    data = yaml.safe_load(path.read_text())
+    before = data.get("recipe_resolved") if isinstance(data, dict) else None
+    if not isinstance(before, dict):
+        return []
+    return [
+        (f"recipe_resolved.{key}", before[key], recipe[key])
+        for key in sorted(before.keys() & recipe.keys())
+        if before[key] != recipe[key]
+    ]
+
+
 def check_resume_config(
     run_dir: str | Path,
     config: Mapping[str, Any],
     may_change: Collection[str],
     resolve: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse to resume ``run_dir`` with ``config`` where it differs from the run's saved settings
-    outside ``may_change`` (see :func:`changed_settings`)."""
+    outside ``may_change`` (see :func:`changed_settings`), or with a recipe whose components or
+    parameters changed since it started (``recipe``: the resolved recipe now, see :func:`recipe_changes`)."""
     changed = changed_settings(run_dir, config, may_change, resolve)
+    changed += recipe_changes(run_dir, recipe)
     if changed:
         raise TetherError(
             f"cannot resume {str(run_dir)!r} with settings other than those it was started with "

@@ -78,6 +78,11 @@ class RunDir:
             raise TetherError(
                 f"--out {where!r} is a file, not a directory; choose a new directory for the run"
             )
+        blocking = next((a for a in self.path.parents if a.exists() and not a.is_dir()), None)
+        if blocking is not None:
+            raise TetherError(
+                f"--out {where!r} lies under {str(blocking)!r}, which is a file; choose another --out"
+            )
         if self.path.is_dir() and not self.is_run():
             names = sorted(p.name for p in self.path.iterdir())
             if names:
