@@ -353,15 +353,14 @@ def check_existing_run(spec: RunSpec) -> None:
     """Refuse to reuse or resume a run directory that holds a run with other settings (another
     learning rate, budget or eval), before anything runs: its results would be reported as this
     comparison's. Only the world's ``may_differ`` settings (logging, threads) may differ."""
-    from tether.config import from_dict, to_dict
-    from tether.runs.resume import changed_settings, describe_changes, saved_config
+    from tether.config import to_dict
+    from tether.runs.resume import changed_settings, describe_changes, resolved_with, saved_config
 
     if run_state(spec.run_dir, spec.world) == "new" or saved_config(spec.run_dir) is None:
         return
     cfg = build_run_config(spec)
-    cls = type(cfg)
     changed = changed_settings(
-        spec.run_dir, to_dict(cfg), get_world(spec.world).may_differ, lambda d: to_dict(from_dict(cls, d))
+        spec.run_dir, to_dict(cfg), get_world(spec.world).may_differ, resolved_with(type(cfg))
     )
     if changed:
         raise ConfigError(

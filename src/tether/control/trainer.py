@@ -52,7 +52,7 @@ from tether.runs.checkpoint import (
     training_state,
 )
 from tether.runs.interrupt import StopRequest, interrupted
-from tether.runs.resume import check_resume_config
+from tether.runs.rundir import check_run_dir as checked_run_dir
 from tether.userimports import import_user_code
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -195,14 +195,12 @@ def standardize(values: torch.Tensor) -> torch.Tensor:
 
 
 def check_control_run_dir(cfg: ControlConfig, recipe: Recipe, run_path: str | Path, resume: bool) -> RunDir:
-    """The read-only checks of the run directory (also for --dry-run): a file or another program's
-    directory, a started run without --resume, and on --resume a changed setting or recipe."""
-    if resume:
-        budget = () if cfg.train.anneal_lr else ("train.total_steps",)
-        check_resume_config(run_path, to_dict(cfg), RESUME_MAY_CHANGE + budget, recipe=recipe_dict(recipe))
-    run = RunDir(run_path)
-    run.check(resume)
-    return run
+    """The run directory's read-only checks for a control run (also for --dry-run; see
+    :func:`tether.runs.rundir.check_run_dir`); the budget may change unless the lr anneals over it."""
+    budget = () if cfg.train.anneal_lr else ("train.total_steps",)
+    return checked_run_dir(
+        run_path, resume, to_dict(cfg), RESUME_MAY_CHANGE + budget, recipe=recipe_dict(recipe)
+    )
 
 
 class ControlTrainer:

@@ -40,6 +40,11 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.batch)
 
+    @property
+    def scored(self) -> torch.Tensor:
+        """[N] bool: rows whose verifier gave a score (a failed verification has no reward)."""
+        return torch.tensor([s.error is None for s in self.scores], dtype=torch.bool)
+
 
 class LoopPlugin:
     """Base class of loop plugins. Override the hooks you need."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tether.config import from_dict, to_dict
+from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, SFTConfig
@@ -31,7 +31,8 @@ from tether.runs.checkpoint import (
     training_state,
 )
 from tether.runs.interrupt import StopRequest, interrupted
-from tether.runs.resume import check_resume_config
+from tether.runs.resume import resolved_with
+from tether.runs.rundir import check_run_dir as checked_run_dir
 from tether.userimports import import_user_code
 
 
@@ -104,14 +105,9 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
 
 
 def check_sft_run_dir(cfg: SFTConfig, run_path: str | Path, resume: bool) -> RunDir:
-    """The read-only checks of the run directory (also for --dry-run): see ``check_run_dir``."""
-    if resume:
-        check_resume_config(
-            run_path, to_dict(cfg), SFT_RESUME_MAY_CHANGE, lambda d: to_dict(from_dict(SFTConfig, d))
-        )
-    run = RunDir(run_path)
-    run.check(resume)
-    return run
+    """The run directory's read-only checks for SFT (also for --dry-run; see
+    :func:`tether.runs.rundir.check_run_dir`)."""
+    return checked_run_dir(run_path, resume, to_dict(cfg), SFT_RESUME_MAY_CHANGE, resolved_with(SFTConfig))
 
 
 def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> dict[str, Any]:

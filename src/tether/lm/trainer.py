@@ -19,7 +19,7 @@ import torch
 from tether.catalogue import get
 from tether.catalogue.aggregate import Aggregation, count_sequences, count_tokens
 from tether.catalogue.mismatch import correction_metrics, importance_stats, sampler_importance_weights
-from tether.config import from_dict, to_dict
+from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, LMConfig
@@ -45,7 +45,8 @@ from tether.runs.checkpoint import (
     training_state,
 )
 from tether.runs.interrupt import StopRequest, interrupted
-from tether.runs.resume import check_resume_config
+from tether.runs.resume import resolved_with
+from tether.runs.rundir import check_run_dir as checked_run_dir
 from tether.userimports import import_user_code
 
 # Inputs the language-model world can hand to catalogue entries (names of DEVELOPERS.md).
@@ -135,11 +136,6 @@ def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
 RESUME_MAY_CHANGE = ("train.steps", *RUN_LOGGING, "eval", "monitor", "sampling.vllm_gpu_memory_utilization")
 
 
-def _resolved(cls: type[Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Saved settings built into today's full config of ``cls`` (for the resume check)."""
-    return lambda data: to_dict(from_dict(cls, data))
-
-
 def default_run_dir(recipe_name: str, task: str, seed: int) -> str:
     """The run directory when neither ``out`` nor ``run.out`` gives one."""
     return f"runs/{recipe_name}-{task}-s{seed}"
@@ -205,16 +201,11 @@ def plan_run(cfg: LMConfig) -> RunPlan:
 
 
 def check_run_dir(cfg: LMConfig, plan: RunPlan, run_path: str | Path, resume: bool) -> RunDir:
-    """The read-only checks of the run directory, before any work (also for --dry-run): a file or
-    another program's directory, a started run without --resume, and on --resume any setting or
-    recipe part that differs from the run's own."""
-    if resume:
-        check_resume_config(
-            run_path, to_dict(cfg), RESUME_MAY_CHANGE, _resolved(LMConfig), recipe_dict(plan.recipe)
-        )
-    run = RunDir(run_path)
-    run.check(resume)
-    return run
+    """The run directory's read-only checks for an RL run (also for --dry-run; see
+    :func:`tether.runs.rundir.check_run_dir`)."""
+    return checked_run_dir(
+        run_path, resume, to_dict(cfg), RESUME_MAY_CHANGE, resolved_with(LMConfig), recipe_dict(plan.recipe)
+    )
 
 
 class RLTrainer:
@@ -312,7 +303,7 @@ class RLTrainer:
         while True:
             rounds += 1
             # Failed verifications carry no reward: a group's spread is that of its scored samples.
-            scored = torch.tensor([sc.error is None for sc in ro.scores])
+            scored = ro.scored
             rewards = torch.tensor([sc.reward for sc in ro.scores], dtype=torch.float64)[scored]
             keep, _ = keep_fn(rewards, ro.group_ids[scored])
             good = sorted(set(ro.group_ids[scored][keep].tolist()), key=ro.group_ids.tolist().index)
@@ -423,7 +414,7 @@ class RLTrainer:
         n = len(batch)
         mask = batch.completion_mask
         rewards = torch.tensor([s.reward for s in ro.scores], dtype=torch.float32)
-        errors = torch.tensor([s.error is not None for s in ro.scores])
+        errors = ~ro.scored
         self.verifier_errors += int(errors.sum())
 
         # Inputs for the catalogue, by standard name.
@@ -607,7 +598,7 @@ class RLTrainer:
         mask = batch.completion_mask
         m = mask.float()
         # Reward statistics over the scored samples: a failed verification has no reward.
-        scored = torch.tensor([s.error is None for s in ro.scores])
+        scored = ro.scored
         rewards, groups = rewards[scored], ro.group_ids[scored]
         zero_std = [
             float(rewards[groups == gid].std()) == 0.0 if int((groups == gid).sum()) > 1 else True

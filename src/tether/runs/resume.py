@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tether.config import flatten, key_under
+from tether.config import flatten, from_dict, key_under, to_dict
 from tether.errors import TetherError
 from tether.runs.checkpoint import latest_checkpoint
 
@@ -66,6 +66,12 @@ _UNSET = "(not set)"
 def _settings(data: Mapping[str, Any]) -> dict[str, Any]:
     """Flattened settings, an empty section (``method: {}``) counting as nothing set."""
     return {k: v for k, v in flatten(dict(data)).items() if v != {}}
+
+
+def resolved_with(cls: type[Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A ``resolve`` for :func:`changed_settings`: saved settings built into today's full config of
+    the dataclass ``cls`` (defaults filled in)."""
+    return lambda data: to_dict(from_dict(cls, data))
 
 
 def changed_settings(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from tether.errors import TetherError
 from tether.runs.checkpoint import latest_checkpoint
 from tether.runs.files import atomic_write_json, atomic_write_text
 from tether.runs.metrics import MetricsLog
+from tether.runs.resume import check_resume_config
 
 RUN_MARKER = ".tether-run"
 """Written into every run directory when it is prepared: tether writes only into its own runs."""
@@ -157,3 +158,22 @@ class RunDir:
         for log in (self.metrics, self.alarms, self.samples):
             if log.path.exists():
                 log.truncate_after(step)
+
+
+def check_run_dir(
+    run_path: str | Path,
+    resume: bool,
+    config: Mapping[str, Any],
+    may_change: Collection[str],
+    resolve: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    recipe: Mapping[str, Any] | None = None,
+) -> RunDir:
+    """Every read-only check of a run's directory before any work (also for --dry-run): a file or
+    another program's directory, a started run without --resume, and on --resume a setting outside
+    ``may_change`` or a recipe part that differs from the run's own
+    (:func:`~tether.runs.resume.check_resume_config`)."""
+    if resume:
+        check_resume_config(run_path, config, may_change, resolve, recipe)
+    run = RunDir(run_path)
+    run.check(resume)
+    return run

@@ -41,6 +41,19 @@ def token_covariance(
         return torch.where(valid, centred, zero)
 
 
+def _prepare(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs both covariance losses start from, checked: ``(valid, mask as float, token
+    advantages, log-ratio, ratio, per-token covariance)``."""
+    check_2d("logprobs", logprobs)
+    check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, response_mask=response_mask)
+    adv = token_advantages(advantages, response_mask).to(logprobs.dtype)
+    log_r = log_ratio(logprobs, old_logprobs)
+    cov = token_covariance(logprobs, adv, response_mask)
+    return response_mask.bool(), response_mask.to(logprobs.dtype), adv, log_r, torch.exp(log_r), cov
+
+
 def _cov_metrics(cov: torch.Tensor, selected: torch.Tensor, m: torch.Tensor, prefix: str) -> Metrics:
     with torch.no_grad():
         return {
@@ -79,8 +92,6 @@ def clip_cov(
     token-mean. The authors ran it with eps = 1, i.e. PPO's clip all but off (ratio capped at 2).
     The covariance is taken over the batch the loss sees (a micro-batch when the trainer splits one).
     """
-    check_2d("logprobs", logprobs)
-    check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, response_mask=response_mask)
     if not 0.0 < clip_ratio <= 1.0:
         raise InvalidInputError(
             f"clip_cov: clip_ratio is a fraction of tokens in (0, 1] (paper: 2e-4), got {clip_ratio}"
@@ -91,13 +102,8 @@ def clip_cov(
         )
     if eps_low < 0 or eps_high < 0:
         raise InvalidInputError(f"clip_cov: eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    valid = response_mask.bool()
-    m = response_mask.to(logprobs.dtype)
-    adv = token_advantages(advantages, response_mask).to(logprobs.dtype)
-    log_r = log_ratio(logprobs, old_logprobs)
-    ratio = torch.exp(log_r)
+    valid, m, adv, log_r, ratio, cov = _prepare(logprobs, old_logprobs, advantages, response_mask)
     surrogate = clipped_surrogate(ratio, adv, eps_low, eps_high)
-    cov = token_covariance(logprobs, adv, response_mask)
     with torch.no_grad():
         clipped = (-adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)) > (-adv * ratio)
         candidates = valid & ~clipped & (cov > cov_low) & (cov < cov_high)
@@ -142,20 +148,13 @@ def kl_cov(
     the ones that lower entropy most, near their old probabilities. Deterministic (top-k; ties
     are broken by ``torch.topk``). The covariance is taken over the batch the loss sees.
     """
-    check_2d("logprobs", logprobs)
-    check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, response_mask=response_mask)
     if not 0.0 < k_ratio <= 1.0:
         raise InvalidInputError(
             f"kl_cov: k_ratio is a fraction of tokens in (0, 1] (paper: 2e-3), got {k_ratio}"
         )
     if kl_coef < 0:
         raise InvalidInputError(f"kl_cov: kl_coef must be >= 0 (paper: 1), got {kl_coef}")
-    valid = response_mask.bool()
-    m = response_mask.to(logprobs.dtype)
-    adv = token_advantages(advantages, response_mask).to(logprobs.dtype)
-    log_r = log_ratio(logprobs, old_logprobs)
-    ratio = torch.exp(log_r)
-    cov = token_covariance(logprobs, adv, response_mask)
+    valid, m, adv, log_r, ratio, cov = _prepare(logprobs, old_logprobs, advantages, response_mask)
     with torch.no_grad():
         n_valid = int(valid.sum())
         selected = torch.zeros_like(valid)
