@@ -5,20 +5,23 @@ through the library and through ``tether train``."""
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.lm.test_trainer import TINY, make_config, read_jsonl
 from tests.lm.test_trainer import tiny_cache as tiny_cache  # module-wide TETHER_CACHE, one thread
+from tether.catalogue import get
 from tether.cli import main
 from tether.config import ConfigError, apply_overrides, from_dict
 from tether.lm.config import LMConfig
 from tether.lm.tasks import Prompt, Score, Split, Task, build_task, get_task, safe_score_batch
-from tether.lm.tasks.rewards import RewardedTask, build_reward_functions
+from tether.lm.tasks.rewards import RewardedTask, build_reward_functions, reward_parts
 from tether.lm.trainer import RLTrainer
 from tether.userimports import import_user_code, resolve_object
 
@@ -378,3 +381,58 @@ def test_an_import_that_fails_names_the_file(tmp_path: Path) -> None:
         import_user_code([str(bad)])
     with pytest.raises(ConfigError, match="no module named 'not_a_real_module_x'"):
         import_user_code("not_a_real_module_x")
+
+
+def test_trainer_hands_each_function_to_gdpo(tmp_path: Path) -> None:
+    """``reward_parts`` / ``reward_weights``: one column per task.rewards function (NaN where it gave
+    None), in order, with its weight; GDPO's advantages in the run are those of these columns."""
+    fn = tmp_path / "parts_rewards.py"
+    fn.write_text(
+        textwrap.dedent(
+            """
+            def longish(completions, **kwargs):
+                return [None if len(c) == 0 else min(len(c), 6) / 6 for c in completions]
+            """
+        )
+    )
+    cfg = make_config(
+        tmp_path / "run",
+        "train.steps=2",
+        f"task.rewards=[verifier, {fn}:longish]",
+        "task.reward_weights=[1, 0.5]",
+        recipe="gdpo",
+    )
+    trainer = RLTrainer(cfg)
+    calls: list[tuple[dict[str, Any], Any]] = []
+    compute = trainer.method.compute_advantages
+
+    def recording(inputs: dict[str, Any]) -> Any:
+        out = compute(inputs)
+        calls.append((inputs, out[0]))
+        return out
+
+    trainer.method.compute_advantages = recording  # type: ignore[method-assign]
+    rollouts: list[Any] = []
+    trainer.on_step = lambda step, metrics: rollouts.append(trainer.last_rollout)
+    trainer.train()
+    assert len(calls) == 2
+    gdpo = get("advantage", "gdpo").fn
+    for (inputs, adv), ro in zip(calls, rollouts):
+        assert inputs["reward_weights"] == (1.0, 0.5)
+        want = torch.tensor(
+            [[s.parts.get("verifier", math.nan), s.parts.get("longish", math.nan)] for s in ro.scores],
+            dtype=torch.float64,
+        )
+        torch.testing.assert_close(inputs["reward_parts"], want, equal_nan=True)
+        assert float(want[:, 1].std()) > 0  # the second function varies: its column matters
+        again = gdpo(
+            inputs["rewards"], inputs["response_mask"], inputs["group_ids"], want, (1.0, 0.5), eps=1e-4
+        )[0]
+        torch.testing.assert_close(adv, again.to(adv.dtype))
+
+
+def test_reward_parts_without_task_rewards_is_the_verifier_reward() -> None:
+    scores = [Score(reward=r, correct=r > 0) for r in (1.0, 0.0, 0.25)]
+    parts, weights = reward_parts(Fixed(), scores)
+    assert weights == (1.0,)
+    torch.testing.assert_close(parts, torch.tensor([[1.0], [0.0], [0.25]], dtype=torch.float64))

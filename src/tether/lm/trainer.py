@@ -30,6 +30,7 @@ from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, make_sampler
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
+from tether.lm.tasks.rewards import reward_parts
 from tether.monitor import Monitor
 from tether.monitor.memory import memory_metrics
 from tether.monitor.updates import combine_update_metrics
@@ -64,6 +65,8 @@ LM_INPUTS = frozenset(
         "response_lengths",
         "logits",
         "old_logits",
+        "reward_parts",
+        "reward_weights",
     }
 )
 # Metrics that measure time, not math: excluded when comparing a resumed run with an unbroken one.
@@ -452,6 +455,7 @@ class RLTrainer:
             "old_logprobs": old_logprobs,
             "logprobs": old_logprobs,  # the current policy equals the old one before the update
         }
+        inputs["reward_parts"], inputs["reward_weights"] = reward_parts(self.task, ro.scores)
         if ref_logprobs is not None:
             inputs["ref_logprobs"] = ref_logprobs
         if old_dist is not None:

@@ -40,6 +40,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from tether.config import ConfigError
 from tether.lm.tasks.base import Prompt, Score, Task, TaskWrapper, get_task, safe_score_batch
 from tether.userimports import resolve_object
@@ -219,3 +221,27 @@ def build_task(
     if not rewards:
         return task
     return RewardedTask(task, build_reward_functions(rewards, weights))
+
+
+def reward_functions_of(task: Task) -> list[RewardFunction]:
+    """The reward functions of ``task`` (through its wrappers), or [] when its verifier gives the reward."""
+    while True:
+        if isinstance(task, RewardedTask):
+            return task.functions
+        if not isinstance(task, TaskWrapper):
+            return []
+        task = task.base
+
+
+def reward_parts(task: Task, scores: Sequence[Score]) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """Each reward function's value per completion, [N, K] float64 (NaN where it gave None or
+    failed), and the K weights: the ``reward_parts`` / ``reward_weights`` catalogue inputs.
+
+    A task without ``task.rewards`` has one part, its verifier's reward, with weight 1.
+    """
+    functions = reward_functions_of(task)
+    if not functions:
+        return torch.tensor([[s.reward] for s in scores], dtype=torch.float64).reshape(-1, 1), (1.0,)
+    values = [[s.parts.get(f.label, math.nan) for f in functions] for s in scores]
+    parts = torch.tensor(values, dtype=torch.float64).reshape(len(scores), len(functions))
+    return parts, tuple(f.weight for f in functions)
