@@ -385,11 +385,13 @@ def _reference_truncation(x: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
     keep = x >= kth
     x = x.masked_fill(~keep, float("-inf"))
-    sorted_logits, order = torch.sort(x, dim=-1, descending=True)
+    sorted_logits, _ = torch.sort(x, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     keep_sorted = (probs.cumsum(dim=-1) - probs) < top_p
     keep_sorted[..., 0] = True
-    return keep & torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    # every token tied with the least probable kept one is kept too
+    least = sorted_logits.masked_fill(~keep_sorted, float("inf")).amin(dim=-1, keepdim=True)
+    return keep & (x >= least)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 0.9), (20, 0.95), (3, 0.5), (1, 0.3)])
@@ -402,6 +404,43 @@ def test_top_k_then_top_p_shortcut_equals_full_sort(top_k: int, top_p: float) ->
     got = truncation_mask(tied, 2, top_p)
     assert got is not None and (got.sum(dim=-1) >= 1).all()
     assert torch.equal(got, _reference_truncation(tied, 2, top_p))
+    assert bool(got[..., :4].all())  # the four tied tokens are kept or dropped together
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.7935), (4, 1.0), (4, 0.9), (3, 0.6)])
+def test_truncation_depends_on_the_values_only(top_k: int, top_p: float) -> None:
+    """Tied logits at the top-k or nucleus boundary: the kept set does not change when the tied
+    tokens swap places in the vocabulary or when other rows (with or without ties) join the batch,
+    so the sampler's [N, V] steps and the trainer's [N, T, V] pass keep the same tokens."""
+    row = torch.tensor([3.0, 1.0, 1.0, 0.0, -1.0, -2.0])
+    swapped = row[[0, 2, 1, 3, 4, 5]]
+    alone = truncation_mask(row[None], top_k, top_p)
+    assert alone is not None
+    assert torch.equal(truncation_mask(swapped[None], top_k, top_p), alone[:, [0, 2, 1, 3, 4, 5]])
+    assert bool(alone[0, 1]) == bool(alone[0, 2])
+    other = torch.tensor([[2.0, 2.0, 2.0, 2.0, 2.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    in_batch = truncation_mask(torch.cat([row[None], other]), top_k, top_p)
+    assert torch.equal(in_batch[:1], alone)
+    gen = torch.Generator().manual_seed(0)
+    bf16 = (torch.randn(200, 40, generator=gen) * 2).bfloat16().float()  # many ties
+    whole = truncation_mask(bf16, top_k, top_p)
+    for i in range(0, 200, 37):
+        assert torch.equal(truncation_mask(bf16[i : i + 1], top_k, top_p), whole[i : i + 1])
+
+
+def test_a_sampled_token_outside_the_support_keeps_a_finite_logprob() -> None:
+    """The trainer scores a token that its (moved) policy or the reference would truncate: it
+    stays in the support with its probability among the kept tokens and itself, not -inf."""
+    logits = torch.tensor([[[4.0, 3.0, 0.0, -1.0]]])
+    sampled = torch.tensor([[2]])
+    plain = processed_logprobs(logits, 1.0, top_k=2)
+    assert plain[0, 0, 2] == float("-inf")
+    kept = processed_logprobs(logits, 1.0, top_k=2, sampled_ids=sampled)
+    want = logits[0, 0, 2] - torch.logsumexp(logits[0, 0, :3], dim=0)
+    torch.testing.assert_close(kept[0, 0, 2], want)
+    assert kept[0, 0, 3] == float("-inf")
+    inside = processed_logprobs(logits, 1.0, top_k=2, sampled_ids=torch.tensor([[0]]))
+    torch.testing.assert_close(inside, plain)  # a token kept anyway: nothing changes
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -252,6 +252,28 @@ def _nan_on(trainer: RLTrainer, calls: set[int]) -> list[int]:
     return counter
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("sampling.top_p=0.9",),
+        ("sampling.top_k=20",),
+        ("sampling.top_p=0.9", "train.minibatches=2", "train.epochs=2"),
+    ],
+    ids=["top_p", "top_k", "top_p-epochs"],
+)
+def test_truncated_sampling_trains_without_nan(tmp_path: Path, settings: tuple[str, ...]) -> None:
+    """With top-k / top-p, the reference (and a policy moved by earlier mini-batches) may truncate
+    a token that was sampled: its log-prob stays finite, so the KL and the ratio stay finite and no
+    step is skipped (each run once stopped with NonFiniteError within a few steps)."""
+    cfg = make_config(tmp_path / "run", "train.steps=4", "sampling.max_new_tokens=16", *settings)
+    trainer = RLTrainer(cfg)
+    trainer.train()
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["train/nan_skips"] for r in records] == [0.0] * 4
+    assert all(math.isfinite(r["policy/kl_ref"]) for r in records)
+    assert all(math.isfinite(r["rollout/logprob_gap"]) for r in records)
+
+
 def test_nan_step_is_skipped_counted_and_alarmed(tmp_path: Path) -> None:
     out = tmp_path / "run"
     trainer = RLTrainer(make_config(out, "train.steps=3", "train.max_nan_skips=2"))

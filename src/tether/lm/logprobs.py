@@ -39,43 +39,61 @@ def truncation_mask(scaled_logits: Tensor, top_k: int = 0, top_p: float = 1.0) -
 
     Top-k keeps every token whose logit is >= the k-th largest (ties kept, as Hugging Face's
     ``TopKLogitsWarper``). Top-p (nucleus) then keeps, of the renormalised top-k distribution,
-    the smallest set of most probable tokens whose cumulative probability reaches ``top_p``;
-    the most probable token is always kept. ``top_k=0`` and ``top_p=1.0`` switch them off.
+    the smallest set of most probable tokens whose cumulative probability reaches ``top_p``,
+    and every token tied with the least probable of them; the most probable token is always
+    kept. ``top_k=0`` and ``top_p=1.0`` switch them off.
+
+    The mask depends only on the logit values, never on the order of the vocabulary or on the
+    other rows of the batch: a tie at the nucleus boundary keeps all tied tokens (Hugging Face's
+    ``TopPLogitsWarper`` splits it by sort order), so the sampler's [N, V] steps and the
+    trainer's [N, T, V] pass keep the same set.
     """
     vocab = scaled_logits.shape[-1]
     keep: Tensor | None = None
     x = scaled_logits
     if 0 < top_k < vocab:
-        top_vals, top_idx = torch.topk(x, top_k, dim=-1)
+        top_vals, _ = torch.topk(x, top_k, dim=-1)
         keep = x >= top_vals[..., -1:]
         if top_p < 1.0 and bool((keep.sum(dim=-1) == top_k).all()):
             # no ties at the k-th logit: the sorted kept logits are topk's own (sorted) output,
             # and the nucleus is taken among them without sorting the whole vocabulary
-            probs = top_vals.float().softmax(dim=-1)
-            keep_sorted = (probs.cumsum(dim=-1) - probs) < top_p
-            keep_sorted[..., 0] = True
-            return torch.zeros_like(keep).scatter_(-1, top_idx, keep_sorted)
+            return x >= _nucleus_threshold(top_vals, top_p)
         x = x.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(x, dim=-1, descending=True)
-        probs = sorted_logits.float().softmax(dim=-1)
-        # mass strictly before each token; the first token has 0 < top_p and is always kept
-        before = probs.cumsum(dim=-1) - probs
-        keep_sorted = before < top_p
-        keep_sorted[..., 0] = True
-        nucleus = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        sorted_logits, _ = torch.sort(x, dim=-1, descending=True)
+        nucleus = x >= _nucleus_threshold(sorted_logits, top_p)
         keep = nucleus if keep is None else keep & nucleus
     return keep
 
 
+def _nucleus_threshold(sorted_logits: Tensor, top_p: float) -> Tensor:
+    """[..., 1]: the logit of the least probable token of the nucleus of descending ``sorted_logits``."""
+    probs = sorted_logits.float().softmax(dim=-1)
+    # mass strictly before each token; the first token has 0 < top_p and is always kept
+    before = probs.cumsum(dim=-1) - probs
+    last = (before < top_p).sum(dim=-1, keepdim=True).clamp(min=1) - 1
+    return sorted_logits.gather(-1, last)
+
+
 def processed_logprobs(
-    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    sampled_ids: Tensor | None = None,
 ) -> Tensor:
     """Log-softmax [..., V] (float32) of the distribution sampled from.
 
     ``logits / temperature``, then top-k and top-p truncation (others set to -inf, the mask
     computed without gradient), then ``log_softmax`` so that the kept tokens are renormalised.
     Differentiable with respect to ``logits``; truncated tokens get -inf and zero gradient.
+
+    ``sampled_ids`` [...]: tokens that stay in the support whatever the truncation. The trainer
+    passes the sampled completion: under the sampler's distribution each sampled token was kept
+    by construction, but a policy that has moved since (a later mini-batch or epoch), the
+    reference model, or bf16 rounding at the top-k / top-p boundary may truncate it, and its
+    log-prob would be -inf (an infinite ratio or KL, and a NaN loss). Kept, it gets its
+    probability among the kept tokens and itself; where it was kept anyway nothing changes.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -84,6 +102,8 @@ def processed_logprobs(
         scaled = scaled / temperature
     keep = truncation_mask(scaled.detach(), top_k, top_p)
     if keep is not None:
+        if sampled_ids is not None:
+            keep = keep.scatter(-1, sampled_ids.unsqueeze(-1), True)
         scaled = scaled.masked_fill(~keep, float("-inf"))
     return F.log_softmax(scaled, dim=-1)
 
@@ -124,7 +144,7 @@ def _token_stats(
     top_p: float,
     compute_entropy: bool,
 ) -> tuple[Tensor, Tensor]:
-    logp = processed_logprobs(logits, temperature, top_k, top_p)
+    logp = processed_logprobs(logits, temperature, top_k, top_p, sampled_ids=completion_ids)
     token_logp = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     if compute_entropy:
         return token_logp, entropy_from_logprobs(logp)
@@ -354,7 +374,7 @@ def completion_distribution(
     logits = completion_logits(
         model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts=share_prompts
     )
-    logp = processed_logprobs(logits, temperature, top_k, top_p)
+    logp = processed_logprobs(logits, temperature, top_k, top_p, sampled_ids=completion_ids)
     mask = completion_mask.bool()
     token_logp = torch.where(mask, logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1), 0.0)
     entropy = torch.where(mask, entropy_from_logprobs(logp), 0.0)
