@@ -393,7 +393,10 @@ def test_eval_checks_its_flags_and_settings_before_loading(
         (["--k", "0"], "eval.k: 0 is out of range"),
         (["--prompts", "0"], "eval.prompts: 0 is out of range"),
         (["samplng.temperature=0.5"], "takes no 'samplng' settings. Did you mean 'sampling'"),
-        (["sampling.temperature=0"], "sampling.temperature: 0.0 is out of range"),
+        (["sampling.top_p=0"], "sampling.top_p: 0.0 is out of range"),
+        (["sampling.temperature=0.5"], "not used by tether eval: tether eval samples at eval.temperature"),
+        (["model.name_or_path=x"], "not used by tether eval"),
+        (["--k", "4", "eval.samples=2"], "eval.samples=2 is fewer than eval.k=4"),
         (["task.name=arithmetc"], "unknown task 'arithmetc'"),
     ):
         rc = main(["eval", str(model_dir), *args])
@@ -471,3 +474,71 @@ def test_dry_run_checks_the_run_directory(tmp_path: Path, capsys: pytest.Capture
         assert "which is a file" in capsys.readouterr().err
     assert main(["control", "train", "--dry-run", "train.seed=-1"]) == 2
     assert "train.seed: -1 is out of range" in capsys.readouterr().err
+
+
+def test_eval_of_run_model_uses_the_runs_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``tether eval RUN/model`` (the path summary.json names) evaluates like ``tether eval RUN``:
+    the run's task, sampling, eval settings and seed, not the defaults."""
+    out = tmp_path / "run"
+    countdown = ["task.name=countdown", "sampling.max_new_tokens=5", "eval.prompts=3", "eval.k=2"]
+    assert (
+        main(["train", "--out", str(out), "--steps", "1", "--seed", "1", "--no-eval", *TINY, *countdown]) == 0
+    )
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out / "model")]) == 0
+    assert json.loads(capsys.readouterr().out) == whole and whole["task"] == "countdown"
+
+
+def test_eval_pass_at_k_from_more_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """eval.samples = n > k: pass@k is the unbiased estimate 1 - C(n-c, k) / C(n, k) per prompt."""
+    from tether.lm.evaluate import pass_at_k
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--steps", "1", "--no-eval", *TINY, *ARITH]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--prompts", "4", "--k", "2", "eval.samples=6", "eval.temperature=3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["k"] == 2.0 and result["samples"] == 6.0
+    counts = [round(s * 6) for s in result["per_prompt_success"]]
+    assert result["pass@2"] == pytest.approx(sum(pass_at_k(6, c, 2) for c in counts) / len(counts))
+    assert result["accuracy"] == pytest.approx(sum(counts) / 24)
+
+
+def test_pass_at_k_hand_values() -> None:
+    from tether.lm.evaluate import pass_at_k
+
+    assert pass_at_k(10, 3, 4) == pytest.approx(1 - (7 * 6 * 5 * 4) / (10 * 9 * 8 * 7))  # 1 - C(7,4)/C(10,4)
+    assert pass_at_k(5, 0, 2) == 0.0 and pass_at_k(5, 4, 2) == 1.0 and pass_at_k(4, 1, 1) == 0.25
+    assert pass_at_k(3, 1, 3) == 1.0  # n = k: "any of the k correct"
+    for n, c, k in ((2, 0, 5), (3, 1, 5), (4, 5, 2), (4, 0, 0)):
+        with pytest.raises(ValueError, match="pass@k needs"):
+            pass_at_k(n, c, k)
+
+
+def test_evaluate_runs_in_eval_mode_and_restores_the_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entropy pass must not run with dropout on: evaluate puts the model in eval mode and
+    back in the mode it came in."""
+    import tether.lm.evaluate as evaluate_module
+    from tether.lm.config import EvalSettings
+    from tether.lm.model import ModelConfig, build_tiny_model, load_policy
+    from tether.lm.rollout import SamplingConfig
+    from tether.lm.tasks import get_task
+
+    model_dir = build_tiny_model(tmp_path / "tiny", ModelConfig(tiny_hidden=32, tiny_layers=1, tiny_heads=2))
+    model, tok = load_policy(ModelConfig(name_or_path=str(model_dir)))
+    model.train()
+    modes: list[bool] = []
+    logprobs = evaluate_module.completion_logprobs
+
+    def spy(m: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        modes.append(m.training)
+        return logprobs(m, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "completion_logprobs", spy)
+    task = get_task("arithmetic", digits=1, train_size=20, test_size=4)
+    evaluate_module.evaluate(model, tok, task, EvalSettings(prompts=2, k=2), SamplingConfig(max_new_tokens=3))
+    assert modes == [False] and model.training

@@ -179,3 +179,27 @@ def test_resume_without_a_checkpoint_starts_again(tmp_path: Path, monkeypatch: p
     summary = run_sft(cfg, out=str(tmp_path / "s"), resume=True)
     assert summary["steps"] == 4
     assert [r["step"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_task_without_a_test_split_is_refused_before_training(tmp_path: Path) -> None:
+    cfg = sft_config(steps=3)
+    cfg.task.params["test_size"] = 0
+    with pytest.raises(TetherError, match="no test prompts"):
+        run_sft(cfg, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_trained_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        used.append(float(self.param_groups[0]["lr"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    run_sft(sft_config(steps=3, lr=1e-3), out=str(tmp_path / "run"))
+    logged = [r["train/lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert logged == used and len(used) == 3 and logged[-1] > 0.0

@@ -130,8 +130,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_dir = path / "model" if (path / "model").is_dir() else path
     if not (model_dir / "config.json").exists() and not is_adapter_dir(model_dir):
         raise ConfigError(f"{str(path)!r} is neither a run directory with model/ nor a model directory")
-    defaults = _run_eval_defaults(path)
-    seed = args.seed if args.seed is not None else _run_seed(path)
+    run_dir = _run_of(path, model_dir)
+    _refuse_ignored_overrides(args.overrides)
+    defaults = _run_eval_defaults(run_dir)
+    seed = args.seed if args.seed is not None else _run_seed(run_dir)
     if args.task and defaults.get("task", {}).get("name") != args.task:
         defaults.pop("task", None)  # another task: none of the run's task settings apply
     data = apply_overrides(defaults, list(args.overrides))
@@ -141,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
             f"tether eval takes no {unknown[0]!r} settings.{hint} It reads {', '.join(EVAL_SECTIONS)} "
-            "(e.g. sampling.temperature=0.5, eval.k=16)"
+            "(e.g. eval.temperature=0.5, eval.k=16)"
         )
     import_user_code(data.get("imports"))
     task_cfg = from_dict(
@@ -156,6 +158,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, tok, task, settings, sampling, seed=seed)
     print(json.dumps({"task": task_cfg.name, **result}, indent=2))
     return 0
+
+
+def _run_of(path: Path, model_dir: Path) -> Path:
+    """The run directory whose settings ``tether eval PATH`` uses: PATH itself, or the run that
+    PATH is the ``model/`` of (``tether eval RUN/model`` evaluates like ``tether eval RUN``)."""
+    if (path / "config.yaml").is_file():
+        return path
+    parent = model_dir.parent
+    if model_dir.name == "model" and (parent / "config.yaml").is_file():
+        return parent
+    return path
+
+
+# Overrides tether eval would not use: it samples at eval.temperature and loads the checkpoint.
+_EVAL_IGNORES = {
+    "sampling.temperature": "tether eval samples at eval.temperature (default 1.0); set eval.temperature=...",
+    "model.name_or_path": "tether eval loads the model it is given (CHECKPOINT); pass another path instead",
+}
+
+
+def _refuse_ignored_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in _EVAL_IGNORES:
+            raise ConfigError(f"{key} is not used by tether eval: {_EVAL_IGNORES[key]}")
 
 
 def _run_seed(path: Path) -> int:
@@ -241,7 +268,9 @@ def add_commands(sub: Any) -> None:
         help="seeds the held-out prompts and the samples (default: the run's train.seed / sft.seed, else 0)",
     )
     p.add_argument(
-        "overrides", nargs="*", help="key.sub=value (task.params.digits=2, sampling.temperature=1)"
+        "overrides",
+        nargs="*",
+        help="key.sub=value (task.params.digits=2, eval.temperature=0.7, eval.samples=16 for pass@k from 16)",
     )
     p.set_defaults(func=cmd_eval)
 

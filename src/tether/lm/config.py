@@ -201,9 +201,25 @@ class EvalSettings:
     prompts: int = field(
         default=200, metadata={"min": 1, "help": "held-out prompts (the whole test split when it has fewer)"}
     )
-    k: int = field(default=8, metadata={"min": 1, "help": "samples per prompt for pass@k"})
-    temperature: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
+    k: int = field(default=8, metadata={"min": 1, "help": "k of pass@k"})
+    samples: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "samples per prompt, n >= k (0: n = k); pass@k is the unbiased estimate from n samples",
+        },
+    )
+    temperature: float = field(
+        default=1.0, metadata={"min": 0.0, "min_exclusive": True, "help": "sampling temperature of the eval"}
+    )
     batch_size: int = field(default=256, metadata={"min": 1})
+
+    def validate(self) -> None:
+        if self.samples and self.samples < self.k:
+            raise ConfigError(
+                f"eval.samples={self.samples} is fewer than eval.k={self.k}: pass@k needs at least k samples "
+                "per prompt; raise eval.samples or set it to 0 (n = k)"
+            )
 
 
 @dataclass

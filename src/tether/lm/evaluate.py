@@ -15,13 +15,30 @@ from tether.lm.tasks.base import Task, safe_score_batch
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    Needs n >= k (k of fewer samples is not defined) and 0 <= c <= n.
+    """
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     prod = 1.0
     for i in range(n - c + 1, n + 1):
         prod *= 1.0 - k / i
     return 1.0 - prod
+
+
+def check_test_split(task: Task, name: str | None = None) -> int:
+    """The number of held-out prompts of ``task``; a clear error when it has none (checked before
+    a run starts, so that a run does not train only to fail at its final evaluation)."""
+    available = len(task.prompts("test"))
+    if available == 0:
+        raise TetherError(
+            f"task {name or task.name!r} has no test prompts to evaluate on; give it a test split "
+            "(e.g. task.params.test_size for the built-in tasks, or a test file)"
+        )
+    return available
 
 
 @torch.no_grad()
@@ -34,16 +51,33 @@ def evaluate(
     seed: int = 0,
     sampler: Sampler | None = None,
 ) -> dict[str, Any]:
-    """Score ``settings.k`` samples per held-out prompt and one greedy completion.
+    """Score ``n`` samples per held-out prompt (``settings.samples``, or ``settings.k`` when 0)
+    and one greedy completion; pass@k is the unbiased estimate from the n samples.
 
     ``sampler``: the backend to sample with (a trainer's, so that a vLLM engine is reused and
     not built again); it is synced to ``model`` first. None builds one from ``sampling``.
     A test split smaller than ``settings.prompts`` is used whole (the result's ``prompts`` says
-    how many were scored).
+    how many were scored). The model is in eval mode throughout (no dropout in the entropy
+    pass) and is put back in the mode it came in.
     """
-    available = len(task.prompts("test"))
-    if available == 0:
-        raise TetherError(f"task {task.name!r} has no test prompts to evaluate on; give it a test split")
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, tokenizer, task, settings, sampling, seed, sampler)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    settings: EvalSettings,
+    sampling: SamplingConfig,
+    seed: int,
+    sampler: Sampler | None,
+) -> dict[str, Any]:
+    available = check_test_split(task)
     prompts = task.prompts("test", min(settings.prompts, available), seed=seed)
     device = next(model.parameters()).device
     sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
@@ -58,15 +92,16 @@ def evaluate(
     ent_sum = 0.0
     ent_tokens = 0.0
     len_sum = 0.0
-    per_prompt = max(1, settings.batch_size // settings.k)
+    n = settings.samples or settings.k
+    per_prompt = max(1, settings.batch_size // n)
     for start in range(0, len(prompts), per_prompt):
         chunk = prompts[start : start + per_prompt]
-        texts = [p.text for p in chunk for _ in range(settings.k)]
+        texts = [p.text for p in chunk for _ in range(n)]
         batch = sampler.generate(texts, generator=gen)
-        scores = safe_score_batch(task, [p for p in chunk for _ in range(settings.k)], batch.completion_texts)
+        scores = safe_score_batch(task, [p for p in chunk for _ in range(n)], batch.completion_texts)
         for i in range(len(chunk)):
             c = 0
-            for s in scores[i * settings.k : (i + 1) * settings.k]:
+            for s in scores[i * n : (i + 1) * n]:
                 c += int(s.correct)
                 fmt += int(s.format_ok)
                 n_samples += 1
@@ -92,13 +127,14 @@ def evaluate(
     k = settings.k
     return {
         "accuracy": sum(correct) / max(n_samples, 1),
-        f"pass@{k}": sum(pass_at_k(k, c, k) for c in correct) / max(len(correct), 1),
+        f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / max(len(correct), 1),
         "greedy_accuracy": greedy_correct / max(len(prompts), 1),
         "entropy": ent_sum / max(ent_tokens, 1.0),
         "format_rate": fmt / max(n_samples, 1),
         "length_mean": len_sum / max(n_samples, 1),
         "prompts": float(len(prompts)),
         "k": float(k),
-        # Fraction of the k samples that were correct, per held-out prompt (the arena's risk view).
-        "per_prompt_success": [c / k for c in correct],
+        "samples": float(n),
+        # Fraction of the n samples that were correct, per held-out prompt (the arena's risk view).
+        "per_prompt_success": [c / n for c in correct],
     }

@@ -15,7 +15,7 @@ from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, SFTConfig
-from tether.lm.evaluate import evaluate
+from tether.lm.evaluate import check_test_split, evaluate
 from tether.lm.model import check_model_source, load_policy, load_tokenizer, save_model
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
@@ -101,6 +101,7 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")
+    check_test_split(task, cfg.task.name)
     return task, prompts
 
 
@@ -192,6 +193,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
                 raise TetherError(f"SFT loss became {float(loss)} at step {step}; lower sft.lr")
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm)
+            lr = float(sched.get_last_lr()[0])  # the rate this step trains at
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -199,7 +201,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
                 "step": step,
                 "sft/loss": float(loss.detach()),
                 "grad/norm": float(norm),
-                "train/lr": float(sched.get_last_lr()[0]),
+                "train/lr": lr,
             }
             steps_run = step
             if target > 0 and (step % cfg.sft.check_every == 0 or step == total):
