@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tether.config import ConfigError, from_dict
-from tether.errors import TetherError
+from tether.errors import InvalidInputError, TetherError
 from tether.lm.logprobs import (
     completion_logprobs,
     entropy_from_logprobs,
@@ -461,3 +461,31 @@ def test_fast_decode_under_autocast_stays_finite_and_near_the_trainer(tok, dtype
     assert gap.mean() < 0.01 and gap.max() < 0.05, (gap.mean(), gap.max())
     agree = (fast.completion_ids == calls.completion_ids).float().mean()
     assert agree > 0.9  # the same draws up to half-precision rounding of the logits
+
+
+def test_a_prompt_past_the_models_context_is_a_clear_error(tok) -> None:
+    """Prompt + max_new_tokens beyond the positions the model has: a clear error naming the
+    numbers and the settings, not GPT-2's bare IndexError (learned positions) or silent running
+    past the context (rotary positions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(CHARS) + 3,
+            n_positions=16,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+        )
+    )
+    prompt = "hello world1"  # 12 characters + BOS = 13 tokens
+    with pytest.raises(
+        InvalidInputError, match=r"13 tokens plus 10 new tokens is 23, past the model's context of 16"
+    ):
+        gen(gpt2, tok, prompts=[prompt], max_new_tokens=10)
+    assert gen(gpt2, tok, prompts=[prompt], max_new_tokens=3).completion_ids.shape[1] <= 3  # 16 fits
+    with pytest.raises(InvalidInputError, match=r"sampling\.max_new_tokens"):
+        gen(tiny_model(), tok, prompts=["x" * 130], max_new_tokens=2)  # rotary: 128 positions

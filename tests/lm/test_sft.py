@@ -203,3 +203,17 @@ def test_the_logged_learning_rate_is_the_one_each_step_trained_at(
     run_sft(sft_config(steps=3, lr=1e-3), out=str(tmp_path / "run"))
     logged = [r["train/lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert logged == used and len(used) == 3 and logged[-1] > 0.0
+
+
+def test_examples_past_the_models_context_are_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = sft_config(steps=2)
+    cfg.model.tiny_max_positions = 16
+    cfg.sampling.max_new_tokens = 14  # prompts like "7+1=" (4 tokens) + 14 > 16
+    with pytest.raises(TetherError, match="SFT's sampled checks and eval: a prompt of 4 tokens plus 14"):
+        run_sft(cfg, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    cfg.sampling.max_new_tokens = 3
+    cfg.task.name, cfg.task.params = "countdown", {}  # prompt + reference expression past 16 tokens
+    with pytest.raises(TetherError, match=r"SFT example .* \(prompt \+ reference \+ EOS\)"):
+        run_sft(cfg, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

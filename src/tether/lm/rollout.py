@@ -243,6 +243,31 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [list(tokenizer(t, add_special_tokens=not b)["input_ids"]) for t, b in zip(texts, has_bos)]
 
 
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model's positions cover (``max_position_embeddings``, or GPT-2's
+    ``n_positions``), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: Any, longest_prompt: int, new_tokens: int, where: str = "sampling") -> None:
+    """A clear error when a prompt of ``longest_prompt`` tokens plus ``new_tokens`` does not fit the
+    model's context (a model with learned positions fails with a bare IndexError; one with rotary
+    positions silently runs past what it was built for)."""
+    limit = context_length(model)
+    if limit is not None and longest_prompt + new_tokens > limit:
+        raise InvalidInputError(
+            f"{where}: a prompt of {longest_prompt} tokens plus {new_tokens} new tokens is "
+            f"{longest_prompt + new_tokens}, past the model's context of {limit} positions; "
+            "shorten the prompts, lower sampling.max_new_tokens, or use a model with a longer context "
+            "(for the tiny model: model.tiny_max_positions)"
+        )
+
+
 def _encode_left_padded(tokenizer: Any, prompts: list[str], pad_id: int) -> tuple[Tensor, Tensor]:
     encoded = encode_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in encoded]
@@ -622,6 +647,7 @@ class HFSampler:
         if not prompts:
             raise InvalidInputError("generate() needs at least one prompt")
         prompt_ids, prompt_mask = _encode_left_padded(self.tokenizer, prompts, self.pad_id)
+        check_context(self.model, int(prompt_mask.sum(dim=1).max()), self.config.max_new_tokens)
         was_training = self.model.training
         self.model.eval()
         try:

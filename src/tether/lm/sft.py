@@ -20,7 +20,15 @@ from tether.lm.model import check_model_source, load_policy, load_tokenizer, sav
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
-from tether.lm.rollout import Sampler, SamplingConfig, encode_prompts, make_sampler, sampler_for
+from tether.lm.rollout import (
+    Sampler,
+    SamplingConfig,
+    check_context,
+    context_length,
+    encode_prompts,
+    make_sampler,
+    sampler_for,
+)
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
@@ -56,6 +64,22 @@ def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[st
         label_ids[i, : len(lab)] = torch.tensor(lab)
         attn[i, : len(r)] = 1
     return {"input_ids": input_ids, "attention_mask": attn, "labels": label_ids}
+
+
+def check_sft_context(
+    model: Any, tokenizer: Any, task: Task, prompts: list[Prompt], max_new_tokens: int
+) -> None:
+    """Before any work: the longest prompt + reference + EOS must fit the model's context, and so
+    must the longest prompt + ``max_new_tokens`` of the accuracy checks."""
+    if context_length(model) is None:
+        return
+    p_len = [len(ids) for ids in encode_prompts(tokenizer, [p.text for p in prompts])]
+    t_len = [len(tokenizer(task.reference(p), add_special_tokens=False)["input_ids"]) + 1 for p in prompts]
+    i = max(range(len(prompts)), key=lambda j: p_len[j] + t_len[j])
+    check_context(
+        model, p_len[i], t_len[i], where=f"SFT example {prompts[i].id!r} (prompt + reference + EOS)"
+    )
+    check_context(model, max(p_len), max_new_tokens, where="SFT's sampled checks and eval")
 
 
 def sampled_accuracy(
@@ -122,6 +146,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     cfg.run.apply()
     torch.manual_seed(cfg.sft.seed)
     model, tokenizer = load_policy(cfg.model)
+    check_sft_context(model, tokenizer, task, prompts, cfg.sampling.max_new_tokens)
     # Only now is the run directory touched. A run killed before its first checkpoint lost
     # nothing but the logs of unsaved steps: it starts again.
     resume = resume and run.resumable()
