@@ -90,11 +90,82 @@ class BanditConfig:
     pass_k: tuple[int, ...] = (8, 32)
     probe_gradient: bool = False  # log grad/probe_cosine (one extra rollout and two gradients per step)
 
+    def __post_init__(self) -> None:
+        check_bandit_config(self)
+
     def replace(self, **changes: Any) -> BanditConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TetherError(f"bandit: unknown settings {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
+
+
+OPTIMIZERS = ("sgd", "adam")
+SEED_LIMIT = 2**32  # seeds in [0, 2**32), as the trainers' (numpy's seed range)
+
+
+def check_bandit_config(cfg: BanditConfig) -> None:
+    """Refuse settings the test-bed cannot run as asked (before any work): an unknown optimizer
+    (it would silently train with SGD), no steps, epochs or mini-batches, groups of one sample
+    (every group-relative advantage is 0), probabilities outside [0, 1], a non-positive lr."""
+
+    def bad(name: str, value: Any, allowed: str) -> TetherError:
+        return TetherError(f"bandit: {name}={value!r} is not allowed; {allowed}")
+
+    def integer(name: str, low: int, high: int | None = None) -> None:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad(name, v, "it must be an integer")
+        if v < low or (high is not None and v >= high):
+            raise bad(name, v, f"it must be >= {low}" + (f" and < {high}" if high is not None else ""))
+
+    def number(name: str) -> float:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad(name, v, "it must be a finite number")
+        return float(v)
+
+    if cfg.optimizer not in OPTIMIZERS:
+        raise bad("optimizer", cfg.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
+    integer("prompts", 1)
+    integer("arms", 2)
+    integer("correct", 1)
+    integer("steps", 1)
+    integer("epochs", 1)
+    integer("minibatches", 1)
+    integer("spark_until", 0)
+    integer("seed", 0, SEED_LIMIT)
+    integer("group_size", 2)  # one sample per group: every group-relative advantage is 0
+    if number("lr") <= 0:
+        raise bad("lr", cfg.lr, "it must be > 0")
+    for name in ("spark_reward_p", "false_negative", "false_positive", "ratio_outlier_frac"):
+        if not 0.0 <= number(name) <= 1.0:
+            raise bad(name, getattr(cfg, name), "it is a probability: it must be in [0, 1]")
+    if cfg.false_negative + cfg.false_positive >= 1.0:
+        raise TetherError(
+            f"bandit: false_negative + false_positive = {cfg.false_negative + cfg.false_positive} must be < 1 "
+            "(at 1 the verifier's reward carries no information about correctness)"
+        )
+    if not 0.0 <= number("spark_mass") < 1.0:
+        raise bad("spark_mass", cfg.spark_mass, "it must be in [0, 1)")
+    for name in ("init_noise", "boost_wrong", "hard_below"):
+        number(name)
+    if cfg.init_noise < 0:
+        raise bad("init_noise", cfg.init_noise, "it is a standard deviation: it must be >= 0")
+    if number("ratio_outlier_factor") <= 0:
+        raise bad("ratio_outlier_factor", cfg.ratio_outlier_factor, "it must be > 0")
+    masses = cfg.correct_mass if isinstance(cfg.correct_mass, list) else [cfg.correct_mass]
+    if not masses or any(
+        isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m < 1.0 for m in masses
+    ):
+        raise bad("correct_mass", cfg.correct_mass, "each initial correct mass must be in (0, 1)")
+    if cfg.correct_split is not None and (
+        any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in cfg.correct_split)
+        or not sum(cfg.correct_split) > 0
+    ):
+        raise bad("correct_split", cfg.correct_split, "weights must be >= 0 with a positive sum")
+    if not cfg.pass_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cfg.pass_k):
+        raise bad("pass_k", cfg.pass_k, "each k must be an integer >= 1")
 
 
 @dataclass
@@ -103,6 +174,8 @@ class BanditResult:
     recipe: str
     metrics: list[dict[str, float]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
+    # The exact metrics of the initial policy, before any update (``change:KEY`` of the evidence).
+    initial: dict[str, float] = field(default_factory=dict)
     per_prompt_success: list[float] = field(default_factory=list)
 
 
@@ -271,7 +344,7 @@ def train_bandit(
     n = q * gs
     prompts_of_rows = torch.arange(q).repeat_interleave(gs)
     ones = torch.ones(n, 1, dtype=torch.bool)
-    result = BanditResult(config=cfg, recipe=rec.name)
+    result = BanditResult(config=cfg, recipe=rec.name, initial=world.evaluate(logits.detach())[0])
     current_entropy: float | None = None
 
     def rollout(step: int) -> tuple[dict[str, Any], dict[str, float], torch.Tensor, torch.Tensor]:
