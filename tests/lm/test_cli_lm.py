@@ -542,3 +542,25 @@ def test_evaluate_runs_in_eval_mode_and_restores_the_mode(
     task = get_task("arithmetic", digits=1, train_size=20, test_size=4)
     evaluate_module.evaluate(model, tok, task, EvalSettings(prompts=2, k=2), SamplingConfig(max_new_tokens=3))
     assert modes == [False] and model.training
+
+
+def test_train_refuses_a_task_without_a_test_split_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    no_test = [*TINY, *ARITH, "task.params.test_size=0"]
+    assert main(["train", "--out", str(out), "--steps", "1", *no_test]) == 2
+    assert "no test prompts" in capsys.readouterr().err and not out.exists()
+    assert (
+        main(["train", "--out", str(out), "--steps", "1", "--no-eval", *no_test]) == 0
+    )  # nothing to evaluate
+
+
+def test_train_refuses_prompts_past_the_context_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", "1", *TINY, *ARITH, "model.tiny_max_positions=16"]
+    assert main([*args, "sampling.max_new_tokens=12"]) == 2  # "95+76=" (6) + 12 > 16
+    err = capsys.readouterr().err
+    assert "the train prompts: a prompt of 6 tokens plus 12 new tokens is 18" in err and not out.exists()

@@ -573,3 +573,147 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path: Path) -> None
     acc.Reload()
     steps = [e.step for e in acc.Scalars("reward/mean")]
     assert sorted(steps) == [1, 2, 3], steps
+
+
+# ------------------------------------------------------------------------------- whole groups
+def _groups(ro: Rollout) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for i, g in enumerate(ro.group_ids.tolist()):
+        out.setdefault(g, set()).add(i)
+    return out
+
+
+def test_whole_group_methods_update_on_mini_and_micro_batches_of_whole_groups(tmp_path: Path) -> None:
+    """DYPO's loss (it takes group_ids) computes within each group of a call: the trainer shuffles
+    the order of the groups and splits mini-batches and micro-batches between them."""
+    trainer = RLTrainer(
+        make_config(
+            tmp_path / "run",
+            "train.epochs=2",
+            "train.minibatches=2",
+            "train.micro_batch_size=4",
+            recipe="dypo_routing",
+        )
+    )
+    passes: list[list[int]] = []
+    original = trainer._logprobs
+
+    def spy(model: torch.nn.Module, batch: Any, rows: Any, grad: bool) -> Any:
+        if grad:
+            passes.append(sorted(rows.tolist()))
+        return original(model, batch, rows, grad)
+
+    trainer._logprobs = spy  # type: ignore[method-assign]
+    trainer.step()
+    groups = _groups(trainer.last_rollout)
+    assert len(passes) == 2 * 4  # 2 epochs x 4 groups, one group per micro-batch
+    for rows in passes:
+        assert set(rows) in groups.values()
+    for epoch in (passes[:4], passes[4:]):
+        assert sorted(r for rows in epoch for r in rows) == list(range(16))
+
+
+def test_whole_group_update_does_not_depend_on_the_micro_batch_split(tmp_path: Path) -> None:
+    results = []
+    for micro in (0, 4, 8):
+        trainer = RLTrainer(
+            make_config(
+                tmp_path / f"r{micro}",
+                "train.steps=1",
+                "train.minibatches=2",
+                f"train.micro_batch_size={micro}",
+                recipe="dypo_routing",
+            )
+        )
+        metrics = trainer.step()
+        assert metrics["grad/norm"] > 0
+        results.append((weights(trainer.model), metrics))
+    (w0, m0), *others = results
+    for w, m in others:
+        for k in w0:
+            torch.testing.assert_close(w0[k], w[k], rtol=0, atol=5e-6)
+        for key in ("grad/norm", "dypo/grpo_loss", "dypo/gal_loss", "policy/loss"):
+            assert m0[key] == pytest.approx(m[key], rel=1e-4, abs=1e-7), key
+
+
+def test_splits_that_would_cut_groups_are_refused_at_load(tmp_path: Path) -> None:
+    from tether.lm.trainer import plan_run
+
+    with pytest.raises(TetherError, match=r"train\.micro_batch_size=2 would cut groups.*multiple of 4"):
+        plan_run(make_config(tmp_path / "a", "train.micro_batch_size=2", recipe="dypo_routing"))
+    with pytest.raises(TetherError, match=r"train\.minibatches=8 cannot split the 4 groups.*among 1, 2, 4"):
+        plan_run(make_config(tmp_path / "b", "train.minibatches=8", recipe="dypo"))
+    with pytest.raises(TetherError, match=r"policy_loss 'real'"):  # any loss that takes group_ids
+        plan_run(make_config(tmp_path / "c", "train.micro_batch_size=6", recipe="real"))
+    plan = plan_run(make_config(tmp_path / "d", "train.micro_batch_size=2", "train.minibatches=8"))
+    assert plan.whole_groups == []  # grpo: rows as before
+
+
+def test_methods_without_groups_keep_the_row_shuffle(tmp_path: Path) -> None:
+    trainer = RLTrainer(make_config(tmp_path / "run", "train.minibatches=2", "train.micro_batch_size=3"))
+    ro = trainer.rollout()
+    state = trainer.generator.get_state()
+    batches = trainer._update_batches(ro)
+    order = torch.randperm(16, generator=torch.Generator().set_state(state))
+    assert [mb.tolist() for mb, _ in batches] == [mb.tolist() for mb in order.tensor_split(2)]
+    assert [[m.tolist() for m in micro] for _, micro in batches] == [
+        [m.tolist() for m in mb.split(3)] for mb in order.tensor_split(2)
+    ]
+
+
+# ------------------------------------------------------------------------------- verifier errors
+def test_verifier_error_rows_get_no_gradient(tmp_path: Path) -> None:
+    """A failed verification is out of the update: no term (here DYPO's alignment pairs, which read
+    rewards) gives its row a gradient."""
+    from tether.catalogue.aggregate import Aggregation
+
+    class Inputs(LoopPlugin):
+        def __init__(self) -> None:
+            self.seen: list[tuple[Rollout, dict[str, Any]]] = []
+
+        def after_advantages(self, trainer: RLTrainer, rollout: Rollout, inputs: dict[str, Any]) -> None:
+            self.seen.append((rollout, dict(inputs)))
+
+    trainer = RLTrainer(
+        make_config(tmp_path / "run", "train.steps=2", "task.params.raise_p=0.3", recipe="dypo_routing")
+    )
+    capture = Inputs()
+    trainer.plugins.append(capture)
+    trainer.train()
+    in_mixed = 0
+    for ro, inputs in capture.seen:
+        errors = ~ro.scored
+        assert bool(errors.any())
+        assert not bool(inputs["response_mask"][errors].any())
+        lp = inputs["old_logprobs"].clone().requires_grad_(True)
+        rows = torch.arange(len(ro))
+        loss, _ = trainer.method.loss(
+            {**inputs, "logprobs": lp, "num_prompts": ro.prompt_count(rows)}, Aggregation()
+        )
+        loss.backward()
+        assert lp.grad is not None
+        assert torch.all(lp.grad[errors] == 0) and bool((lp.grad != 0).any())
+        rewards = inputs["rewards"]
+        for rows_of in _groups(ro).values():
+            idx = torch.tensor(sorted(rows_of))
+            ok = ~errors[idx]
+            if bool(errors[idx].any()) and 0 < float((rewards[idx][ok] > 0.5).float().sum()) < int(ok.sum()):
+                in_mixed += 1
+    assert in_mixed > 0  # an error sat in a group with both successes and failures
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_updated_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        used.append(float(self.param_groups[0]["lr"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    cfg = make_config(tmp_path / "run", "train.steps=3", "train.warmup_steps=2", "train.lr=0.01")
+    RLTrainer(cfg).train()
+    logged = [r["train/lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert logged == used and len(set(used)) > 1  # warm-up: the rate changes from step to step

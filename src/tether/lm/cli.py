@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_run_dir(cfg, plan, cfg.run.out or plan.run_dir, args.resume)
         print(yaml.safe_dump(plan.describe(cfg), sort_keys=False), end="")
         return 0
-    trainer = RLTrainer(cfg, resume=args.resume)
+    trainer = RLTrainer(cfg, resume=args.resume, evaluates=not args.no_eval)
     summary = trainer.train()
     if not args.no_eval:
         summary["eval"] = trainer.evaluate()

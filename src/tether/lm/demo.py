@@ -104,7 +104,7 @@ def run_demo(out: str | None = None, quick: bool = False, seed: int = 0) -> dict
                     "run": {"checkpoint_every": 50},
                 },
             )
-            trainer = RLTrainer(cfg, out=run_dir, resume=True)  # continues a killed stage
+            trainer = RLTrainer(cfg, out=run_dir, resume=True, evaluates=True)  # continues a killed stage
             summary = trainer.train()
             summary["eval"] = trainer.evaluate()
             trainer.run.write_summary(summary)

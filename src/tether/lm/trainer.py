@@ -19,16 +19,18 @@ import torch
 from tether.catalogue import get
 from tether.catalogue.aggregate import Aggregation, count_sequences, count_tokens
 from tether.catalogue.mismatch import correction_metrics, importance_stats, sampler_importance_weights
+from tether.catalogue.registry import Kind
 from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, LMConfig
-from tether.lm.evaluate import evaluate
+from tether.lm.evaluate import check_test_split, evaluate
 from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
+from tether.lm.loop._groups import group_rows
 from tether.lm.model import check_model_source, load_policy, load_reference, load_tokenizer, save_model
-from tether.lm.plugins import LoopPlugin, Rollout, build_plugin
+from tether.lm.plugins import LoopPlugin, Rollout, build_plugin, plugin_parameters
 from tether.lm.prompts import PromptStream
-from tether.lm.rollout import RolloutBatch, make_sampler
+from tether.lm.rollout import RolloutBatch, check_context, encode_prompts, make_sampler
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.lm.tasks.rewards import reward_parts
 from tether.monitor import Monitor
@@ -69,6 +71,11 @@ LM_INPUTS = frozenset(
         "reward_weights",
     }
 )
+# The inputs above (and ``advantages``) that hold one value per rollout row: the trainer slices exactly
+# these (and the per-row inputs loop plugins declare, ``LoopPlugin.per_row``) to the scored rows and
+# to each micro-batch; every other input (``reward_weights``, a plugin's batch-level tensor such as
+# RiskPO's quantile grid) passes whole, whatever its shape.
+LM_ROW_INPUTS = frozenset(LM_INPUTS - {"reward_weights"}) | {"advantages"}
 # Metrics that measure time, not math: excluded when comparing a resumed run with an unbroken one.
 TIMING_PREFIXES = ("perf/", "time/")
 
@@ -79,7 +86,9 @@ class NonFiniteError(TetherError):
 
 def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
     """``method.<slot or entry name>.<param>=value``: the slot ``advantage`` (the first estimator of
-    the chain) or ``policy_loss``, or the name of any component of the recipe."""
+    the chain) or ``policy_loss``, or the name of any component or loop plugin of the recipe. A name
+    shared by a component and a loop plugin (SPO's advantage ``spo`` and its plugin ``spo``) sets each
+    parameter where it exists, in both where both have it."""
     if not overrides:
         return recipe
     advs = [{**a, "params": dict(a["params"])} for a in recipe.advantage]
@@ -87,6 +96,12 @@ def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Reci
     regs = [{**r, "params": dict(r["params"])} for r in recipe.regularizers]
     rews = [{**r, "params": dict(r["params"])} for r in recipe.rewards]
     loop = [{**r, "params": dict(r["params"])} for r in recipe.loop]
+    kinds: list[tuple[Kind, list[dict[str, Any]]]] = [
+        ("advantage", advs),
+        ("policy_loss", [pol]),
+        ("regularizer", regs),
+        ("reward", rews),
+    ]
     for target, params in overrides.items():
         if not isinstance(params, Mapping):
             raise TetherError(f"method.{target} must be set per parameter: method.{target}.<param>=value")
@@ -95,18 +110,40 @@ def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Reci
         elif target == "policy_loss":
             matches = [pol]
         else:
-            matches = [c for c in (*advs, pol, *regs, *rews) if c["name"] == target]
+            matches = [c for c in (*advs, pol, *regs, *rews, *loop) if c["name"] == target]
         if not matches:
             slots = [
                 "advantage",
                 "policy_loss",
                 *dict.fromkeys(c["name"] for c in (*advs, pol, *regs, *rews)),
             ]
+            plugins = list(dict.fromkeys(c["name"] for c in loop))
+            listed = f"; or one of its loop plugins: {', '.join(plugins)}" if plugins else ""
             raise TetherError(
-                f"method.{target}: the recipe has no such component; use one of {', '.join(slots)}"
+                f"method.{target}: the recipe has no such component; use one of {', '.join(slots)}{listed}"
             )
-        for c in matches:
-            c["params"].update(params)
+        plugin_hits = [c for c in matches if any(c is x for x in loop)]
+        if not plugin_hits or len(plugin_hits) == len(matches):
+            for c in matches:
+                c["params"].update(params)
+            continue
+        accepts: list[tuple[dict[str, Any], set[str]]] = [
+            (c, set(plugin_parameters(c["name"]))) for c in plugin_hits
+        ]
+        for kind, group in kinds:
+            accepts += [
+                (c, set(get(kind, c["name"]).hyperparameters)) for c in group if any(c is m for m in matches)
+            ]
+        for key, value in params.items():
+            takers = [c for c, names in accepts if key in names]
+            if not takers:
+                known = sorted(set().union(*(names for _, names in accepts)))
+                raise TetherError(
+                    f"method.{target}.{key}: neither the component {target!r} nor the loop plugin "
+                    f"{target!r} has a parameter {key!r}; their parameters: {', '.join(known)}"
+                )
+            for c in takers:
+                c["params"][key] = value
     return dataclasses.replace(
         recipe,
         advantage=tuple(advs),
@@ -117,11 +154,72 @@ def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Reci
     )
 
 
-def _rows_of(value: Any, rows: torch.Tensor | slice, n: int) -> Any:
-    """A per-row input (a tensor with ``n`` rows) sliced to ``rows``; batch-level inputs pass whole."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value[rows]
-    return value
+def _rows_of(name: str, value: Any, rows: torch.Tensor, n: int, per_row: frozenset[str]) -> Any:
+    """Input ``name`` for the rows ``rows``: a per-row input (named in ``per_row``: a tensor with
+    ``n`` rows) sliced to them; every other input passes whole."""
+    if name not in per_row:
+        return value
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != n:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TetherError(f"input {name!r} is declared per-row but is {shape}, not a tensor of the {n} rows")
+    return value[rows]
+
+
+def whole_group_components(method: Method, plugins: list[LoopPlugin]) -> list[str]:
+    """What needs every row of a group in the same mini-batch and micro-batch: the policy loss and
+    regularizers that take ``group_ids`` (they compute statistics within each group of a call) and the
+    loop plugins that declare ``whole_groups``."""
+    needs = [
+        f"{c.kind} {c.name!r}"
+        for c in (method.policy_loss, *method.regularizers)
+        if "group_ids" in c.entry.inputs
+    ]
+    return needs + [f"loop plugin {p.name!r}" for p in plugins if p.whole_groups]
+
+
+def check_plugins(cfg: LMConfig, method: Method, plugins: list[LoopPlugin]) -> None:
+    """The loop plugins' checks against the run's settings and the method's components."""
+    for plugin in plugins:
+        if cfg.train.dynamic_sampling and plugin.dynamic_sampling_conflict:
+            raise TetherError(
+                f"loop plugin {plugin.name!r} cannot run with train.dynamic_sampling=true: "
+                f"{plugin.dynamic_sampling_conflict}. Set train.dynamic_sampling=false."
+            )
+        for param, names in plugin.shared_params.items():
+            mine = getattr(plugin, param)
+            for c in method.components:
+                if c.name not in names or param not in c.entry.hyperparameters:
+                    continue
+                theirs = c.params.get(param, c.entry.hyperparameters[param])
+                if theirs != mine:
+                    raise TetherError(
+                        f"method.{plugin.name}.{param}={mine!r} and method.{c.name}.{param}={theirs!r} "
+                        f"disagree: the loop plugin {plugin.name!r} and the {c.kind} {c.name!r} must use "
+                        f"the same {param}; set both (e.g. method.{plugin.name}.{param}=v "
+                        f"method.{c.name}.{param}=v)"
+                    )
+        plugin.check_config(cfg)
+
+
+def check_group_split(cfg: LMConfig, needs: list[str]) -> None:
+    """Mini-batches and micro-batches of whole groups: refuse settings that would cut a group."""
+    if not needs:
+        return
+    t = cfg.train
+    why = f"{', '.join(needs)} need(s) every sample of a group in the same mini-batch and micro-batch"
+    if t.prompts_per_step % t.minibatches:
+        divisors = [d for d in range(1, t.prompts_per_step + 1) if t.prompts_per_step % d == 0]
+        raise TetherError(
+            f"train.minibatches={t.minibatches} cannot split the {t.prompts_per_step} groups of a step "
+            f"(train.prompts_per_step) into equal mini-batches of whole groups: {why}. Choose "
+            f"train.minibatches among {', '.join(map(str, divisors))}"
+        )
+    if t.micro_batch_size and t.micro_batch_size % t.group_size:
+        raise TetherError(
+            f"train.micro_batch_size={t.micro_batch_size} would cut groups of train.group_size="
+            f"{t.group_size}: {why}. Set train.micro_batch_size to a multiple of {t.group_size} "
+            f"(or 0 for the whole mini-batch)"
+        )
 
 
 def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
@@ -156,6 +254,8 @@ class RunPlan:
     needs_distribution: bool
     train_prompts: list[Prompt]
     run_dir: str
+    whole_groups: list[str] = dataclasses.field(default_factory=list)  # what needs whole groups
+    row_inputs: frozenset[str] = LM_ROW_INPUTS  # inputs sliced by rows
 
     def describe(self, config: LMConfig) -> dict[str, Any]:
         """The resolved settings and plan, as ``tether train --dry-run`` prints them."""
@@ -169,6 +269,7 @@ class RunPlan:
                 "rollout_rows_per_step": config.train.prompts_per_step * config.train.group_size,
                 "loop_plugins": [p.name for p in self.plugins],
                 "inputs_needed": sorted(self.method.required_inputs()),
+                "batches_of_whole_groups": self.whole_groups,
             },
         }
 
@@ -188,6 +289,9 @@ def plan_run(cfg: LMConfig) -> RunPlan:
         )
     task = task_from_settings(cfg.task, lambda: load_tokenizer(cfg.model))
     plugins = [build_plugin(c["name"], c["params"]) for c in recipe.loop]
+    check_plugins(cfg, method, plugins)
+    whole_groups = whole_group_components(method, plugins)
+    check_group_split(cfg, whole_groups)
     needs_ref = "ref_logprobs" in method.required_inputs()
     use_ref = cfg.train.reference == "always" or (cfg.train.reference == "auto" and needs_ref)
     if needs_ref and not use_ref:
@@ -200,7 +304,19 @@ def plan_run(cfg: LMConfig) -> RunPlan:
     if not train_prompts:
         raise TetherError(f"task {cfg.task.name!r} has no train prompts")
     run_dir = default_run_dir(recipe.name, cfg.task.name, cfg.train.seed)
-    return RunPlan(recipe, method, task, plugins, use_ref, needs_distribution, train_prompts, run_dir)
+    row_inputs = LM_ROW_INPUTS | {name for plugin in plugins for name in plugin.per_row}
+    return RunPlan(
+        recipe,
+        method,
+        task,
+        plugins,
+        use_ref,
+        needs_distribution,
+        train_prompts,
+        run_dir,
+        whole_groups,
+        frozenset(row_inputs),
+    )
 
 
 def check_run_dir(cfg: LMConfig, plan: RunPlan, run_path: str | Path, resume: bool) -> RunDir:
@@ -214,13 +330,16 @@ def check_run_dir(cfg: LMConfig, plan: RunPlan, run_path: str | Path, resume: bo
 class RLTrainer:
     """RL on a language model with any recipe of the catalogue."""
 
-    def __init__(self, config: LMConfig, resume: bool = False, out: str | Path | None = None) -> None:
+    def __init__(
+        self, config: LMConfig, resume: bool = False, out: str | Path | None = None, evaluates: bool = False
+    ) -> None:
         self.config = config
         cfg = config
         plan = plan_run(cfg)  # everything a user can get wrong, checked before any work
         self.recipe, self.method, self.task = plan.recipe, plan.method, plan.task
         self.plugins: list[LoopPlugin] = plan.plugins
         self.use_ref, self.needs_distribution = plan.use_ref, plan.needs_distribution
+        self.whole_groups, self.row_inputs = bool(plan.whole_groups), plan.row_inputs
         train_prompts = plan.train_prompts
 
         run_path = out or cfg.run.out or plan.run_dir
@@ -228,8 +347,12 @@ class RLTrainer:
         cfg.run.apply()
 
         torch.manual_seed(cfg.train.seed)
+        if evaluates:  # the caller evaluates at the end: a task with no test split fails now, not then
+            check_test_split(self.task, cfg.task.name)
         self.model, self.tokenizer = load_policy(cfg.model)
         self.device = next(self.model.parameters()).device
+        longest = max(len(ids) for ids in encode_prompts(self.tokenizer, [p.text for p in train_prompts]))
+        check_context(self.model, longest, cfg.sampling.max_new_tokens, where="the train prompts")
         self.share_prompts = resolve_share_prompts(cfg.train.share_prompts, self.device)
         self.ref_model = load_reference(cfg.model, self.model) if self.use_ref else None
         # Only now, with the models loaded, is the run directory touched. A --resume of a run
@@ -393,7 +516,7 @@ class RLTrainer:
             part, adv_metrics = self.method.compute_advantages(inputs)
         elif bool(scored.any()):
             rows = scored.nonzero().squeeze(-1)
-            subset = {k: _rows_of(v, rows, n) for k, v in inputs.items()}
+            subset = {k: _rows_of(k, v, rows, n, self.row_inputs) for k, v in inputs.items()}
             part, adv_metrics = self.method.compute_advantages(subset)
         else:
             return torch.zeros(mask.shape, dtype=torch.float32), {}
@@ -405,6 +528,38 @@ class RLTrainer:
         full = torch.zeros(mask.shape, dtype=torch.float32)
         full.index_copy_(0, scored.nonzero().squeeze(-1), part.contiguous())
         return full, adv_metrics
+
+    def _update_batches(self, ro: Rollout) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """One epoch's mini-batches (row indices) and the micro-batches of each, shuffled by
+        ``self.generator``.
+
+        By rows (exactly ``train.minibatches`` updates, ``train.micro_batch_size`` rows per forward
+        pass), unless the method needs whole groups (:func:`whole_group_components`): then the order of
+        the groups is shuffled, each group's rows stay together, the groups are split into
+        ``train.minibatches`` mini-batches (fewer updates when a step has fewer groups, e.g. Knapsack's
+        skipped prompts or an unfilled dynamic-sampling batch) and each mini-batch into micro-batches
+        of ``train.micro_batch_size // train.group_size`` groups (plan_run checks that the settings
+        split at group boundaries).
+        """
+        cfg = self.config.train
+        n = len(ro)
+        if not self.whole_groups:
+            micro = cfg.micro_batch_size or n
+            order = torch.randperm(n, generator=self.generator)
+            return [(mb, list(mb.split(micro))) for mb in order.tensor_split(cfg.minibatches)]
+        groups = [torch.tensor(rows, dtype=torch.long) for rows in group_rows(ro.group_ids)]
+        order = torch.randperm(len(groups), generator=self.generator)
+        per_micro = cfg.micro_batch_size // cfg.group_size if cfg.micro_batch_size else len(groups)
+        batches = []
+        for chunk in order.tensor_split(cfg.minibatches):
+            ids = chunk.tolist()
+            if not ids:
+                continue
+            micro_batches = [
+                torch.cat([groups[g] for g in ids[i : i + per_micro]]) for i in range(0, len(ids), per_micro)
+            ]
+            batches.append((torch.cat(micro_batches), micro_batches))
+        return batches
 
     # ----------------------------------------------------------------------------- one RL step
     def step(self) -> dict[str, float]:
@@ -445,6 +600,9 @@ class RLTrainer:
         response_mask = mask.clone()
         if cfg.train.mask_truncated:
             response_mask &= ~batch.truncated.unsqueeze(-1)
+        # A failed verification has no reward: its row takes no part in the update (no gradient from
+        # any term, no place in a loss's normaliser, no pair or label in a loss that reads rewards).
+        response_mask &= ~errors.unsqueeze(-1)
         inputs: dict[str, Any] = {
             "rewards": rewards,
             "group_ids": ro.group_ids,
@@ -486,31 +644,35 @@ class RLTrainer:
 
         # K epochs of mini-batch updates.
         t2 = time.perf_counter()
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's updates use
         self.model.train()
         records: list[dict[str, float]] = []
         trainer_lp = old_logprobs.clone()  # filled by the training pass when old log-probs are reused
         grad_norms: list[float] = []
         skipped = 0
-        micro = cfg.train.micro_batch_size or n
         ent_sum, ent_tokens = 0.0, 0.0  # token-mean over every update: independent of micro-batching
         for _epoch in range(cfg.train.epochs):
-            order = torch.randperm(n, generator=self.generator)
-            for mb in order.tensor_split(cfg.train.minibatches):  # exactly K updates per epoch
+            for mb, micro_batches in self._update_batches(ro):
                 agg = Aggregation(
                     num_tokens=max(count_tokens(response_mask[mb]), 1.0),
                     num_sequences=max(count_sequences(response_mask[mb]), 1.0),
                     norm_length=float(cfg.sampling.max_new_tokens),
                 )
+                # Counts of the whole mini-batch for every update call (entries such as dypo, real and
+                # pacs take them as optional parameters so that their micro-batch losses add up to the
+                # mini-batch's): the prompts with a scored sample, the rows with a valid token.
+                counts = {"num_prompts": ro.prompt_count(mb), "num_samples": agg.num_sequences}
                 finite = True
                 mb_metrics: dict[str, float] = {}
-                for rows in mb.split(micro):
+                for rows in micro_batches:
                     lp, ent, dist = self._logprobs(self.model, batch, rows, grad=True)
                     # Per-row inputs are sliced to the micro-batch; batch-level ones pass whole.
-                    step_inputs = {k: _rows_of(v, rows, n) for k, v in inputs.items()}
+                    step_inputs = {k: _rows_of(k, v, rows, n, self.row_inputs) for k, v in inputs.items()}
                     step_inputs = {
                         k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                         for k, v in step_inputs.items()
                     }
+                    step_inputs.update(counts)
                     step_inputs.update(logprobs=lp, entropy=ent, advantages=advantages[rows].to(self.device))
                     if reuse_old:
                         step_inputs["old_logprobs"] = lp.detach()
@@ -519,9 +681,9 @@ class RLTrainer:
                         step_inputs["logits"] = dist
                     loss, m = self.method.loss(step_inputs, agg)
                     for plugin in self.plugins:
-                        extra = plugin.extra_loss(self, ro, rows)
-                        if extra is not None:
-                            loss = loss + extra[0] * (len(rows) / len(mb))
+                        extra = plugin.extra_loss(self, ro, rows, mb)
+                        if extra is not None:  # already the micro-batch's share of the mini-batch term
+                            loss = loss + extra[0]
                             m = {**m, **{k: torch.tensor(v) for k, v in extra[1].items()}}
                     if not torch.isfinite(loss):
                         finite = False
@@ -573,7 +735,7 @@ class RLTrainer:
                 # NaN when every update was skipped: nothing was measured (0 would read as a collapse)
                 "policy/entropy": ent_sum / ent_tokens if ent_tokens else float("nan"),
                 "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-                "train/lr": float(self.scheduler.get_last_lr()[0]),
+                "train/lr": lr,
                 "train/nan_skips": float(self.total_nan_skips),
                 "time/rollout_s": t_rollout,
                 "time/logprobs_s": t_prep,

@@ -19,20 +19,52 @@ QUANTILE_LEVELS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 
 
 
 def paper_scores(
-    rewards: torch.Tensor, bundle_ids: torch.Tensor, sample_index: torch.Tensor
+    rewards: torch.Tensor,
+    bundle_ids: torch.Tensor,
+    sample_index: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paper scores S_{b,j} = sum over prompts q in bundle b of r_{q,j}.
+    """Paper scores S_{b,j} = sum over prompts q in bundle b of r_{q,j}, over complete papers only.
 
-    Returns (scores [P], paper index per sample [B], bundle index per paper [P]), where a paper is
-    one (bundle, rollout index j) pair.
+    A paper is one (bundle, rollout index j) pair; it is complete when it holds a row of every prompt
+    of its bundle (the prompts are the distinct ``group_ids`` of the bundle, or without them as many
+    as the bundle's largest paper holds). As in the reference code (whose papers are the first
+    min_q n_q rollouts of each prompt), an incomplete paper has no score: a partial sum would sit on
+    another scale than the others. Rows with ``sample_index < 0`` belong to no paper.
+
+    Returns (scores [P], paper index per sample [B] (-1: no paper), bundle index per paper [P]),
+    papers ordered by (bundle, j).
     """
-    bundle_inv = groups_of(bundle_ids, bundle_ids.shape[0]).index
-    span = int(sample_index.max().item()) + 1 if sample_index.numel() else 1
-    key = bundle_inv * span + sample_index.long()
-    uniq, paper_inv = torch.unique(key, return_inverse=True)
-    scores = torch.zeros(uniq.numel(), dtype=rewards.dtype, device=rewards.device)
-    scores = scores.index_add(0, paper_inv, rewards.detach())
-    return scores, paper_inv, uniq // span
+    n = rewards.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=rewards.device)
+        return torch.zeros(0, dtype=rewards.dtype, device=rewards.device), empty, empty
+    bundle_inv = groups_of(bundle_ids, n).index
+    n_bundles = int(bundle_inv.max().item()) + 1
+    placed = sample_index >= 0
+    j = sample_index.long().clamp(min=0)
+    span = int(j.max().item()) + 1
+    key = torch.where(placed, bundle_inv * span + j, torch.full_like(j, -1))
+    uniq, key_inv = torch.unique(key, return_inverse=True)
+    rows_per_key = torch.zeros_like(uniq).index_add(0, key_inv, torch.ones_like(key_inv))
+    key_bundle = torch.div(uniq, span, rounding_mode="floor")  # -1 for the unplaced rows
+    if group_ids is not None:
+        group_inv = groups_of(group_ids, n).index
+        n_groups = int(group_inv.max().item()) + 1
+        pairs = torch.unique(bundle_inv * n_groups + group_inv)
+        prompts = torch.bincount(torch.div(pairs, n_groups, rounding_mode="floor"), minlength=n_bundles)
+    else:
+        prompts = torch.zeros(n_bundles, dtype=torch.long, device=rewards.device)
+        real = uniq >= 0
+        prompts = prompts.scatter_reduce(0, key_bundle[real], rows_per_key[real], reduce="amax")
+    complete = (uniq >= 0) & (rows_per_key == prompts[key_bundle.clamp(min=0)])
+    paper_of_key = torch.where(complete, torch.cumsum(complete.long(), 0) - 1, torch.full_like(uniq, -1))
+    paper_inv = paper_of_key[key_inv]
+    in_paper = paper_inv >= 0
+    n_papers = int(complete.sum().item())
+    scores = torch.zeros(n_papers, dtype=rewards.dtype, device=rewards.device)
+    scores = scores.index_add(0, paper_inv[in_paper], rewards.detach()[in_paper])
+    return scores, paper_inv, key_bundle[complete]
 
 
 def mixed_var_weight(
@@ -72,17 +104,22 @@ def riskpo_update_quantiles(
     bundle_ids: torch.Tensor,
     sample_index: torch.Tensor,
     eta: float = 0.1,
-) -> torch.Tensor:
+    group_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """RiskPO's quantile tracker: q_lambda <- q_lambda + eta (lambda - F_hat(q_lambda)).
 
-    F_hat(x) = fraction of this step's paper scores strictly below x. With ``quantile_grid=None``
-    (first step) the grid is initialised at the empirical lambda-quantiles of the paper scores.
+    F_hat(x) = fraction of this step's (complete, see ``paper_scores``) paper scores strictly below x.
+    With ``quantile_grid=None`` (first step) the grid is initialised at the empirical lambda-quantiles
+    of the paper scores. A step without any complete paper leaves the grid as it is.
     """
-    scores, _, _ = paper_scores(rewards, bundle_ids, sample_index)
+    scores, _, _ = paper_scores(rewards, bundle_ids, sample_index, group_ids)
+    if quantile_grid is not None:
+        _check_grid(quantile_grid)
+    if scores.numel() == 0:
+        return quantile_grid
     levels = torch.tensor(QUANTILE_LEVELS, dtype=scores.dtype, device=scores.device)
     if quantile_grid is None:
         return torch.quantile(scores, levels)
-    _check_grid(quantile_grid)
     grid = quantile_grid.detach().to(scores.dtype)
     below = (scores.unsqueeze(0) < grid.unsqueeze(1)).to(scores.dtype).mean(-1)
     return grid + eta * (levels - below)
@@ -127,6 +164,9 @@ def riskpo(
     < 1e-3); "score" A = g * (0.5 if r > 0 else 1.5). The tracker is ``riskpo_update_quantiles``.
     As in the code, a bundle whose papers all tie has std 0, so under tracked quantiles its nonzero
     g is divided by eps alone (empirical quantiles give g = 0 there).
+    Only complete papers count (a row of every prompt of the bundle; see ``paper_scores``): a row
+    whose paper misses a prompt's sample (a failed verification, a shorter group, sample_index < 0)
+    gets advantage 0 and moves no statistic, as in the code.
     Inputs: rewards, group_ids (prompt), bundle_ids (bundle of the prompt), sample_index (j) [B].
     """
     check_outcome(rewards, response_mask)
@@ -140,12 +180,28 @@ def riskpo(
     if credit not in ("sum-mean", "uniform", "std", "score"):
         raise InvalidInputError(f"riskpo: credit must be sum-mean, uniform, std or score, got {credit!r}")
     r = rewards.detach()
-    scores, paper_inv, paper_bundle = paper_scores(r, bundle_ids, sample_index)
-    n_bundles = int(paper_bundle.max().item()) + 1 if paper_bundle.numel() else 0
+    scores, paper_inv, paper_bundle = paper_scores(r, bundle_ids, sample_index, group_ids)
+    in_paper = paper_inv >= 0
+    if scores.numel() == 0:  # no complete paper: nothing to compare
+        zero = torch.zeros((), dtype=r.dtype, device=r.device)
+        metrics_none: Metrics = {
+            name: detached(zero)
+            for name in (
+                "riskpo/paper_score_mean",
+                "riskpo/quantile_low",
+                "riskpo/quantile_high",
+                "riskpo/weight_mean",
+                "adv/mean",
+                "adv/abs_max",
+            )
+        }
+        return to_tokens(torch.zeros_like(r), response_mask), metrics_none
+    inv = paper_inv.clamp(min=0)
     if quantile_grid is None:
+        n_bundles = int(paper_bundle.max().item()) + 1
         a = torch.zeros(n_bundles, dtype=r.dtype, device=r.device)
         c = torch.zeros_like(a)
-        for b in range(n_bundles):
+        for b in torch.unique(paper_bundle).tolist():
             s_b = scores[paper_bundle == b]
             a[b] = torch.quantile(s_b, alpha)
             c[b] = torch.quantile(s_b, beta)
@@ -158,7 +214,7 @@ def riskpo(
     g = mixed_var_weight(scores, a_p, c_p, alpha, beta, w, kappa, eps)
     _, s_std = verl_single_sample(group_stats(scores, groups_of(paper_bundle, scores.shape[0])))
     g = g / (s_std + eps)
-    g_sample = g[paper_inv]
+    g_sample = torch.where(in_paper, g[inv], torch.zeros_like(r))
     if credit == "uniform":
         adv = g_sample
     elif credit == "score":
@@ -170,13 +226,14 @@ def riskpo(
         adv = g_sample / (q_std + eps)
     else:
         q_stats = group_stats(r, groups_of(group_ids, r.shape[0]))
-        d = r - q_stats.groups.gather(q_stats.mean)
-        d_sum = torch.zeros_like(scores).index_add(0, paper_inv, d)[paper_inv]
-        n_prompts = torch.zeros_like(scores).index_add(0, paper_inv, torch.ones_like(r))[paper_inv]
+        d = torch.where(in_paper, r - q_stats.groups.gather(q_stats.mean), torch.zeros_like(r))
+        d_sum = torch.zeros_like(scores).index_add(0, inv, d)[inv]
+        n_prompts = torch.zeros_like(scores).index_add(0, inv, in_paper.to(r.dtype))[inv].clamp(min=1.0)
         ok = d_sum.abs() > 1e-6
         adv = torch.where(
             ok, g_sample * d / torch.where(ok, d_sum, torch.ones_like(d_sum)), g_sample / n_prompts
         )
+    adv = torch.where(in_paper, adv, torch.zeros_like(adv))
     out = to_tokens(adv, response_mask)
     metrics: Metrics = {
         "riskpo/paper_score_mean": detached(scores.mean()),

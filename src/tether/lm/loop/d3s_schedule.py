@@ -9,7 +9,7 @@ import torch
 
 from tether.catalogue import get
 from tether.lm.logprobs import completion_logprobs
-from tether.lm.plugins import LoopPlugin, Rollout, register_plugin
+from tether.lm.plugins import LoopPlugin, Rollout, check_param, register_plugin
 
 if TYPE_CHECKING:
     from tether.lm.trainer import RLTrainer
@@ -44,12 +44,10 @@ class DownSamplingSchedule(LoopPlugin):
         scope: Literal["group", "batch"] = "group",
     ) -> None:
         for name, k in (("kappa_sample_0", kappa_sample_0), ("kappa_token_0", kappa_token_0)):
-            if not 0.0 < k <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {k}")
-        if schedule_steps < 0:
-            raise ValueError(f"schedule_steps must be >= 0, got {schedule_steps}")
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
+            check_param(0.0 < k <= 1.0, name, k, "must be in (0, 1]")
+        check_param(schedule_steps >= 0, "schedule_steps", schedule_steps, "must be >= 0")
+        check_param(schedule in ("linear", "cosine"), "schedule", schedule, "must be 'linear' or 'cosine'")
+        check_param(scope in ("group", "batch"), "scope", scope, "must be 'group' or 'batch'")
         self.k0 = (kappa_sample_0, kappa_token_0)
         self.schedule_steps = schedule_steps
         self.schedule = schedule

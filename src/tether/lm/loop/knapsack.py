@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tether.catalogue import get
+from tether.errors import TetherError
 from tether.lm.loop._groups import group_rows
-from tether.lm.plugins import LoopPlugin, Rollout, register_plugin
+from tether.lm.plugins import LoopPlugin, Rollout, check_param, register_plugin
 from tether.lm.tasks.base import Prompt
 
 if TYPE_CHECKING:
+    from tether.lm.config import LMConfig
     from tether.lm.trainer import RLTrainer
 
 
@@ -29,13 +31,19 @@ class KnapsackBudget(LoopPlugin):
     get the default group_size, p = 0 prompts ``negative_n``, p = 1 prompts ``positive_n``, the rest a
     knapsack DP). ``after_step`` records each prompt's rewards by ``Prompt.id``: p is the success rate
     of the prompt's previous visit, or the mean of its latest ``buffer`` rewards when that visit had
-    fewer (rewards are clipped to [0, 1], the code's -1 -> 0). Prompts given 0 rollouts are skipped.
-    The state (rewards per prompt id) is checkpointed.
+    fewer (rewards are clipped to [0, 1], the code's -1 -> 0). A failed verification is no reward: it
+    is not recorded (a prompt whose every sample failed keeps its history). Prompts given 0 rollouts
+    are skipped. The state (rewards per prompt id) is checkpointed.
     """
 
     paper = "Knapsack RL: Unlocking Exploration of LLMs via Optimizing Budget Allocation"
     arxiv = "2509.25849"
     status = "exact"
+    dynamic_sampling_conflict = (
+        "dynamic sampling drops the groups whose rewards are all equal before the plugin records them, "
+        "so the p = 0 and p = 1 prompts the budget is about are never seen, and its refills add rollouts "
+        "beyond the knapsack budget"
+    )
 
     def __init__(
         self,
@@ -48,8 +56,15 @@ class KnapsackBudget(LoopPlugin):
         fallback: bool = True,
         buffer: int = 16,
     ) -> None:
-        if buffer < 1:
-            raise ValueError(f"buffer must be >= 1, got {buffer}")
+        check_param(min_n >= 1, "min_n", min_n, "must be >= 1")
+        check_param(max_n >= min_n, "max_n", max_n, f"must be >= min_n ({min_n})")
+        check_param(negative_n >= 0, "negative_n", negative_n, "must be >= 0")
+        check_param(positive_n >= 0, "positive_n", positive_n, "must be >= 0")
+        check_param(
+            cost in ("probability", "expectation"), "cost", cost, "must be 'probability' or 'expectation'"
+        )
+        check_param(0.0 < alpha_c < 1.0, "alpha_c", alpha_c, "must be in (0, 1)")
+        check_param(buffer >= 1, "buffer", buffer, "must be >= 1")
         self.params: dict[str, Any] = {
             "min_n": min_n,
             "negative_n": negative_n,
@@ -62,6 +77,16 @@ class KnapsackBudget(LoopPlugin):
         self.buffer = buffer
         self.history: dict[str, list[float]] = {}  # prompt id -> latest rewards
         self._metrics: dict[str, float] = {}
+
+    def check_config(self, config: LMConfig) -> None:
+        n = config.train.group_size
+        for key in ("min_n", "negative_n", "positive_n"):
+            if self.params[key] > n:
+                raise TetherError(
+                    f"loop plugin 'knapsack': method.knapsack.{key}={self.params[key]} exceeds "
+                    f"train.group_size={n}, the default rollouts per prompt whose total the knapsack "
+                    f"shares out; lower it or raise train.group_size"
+                )
 
     def success_rate(self, prompt_id: str) -> float:
         """The prompt's success-rate estimate, NaN when it was never seen."""
@@ -79,7 +104,10 @@ class KnapsackBudget(LoopPlugin):
         self, trainer: RLTrainer, rollout: Rollout, inputs: dict[str, Any], metrics: dict[str, float]
     ) -> None:
         for rows in group_rows(rollout.group_ids):
-            rewards = [min(1.0, max(0.0, float(rollout.scores[i].reward))) for i in rows]
+            scored = [i for i in rows if rollout.scores[i].error is None]  # an error is no reward
+            if not scored:
+                continue
+            rewards = [min(1.0, max(0.0, float(rollout.scores[i].reward))) for i in scored]
             pid = rollout.prompts[rows[0]].id
             kept = self.history.get(pid, []) + rewards
             self.history[pid] = kept[-max(self.buffer, len(rewards)) :]

@@ -6,7 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from tether.lm.loop._groups import group_rows
-from tether.lm.plugins import LoopPlugin, Rollout, register_plugin
+from tether.lm.plugins import LoopPlugin, Rollout, check_param, register_plugin
 from tether.lm.rollout import RolloutBatch, eos_token_ids, pad_token_id
 from tether.lm.tasks.base import Prompt, safe_score
 
@@ -25,39 +25,48 @@ class ScaffoldedHints(LoopPlugin):
     ``task.reference(prompt)`` (revealing the first h target digits), one tier.
 
     From step ``warmup`` on (0-based ``trainer.step_idx``), in ``after_rollout``: for every group whose
-    rewards are all 0, one sample per level h = 1..max_level (capped at the reference's length) of
-    ``prompt.text + hint_h`` (one batched ``trainer.sampler`` call), scored on hint + completion. If
-    any level succeeds (reward > 0), the group's LAST row is replaced by the lowest successful
-    level's trajectory, keeping the hinted prompt (its Prompt keeps the id; ``meta["scaf_hint_level"]``
-    records h) and re-padding the batch; the group's GRPO advantages then give it a rare positive
-    value. Metrics: scaf/hard_groups, scaf/rescued_groups, scaf/hint_level_mean.
+    scored rewards are all 0 (failed verifications are no reward; a group without any score is left
+    alone), one sample per level h = 1..max_level, capped at len(reference) - 1 so that a hint never
+    holds the whole answer (the card's synthetic hint reveals the first h target digits: the model
+    must still produce the rest), of ``prompt.text + hint_h`` (one batched ``trainer.sampler`` call),
+    scored on hint + completion. If any level succeeds (reward > 0), the group's LAST row is replaced
+    by the lowest successful level's trajectory, keeping the hinted prompt (its Prompt keeps the id;
+    ``meta["scaf_hint_level"]`` records h) and re-padding the batch; the group's GRPO advantages then
+    give it a rare positive value. Metrics: scaf/hard_groups, scaf/rescued_groups,
+    scaf/hint_level_mean.
     """
 
     paper = "Scaf-GRPO: Scaffolded Group Relative Policy Optimization for Enhancing LLM Reasoning"
     arxiv = "2510.19807"
     status = "reconstructed"
+    dynamic_sampling_conflict = (
+        "dynamic sampling drops the all-wrong groups before the plugin sees them, so none would ever "
+        "be rescued with hints"
+    )
 
     def __init__(self, warmup: int = 50, max_level: int = 4, replace_num: int = 1) -> None:
-        if warmup < 0 or max_level < 1 or replace_num < 1:
-            raise ValueError(
-                f"need warmup >= 0, max_level >= 1, replace_num >= 1; got {warmup}, {max_level}, {replace_num}"
-            )
+        check_param(warmup >= 0, "warmup", warmup, "must be >= 0")
+        check_param(max_level >= 1, "max_level", max_level, "must be >= 1")
+        check_param(replace_num >= 1, "replace_num", replace_num, "must be >= 1")
         self.warmup = warmup
         self.max_level = max_level
         self.replace_num = replace_num
         self._metrics: dict[str, float] = {}
 
     def hints(self, trainer: RLTrainer, prompt: Prompt) -> list[str]:
+        """Hints of levels 1..min(max_level, len(reference) - 1): never the whole reference."""
         reference = trainer.task.reference(prompt)
-        return [reference[:h] for h in range(1, min(self.max_level, len(reference)) + 1)]
+        return [reference[:h] for h in range(1, min(self.max_level, len(reference) - 1) + 1)]
 
     def after_rollout(self, trainer: RLTrainer, rollout: Rollout) -> Rollout:
         self._metrics = {"scaf/hard_groups": 0.0, "scaf/rescued_groups": 0.0}
         if trainer.step_idx < self.warmup:
             return rollout
-        hard = [
-            rows for rows in group_rows(rollout.group_ids) if all(rollout.scores[i].reward == 0 for i in rows)
-        ]
+        hard = []
+        for rows in group_rows(rollout.group_ids):
+            scored = [rollout.scores[i] for i in rows if rollout.scores[i].error is None]
+            if scored and all(sc.reward == 0 for sc in scored):
+                hard.append(rows)
         self._metrics["scaf/hard_groups"] = float(len(hard))
         jobs: list[tuple[int, int, str]] = []  # (hard group index, level, hint)
         for g, rows in enumerate(hard):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tether.catalogue.advantages.spo import spo_divergence, spo_tracker_init, spo_tracker_update
-from tether.lm.plugins import LoopPlugin, Rollout, register_plugin
+from tether.lm.plugins import LoopPlugin, Rollout, check_param, register_plugin
 from tether.lm.rollout import RolloutBatch
 from tether.lm.tasks.base import Prompt
 
@@ -26,7 +26,8 @@ class SingleStream(LoopPlugin):
       sqrt(p_hat (1 - p_hat)) + eps_s (p_hat = alpha/(alpha + beta)) from ``trainer.generator``, ONE
       sample each (group-free: every row is its own group). ``batch="samples"`` draws
       prompts_per_step x group_size prompts (the same rollouts as a grouped method with that config),
-      ``batch="prompts"`` draws prompts_per_step. ``train.group_size`` only sets that budget.
+      ``batch="prompts"`` draws prompts_per_step. ``train.group_size`` only sets that budget. A pool
+      smaller than the budget is drawn from with replacement (still the whole budget of rows).
     - ``extra_inputs``: ``tracker_alpha``, ``tracker_beta`` [N] (before this step's update) for the
       ``spo`` advantage; unseen prompts start at spo_tracker_init(init_rate n0, n0, rho_min)
       (the paper's offline estimate is replaced by the prior rate ``init_rate``: reconstructed).
@@ -34,11 +35,17 @@ class SingleStream(LoopPlugin):
       visit, lp_now under the policy that sampled this step (before the update); D = 0 at a first visit.
     - ``after_step``: alpha, beta <- spo_tracker_update(alpha, beta, r, D) (the registered state
       update of ``spo``), then stores this visit's prompt tokens, response tokens and old log-probs.
+      A failed verification is no reward: its row changes neither the tracker nor the stored visit.
     The state (trackers and last responses, per prompt id) is checkpointed; it grows with the number
     of prompts visited (one stored response each).
     """
 
     provides = ("tracker_alpha", "tracker_beta")
+    per_row = ("tracker_alpha", "tracker_beta")
+    dynamic_sampling_conflict = (
+        "every prompt has one sample, so every group's rewards are equal and dynamic sampling would drop "
+        "them all before the trackers see them"
+    )
     paper = "Single-stream Policy Optimization"
     arxiv = "2509.13232"
     status = "reconstructed"
@@ -53,14 +60,15 @@ class SingleStream(LoopPlugin):
         init_samples: int = 8,
         batch: Literal["samples", "prompts"] = "samples",
     ) -> None:
-        if eps_s < 0:
-            raise ValueError(f"eps_s must be >= 0, got {eps_s}")
-        if not 0.0 <= init_rate <= 1.0:
-            raise ValueError(f"init_rate must be in [0, 1], got {init_rate}")
-        if init_samples < 1:
-            raise ValueError(f"init_samples must be >= 1, got {init_samples}")
-        if batch not in ("samples", "prompts"):
-            raise ValueError(f"batch must be 'samples' or 'prompts', got {batch!r}")
+        check_param(eps_s >= 0, "eps_s", eps_s, "must be >= 0")
+        check_param(d_half > 0, "d_half", d_half, "must be > 0 (the divergence that halves the memory)")
+        check_param(0.0 < rho_min < 1.0, "rho_min", rho_min, "must be in (0, 1) (a forgetting factor)")
+        check_param(
+            rho_min <= rho_max <= 1.0, "rho_max", rho_max, f"must be in [rho_min, 1] = [{rho_min}, 1]"
+        )
+        check_param(0.0 <= init_rate <= 1.0, "init_rate", init_rate, "must be in [0, 1]")
+        check_param(init_samples >= 1, "init_samples", init_samples, "must be >= 1")
+        check_param(batch in ("samples", "prompts"), "batch", batch, "must be 'samples' or 'prompts'")
         self.eps_s = eps_s
         self.update_params = {"d_half": d_half, "rho_min": rho_min, "rho_max": rho_max}
         a0, b0 = spo_tracker_init(torch.tensor([init_rate * init_samples]), init_samples, rho_min)
@@ -83,9 +91,9 @@ class SingleStream(LoopPlugin):
         weights = (p_hat * (1.0 - p_hat)).clamp(min=0.0).sqrt() + self.eps_s
         if float(weights.sum()) <= 0.0:
             weights = torch.ones_like(weights)
-        picks = torch.multinomial(
-            weights, min(want, len(pool)), replacement=want > len(pool), generator=trainer.generator
-        )
+        # Without replacement while the pool covers the budget; a smaller pool is drawn with
+        # replacement, still ``want`` rows.
+        picks = torch.multinomial(weights, want, replacement=want > len(pool), generator=trainer.generator)
         return [(pool[i], 1) for i in picks.tolist()]
 
     def extra_inputs(self, trainer: RLTrainer, rollout: Rollout, inputs: dict[str, Any]) -> None:
@@ -119,7 +127,10 @@ class SingleStream(LoopPlugin):
         divergence = self._divergence if self._divergence is not None else torch.zeros(len(rollout))
         batch = rollout.batch
         old = inputs["old_logprobs"]
+        scored = rollout.scored
         for i, prompt in enumerate(rollout.prompts):  # sequential: a prompt may appear twice
+            if not bool(scored[i]):  # a failed verification is no reward: nothing to learn from it
+                continue
             a, b = self.tracker(prompt.id)
             na, nb = spo_tracker_update(
                 torch.tensor([a], dtype=torch.float64),
