@@ -1,4 +1,5 @@
-"""Example inputs for estimators of several reward functions (GDPO): per-function rewards and weights."""
+"""Example inputs for estimators of several reward functions (GDPO: per-function rewards and
+weights) and for baselines from extra responses (ReMax: the greedy response's reward)."""
 
 from __future__ import annotations
 
@@ -16,4 +17,5 @@ def _reward_parts(c: Ctx) -> torch.Tensor:
 MAKERS: dict[str, Maker] = {
     "reward_parts": _reward_parts,
     "reward_weights": lambda c: (1.0, 0.5, 2.0),
+    "baseline_rewards": lambda c: (c.rand(c.spec.batch) > 0.5).double(),
 }
