@@ -489,3 +489,13 @@ def test_a_prompt_past_the_models_context_is_a_clear_error(tok) -> None:
     assert gen(gpt2, tok, prompts=[prompt], max_new_tokens=3).completion_ids.shape[1] <= 3  # 16 fits
     with pytest.raises(InvalidInputError, match=r"sampling\.max_new_tokens"):
         gen(tiny_model(), tok, prompts=["x" * 130], max_new_tokens=2)  # rotary: 128 positions
+
+
+def test_a_zero_exponential_draw_never_picks_a_truncated_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exp(1) can return exactly 0 (probability ~2^-24 per draw in float32): -inf - log 0 is NaN,
+    and argmax would pick the truncated token."""
+    from tether.lm.rollout import sample_from_logprobs
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
+    logprobs = torch.tensor([[float("-inf"), 0.0, float("-inf")], [-0.1, float("-inf"), -2.4]])
+    assert sample_from_logprobs(logprobs).tolist() == [1, 0]

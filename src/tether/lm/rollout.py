@@ -228,6 +228,8 @@ def sample_from_logprobs(logprobs: Tensor, generator: torch.Generator | None = N
     )
     if noise.device != logprobs.device:
         noise = noise.to(logprobs.device)
+    # a draw of exactly 0 would give -inf - log(0) = NaN on a truncated token, which argmax picks
+    noise.clamp_(min=torch.finfo(torch.float32).tiny)
     return (logprobs - noise.log()).argmax(dim=-1)
 
 
