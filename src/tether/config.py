@@ -223,6 +223,18 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
+def setting_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any], missing: str
+) -> list[tuple[str, Any, Any]]:
+    """``(key, before, after)`` for every key of two flattened settings whose values differ, in key
+    order; a key on one side only shows ``missing`` on the other."""
+    return [
+        (key, before.get(key, missing), after.get(key, missing))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, missing) != after.get(key, missing)
+    ]
+
+
 def key_under(key: str, sections: Collection[str]) -> bool:
     """Whether dotted ``key`` is one of ``sections`` or lies inside one (``train.lr`` in ``train``)."""
     return any(key == s or key.startswith(s + ".") for s in sections)

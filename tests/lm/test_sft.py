@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tether.lm.sft as sft_module
-from tests.lm.test_trainer import read_jsonl
+from tests.lm.test_trainer import read_jsonl, record_adamw_lrs
 from tether.config import ConfigError, from_dict
 from tether.errors import TetherError
 from tether.lm.config import SFTConfig
@@ -192,14 +192,7 @@ def test_a_task_without_a_test_split_is_refused_before_training(tmp_path: Path) 
 def test_the_logged_learning_rate_is_the_one_each_step_trained_at(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    used: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def recording(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
-        used.append(float(self.param_groups[0]["lr"]))
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    used = record_adamw_lrs(monkeypatch)
     run_sft(sft_config(steps=3, lr=1e-3), out=str(tmp_path / "run"))
     logged = [r["train/lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert logged == used and len(used) == 3 and logged[-1] > 0.0

@@ -102,6 +102,19 @@ def make_config(out: Path, *overrides: str, recipe: str = "grpo") -> LMConfig:
     return from_dict(LMConfig, data)
 
 
+def record_adamw_lrs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The learning rate of every AdamW step from now on (appended as the steps run)."""
+    used: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        used.append(float(self.param_groups[0]["lr"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    return used
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -705,14 +718,7 @@ def test_verifier_error_rows_get_no_gradient(tmp_path: Path) -> None:
 def test_the_logged_learning_rate_is_the_one_each_step_updated_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    used: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def recording(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
-        used.append(float(self.param_groups[0]["lr"]))
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    used = record_adamw_lrs(monkeypatch)
     cfg = make_config(tmp_path / "run", "train.steps=3", "train.warmup_steps=2", "train.lr=0.01")
     RLTrainer(cfg).train()
     logged = [r["train/lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]

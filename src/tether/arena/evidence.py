@@ -42,15 +42,13 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from tether.config import ConfigError
+from tether.config import ConfigError, flatten, setting_changes
 from tether.errors import TetherError, UnknownNameError
+from tether.runs.rundir import check_directory_path
 
 Direction = Literal["higher", "lower"]
 Verdict = Literal["holds", "does not hold", "inconclusive"]
 ArmName = Literal["baseline", "treatment"]
-
-SEED_LIMIT = 2**32
-"""Seeds are in [0, 2**32), as the trainers' (``train.seed``): numpy's seed range."""
 
 
 @dataclass(frozen=True)
@@ -691,6 +689,8 @@ def arm_of(claim: Claim, arm: ArmName) -> Arm:
 def check_seed(seed: Any, option: str = "--seed") -> int:
     """A seed in [0, 2**32), as the trainers' ``train.seed`` (a larger one overflows the seeding of
     numpy and the sampler; a negative one is not a seed)."""
+    from tether.arena.testbeds.bandit import SEED_LIMIT
+
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TetherError(f"{option} {seed!r}: a seed is an integer in [0, 2**32)")
     if not 0 <= int(seed) < SEED_LIMIT:
@@ -770,45 +770,18 @@ def run_fingerprint(claim: Claim, arm: ArmName, seed: int) -> dict[str, Any]:
     return normalised
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
-
-
 _MISSING = "<absent>"
 
 
 def fingerprint_changes(saved: Any, now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(setting, value in the run, value now)`` for every setting where two fingerprints differ."""
-    before = _flatten(saved) if isinstance(saved, dict) else {"fingerprint": saved}
-    after = _flatten(dict(now))
-    return [
-        (key, before.get(key, _MISSING), after.get(key, _MISSING))
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key, _MISSING) != after.get(key, _MISSING)
-    ]
+    before = flatten(saved) if isinstance(saved, dict) else {"fingerprint": saved}
+    return setting_changes(before, flatten(dict(now)), _MISSING)
 
 
 def _short_repr(v: Any, limit: int = 100) -> str:
     text = repr(v)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_out_path(path: str | Path, option: str = "--out") -> Path:
-    """Read-only: ``path`` can be a directory (it is none of: a file, a path under a file)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise TetherError(f"{option} {str(p)!r} is a file, not a directory; choose another {option}")
-    blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
-    if blocking is not None:
-        raise TetherError(
-            f"{option} {str(p)!r} lies under {str(blocking)!r}, which is a file; choose another {option}"
-        )
-    return p
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
@@ -1024,7 +997,7 @@ def check_claim_runs(
     reuse: dict[tuple[ArmName, int], dict[str, Any]] = {}
     if out is None:
         return reuse
-    root = check_out_path(out)
+    root = check_directory_path(out)
     for a in ARMS:
         for s in seed_list:
             summary = check_run_out(claim, a, s, run_dir_of(root, claim, a, s))
@@ -1433,7 +1406,7 @@ def cmd_evidence(args: argparse.Namespace) -> int:
             f"--seeds {args.seeds}: run at least 1 seed per arm (2 or more for a verdict); leave it out "
             "for each claim's registered count"
         )
-    out = check_out_path(args.out)
+    out = check_directory_path(args.out)
     for c in claims:
         check_claim_runs(c, args.seeds, out)
     docs = check_docs_path(args.write_docs) if args.write_docs else None

@@ -10,7 +10,7 @@ import torch
 from tether.errors import TetherError
 from tether.lm.config import EvalSettings
 from tether.lm.logprobs import completion_logprobs
-from tether.lm.rollout import Sampler, SamplingConfig, sampler_for
+from tether.lm.rollout import Sampler, SamplingConfig, greedy, sampler_for
 from tether.lm.tasks.base import Task, safe_score_batch
 
 
@@ -81,9 +81,8 @@ def _evaluate(
     prompts = task.prompts("test", min(settings.prompts, available), seed=seed)
     device = next(model.parameters()).device
     sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
-    greedy_cfg = dataclasses.replace(sampling, temperature=1.0, top_k=1, top_p=1.0)
     sampler = sampler_for(model, tokenizer, sample_cfg, reuse=sampler)
-    greedy = sampler.with_config(greedy_cfg)
+    greedy_sampler = sampler.with_config(greedy(sampling))
     gen = torch.Generator().manual_seed(seed + 1)
     correct: list[int] = []
     greedy_correct = 0
@@ -122,7 +121,7 @@ def _evaluate(
             ent_sum += float((ent * m).sum())
         ent_tokens += float(m.sum())
         len_sum += float(m.sum())
-        g = greedy.generate([p.text for p in chunk], generator=gen)
+        g = greedy_sampler.generate([p.text for p in chunk], generator=gen)
         greedy_correct += sum(int(s.correct) for s in safe_score_batch(task, chunk, g.completion_texts))
     k = settings.k
     return {

@@ -19,7 +19,7 @@ repeated prompts and the prefix common to all prompts once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -243,6 +243,11 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     if not any(has_bos):  # the usual case: one batched call
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     return [list(tokenizer(t, add_special_tokens=not b)["input_ids"]) for t, b in zip(texts, has_bos)]
+
+
+def greedy(config: SamplingConfig) -> SamplingConfig:
+    """``config`` with argmax decoding (top_k=1; temperature and top-p then change nothing)."""
+    return replace(config, temperature=1.0, top_k=1, top_p=1.0)
 
 
 def context_length(model: Any) -> int | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tether.config import flatten, from_dict, key_under, to_dict
+from tether.config import flatten, from_dict, key_under, setting_changes, to_dict
 from tether.errors import TetherError
 from tether.runs.checkpoint import latest_checkpoint
 
@@ -97,12 +97,8 @@ def changed_settings(
             saved = dict(resolve(saved))
         except TetherError:  # a config tether no longer reads: compare it as written
             pass
-    before, now = _settings(saved), _settings(config)
-    return [
-        (key, before.get(key, _UNSET), now.get(key, _UNSET))
-        for key in sorted(before.keys() | now.keys())
-        if before.get(key, _UNSET) != now.get(key, _UNSET) and not key_under(key, may_change)
-    ]
+    changed = setting_changes(_settings(saved), _settings(config), _UNSET)
+    return [c for c in changed if not key_under(c[0], may_change)]
 
 
 def describe_changes(changed: Sequence[tuple[str, Any, Any]]) -> str:

@@ -75,15 +75,7 @@ class RunDir:
         """Read-only checks of ``--out``, before any work: not a file, not a directory of other
         files (tether never writes into one), and no finished or started run unless resuming."""
         where = str(self.path)
-        if self.path.exists() and not self.path.is_dir():
-            raise TetherError(
-                f"--out {where!r} is a file, not a directory; choose a new directory for the run"
-            )
-        blocking = next((a for a in self.path.parents if a.exists() and not a.is_dir()), None)
-        if blocking is not None:
-            raise TetherError(
-                f"--out {where!r} lies under {str(blocking)!r}, which is a file; choose another --out"
-            )
+        check_directory_path(self.path)
         if self.path.is_dir() and not self.is_run():
             names = sorted(p.name for p in self.path.iterdir())
             if names:
@@ -158,6 +150,19 @@ class RunDir:
         for log in (self.metrics, self.alarms, self.samples):
             if log.path.exists():
                 log.truncate_after(step)
+
+
+def check_directory_path(path: str | Path, option: str = "--out") -> Path:
+    """Read-only: ``path`` can be a directory: it is not a file and does not lie under one."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise TetherError(f"{option} {str(p)!r} is a file, not a directory; choose another {option}")
+    blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise TetherError(
+            f"{option} {str(p)!r} lies under {str(blocking)!r}, which is a file; choose another {option}"
+        )
+    return p
 
 
 def check_run_dir(

@@ -9,22 +9,10 @@ import torch
 
 from tether.catalogue.advantages.baselines import AdvantageOutput
 from tether.catalogue.advantages.broadcast import advantage_metrics, check_outcome, to_tokens
-from tether.catalogue.advantages.group_stats import group_stats, groups_of
+from tether.catalogue.advantages.group_stats import batch_mean_std, group_stats, groups_of
 from tether.catalogue.contracts import Metrics, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
-
-
-def _nan_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased std of the finite entries of ``values`` [B] (std 0 below two entries)."""
-    valid = ~torch.isnan(values)
-    n = valid.to(values.dtype).sum()
-    v = torch.where(valid, values, torch.zeros_like(values))
-    mean = v.sum() / n.clamp(min=1.0)
-    centred = torch.where(valid, values - mean, torch.zeros_like(values))
-    var = (centred**2).sum() / (n - 1.0).clamp(min=1.0)
-    std = torch.where(n > 1.0, var.clamp(min=0.0).sqrt(), torch.zeros_like(var))
-    return mean, std
 
 
 @register(
@@ -91,7 +79,7 @@ def gdpo(
         norm = (filled - groups.gather(stats.mean)) / (groups.gather(stats.std) + eps)
         total = total + w * torch.where(valid, norm, torch.zeros_like(norm))
         metrics[f"gdpo/zero_std_frac_{k}"] = detached((stats.std <= 0).float().mean())
-    mean, std = _nan_mean_std(total)
+    mean, std = batch_mean_std(total)  # every sum is finite: a NaN part adds 0
     per_sample = (total - mean) / (std + eps)
     adv = to_tokens(per_sample, response_mask)
     combined = rewards.detach().to(parts.dtype)

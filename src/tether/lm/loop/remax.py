@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tether.lm.plugins import LoopPlugin, Rollout, register_plugin
+from tether.lm.rollout import greedy
 from tether.lm.tasks.base import safe_score_batch
 
 if TYPE_CHECKING:
@@ -45,11 +45,10 @@ class GreedyBaseline(LoopPlugin):
         for row, gid in enumerate(ids):
             first.setdefault(gid, row)
         prompts = [rollout.prompts[row] for row in first.values()]
-        greedy_cfg = dataclasses.replace(trainer.config.sampling, temperature=1.0, top_k=1, top_p=1.0)
-        greedy = trainer.sampler.with_config(greedy_cfg)
+        argmax = trainer.sampler.with_config(greedy(trainer.config.sampling))
         # its own generator: argmax decoding draws no randomness that matters, and the trainer's
         # stream (which orders mini-batches) stays that of a run without the plugin
-        batch = greedy.generate([p.text for p in prompts], generator=torch.Generator().manual_seed(0))
+        batch = argmax.generate([p.text for p in prompts], generator=torch.Generator().manual_seed(0))
         scores = safe_score_batch(trainer.task, prompts, batch.completion_texts)
         value = {gid: (math.nan if s.error else s.reward) for gid, s in zip(first, scores)}
         inputs["baseline_rewards"] = torch.tensor([value[g] for g in ids], dtype=torch.float64)
