@@ -508,7 +508,7 @@ def test_dypo_sft_and_rl_terms_are_expectations_over_the_same_prompts(tmp_path: 
         rm = inputs["response_mask"]
         agg = Aggregation(num_tokens=max(count_tokens(rm), 1.0), num_sequences=max(count_sequences(rm), 1.0))
         rows = torch.arange(len(sub))
-        lp_now, _, _ = trainer._logprobs(trainer.model, sub.batch, rows, grad=True)
+        lp_now = trainer._logprobs(trainer.model, sub.batch, rows, grad=True)[0]
         rl, _ = trainer.method.loss(
             {**inputs, "logprobs": lp_now, "num_prompts": sub.prompt_count(rows)}, agg
         )

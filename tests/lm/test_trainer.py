@@ -611,10 +611,10 @@ def test_whole_group_methods_update_on_mini_and_micro_batches_of_whole_groups(tm
     passes: list[list[int]] = []
     original = trainer._logprobs
 
-    def spy(model: torch.nn.Module, batch: Any, rows: Any, grad: bool) -> Any:
+    def spy(model: torch.nn.Module, batch: Any, rows: Any, grad: bool, **kw: Any) -> Any:
         if grad:
             passes.append(sorted(rows.tolist()))
-        return original(model, batch, rows, grad)
+        return original(model, batch, rows, grad, **kw)
 
     trainer._logprobs = spy  # type: ignore[method-assign]
     trainer.step()

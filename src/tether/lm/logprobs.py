@@ -13,7 +13,7 @@ log-prob gap (``rollout/logprob_gap_*``), ~0 for our own sampler.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,12 @@ from tether.lm.precision import autocast_context
 __all__ = [
     "completion_logits",
     "completion_logprobs",
+    "completion_token_stats",
     "entropy_from_logprobs",
     "position_ids_from_mask",
     "processed_logprobs",
     "prompt_groups",
+    "sum_pi_squared",
     "truncation_mask",
 ]
 
@@ -136,6 +138,16 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     return bool(cached)
 
 
+def sum_pi_squared(logprobs: Tensor) -> Tensor:
+    """``sum_v pi(v)^2`` over the last dimension of normalised log-probs (truncated -inf entries: 0).
+
+    With the probability of the sampled token, it gives the squared norm of the gradient of that
+    token's log-prob with respect to the logits: ``||e_y - pi||^2 = 1 - 2 pi_y + sum_v pi_v^2``
+    (OTB's logit-gradient proxy). Computed as ``exp(logsumexp(2 log pi))``, stable for any logits.
+    """
+    return torch.logsumexp(2.0 * logprobs, dim=-1).exp()
+
+
 def _token_stats(
     logits: Tensor,
     completion_ids: Tensor,
@@ -143,12 +155,13 @@ def _token_stats(
     top_k: int,
     top_p: float,
     compute_entropy: bool,
-) -> tuple[Tensor, Tensor]:
+    compute_sum_pi_squared: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     logp = processed_logprobs(logits, temperature, top_k, top_p, sampled_ids=completion_ids)
     token_logp = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    if compute_entropy:
-        return token_logp, entropy_from_logprobs(logp)
-    return token_logp, torch.zeros_like(token_logp)
+    ent = entropy_from_logprobs(logp) if compute_entropy else torch.zeros_like(token_logp)
+    sq = sum_pi_squared(logp) if compute_sum_pi_squared else torch.zeros_like(token_logp)
+    return token_logp, ent, sq
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -295,6 +308,77 @@ def _completion_logits(
     return logits[:, logits.shape[1] - t :, :]
 
 
+class TokenStats(NamedTuple):
+    """Per-token statistics of the processed distribution at each completion position, [N, T] each
+    (0 on padding): the sampled token's log-prob, the entropy (None unless asked for) and
+    ``sum_v pi(v)^2`` (None unless asked for)."""
+
+    logprobs: Tensor
+    entropy: Tensor | None
+    sum_pi_squared: Tensor | None
+
+
+def completion_token_stats(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    compute_entropy: bool = True,
+    logits_chunk: int | None = None,
+    share_prompts: bool | Literal["auto"] = "auto",
+    compute_sum_pi_squared: bool = False,
+) -> TokenStats:
+    """:func:`completion_logprobs`, with ``sum_v pi(v)^2`` per position as well when
+    ``compute_sum_pi_squared`` (the ``sum_pi_squared`` input of OTB; no full-vocabulary tensor is
+    kept)."""
+    n, t = completion_ids.shape
+    if t == 0:
+        empty = completion_ids.new_zeros((n, 0), dtype=torch.float32)
+        return TokenStats(
+            empty,
+            empty.clone() if compute_entropy else None,
+            empty.clone() if compute_sum_pi_squared else None,
+        )
+    chunk = n if not logits_chunk or logits_chunk <= 0 else logits_chunk
+
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        logits = completion_logits(
+            model,
+            prompt_ids[rows],
+            prompt_mask[rows],
+            completion_ids[rows],
+            completion_mask[rows],
+            share_prompts=share_prompts,
+        )
+        args = (
+            logits,
+            completion_ids[rows],
+            temperature,
+            top_k,
+            top_p,
+            compute_entropy,
+            compute_sum_pi_squared,
+        )
+        if torch.is_grad_enabled() and logits.requires_grad:
+            parts.append(checkpoint(_token_stats, *args, use_reentrant=False))
+        else:
+            parts.append(_token_stats(*args))
+    mask = completion_mask.bool()
+
+    def column(i: int) -> Tensor:
+        return torch.where(mask, torch.cat([p[i] for p in parts], dim=0), 0.0)
+
+    return TokenStats(
+        column(0), column(1) if compute_entropy else None, column(2) if compute_sum_pi_squared else None
+    )
+
+
 def completion_logprobs(
     model: Any,
     prompt_ids: Tensor,
@@ -320,37 +404,20 @@ def completion_logprobs(
     gradients are on, the log-softmax/entropy step of each chunk is checkpointed so that only
     the logits [chunk, T, V] are kept for the backward pass, not several float32 copies.
     """
-    n, t = completion_ids.shape
-    if t == 0:
-        empty = completion_ids.new_zeros((n, 0), dtype=torch.float32)
-        return empty, (empty.clone() if compute_entropy else None)
-    chunk = n if not logits_chunk or logits_chunk <= 0 else logits_chunk
-
-    lps: list[Tensor] = []
-    ents: list[Tensor] = []
-    for start in range(0, n, chunk):
-        rows = slice(start, start + chunk)
-        logits = completion_logits(
-            model,
-            prompt_ids[rows],
-            prompt_mask[rows],
-            completion_ids[rows],
-            completion_mask[rows],
-            share_prompts=share_prompts,
-        )
-        args = (logits, completion_ids[rows], temperature, top_k, top_p, compute_entropy)
-        if torch.is_grad_enabled() and logits.requires_grad:
-            lp, ent = checkpoint(_token_stats, *args, use_reentrant=False)
-        else:
-            lp, ent = _token_stats(*args)
-        lps.append(lp)
-        ents.append(ent)
-    mask = completion_mask.bool()
-    token_logp = torch.where(mask, torch.cat(lps, dim=0), 0.0)
-    if not compute_entropy:
-        return token_logp, None
-    entropy = torch.where(mask, torch.cat(ents, dim=0), 0.0)
-    return token_logp, entropy
+    stats = completion_token_stats(
+        model,
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        compute_entropy=compute_entropy,
+        logits_chunk=logits_chunk,
+        share_prompts=share_prompts,
+    )
+    return stats.logprobs, stats.entropy
 
 
 def completion_distribution(

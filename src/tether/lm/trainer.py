@@ -25,7 +25,12 @@ from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, LMConfig
 from tether.lm.evaluate import check_test_split, evaluate
-from tether.lm.logprobs import completion_distribution, completion_logprobs, resolve_share_prompts
+from tether.lm.logprobs import (
+    completion_distribution,
+    completion_token_stats,
+    resolve_share_prompts,
+    sum_pi_squared,
+)
 from tether.lm.loop._groups import group_rows
 from tether.lm.model import check_model_source, load_policy, load_reference, load_tokenizer, save_model
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin, plugin_parameters
@@ -69,6 +74,7 @@ LM_INPUTS = frozenset(
         "old_logits",
         "reward_parts",
         "reward_weights",
+        "sum_pi_squared",
     }
 )
 # The inputs above (and ``advantages``) that hold one value per rollout row: the trainer slices exactly
@@ -339,6 +345,8 @@ class RLTrainer:
         self.recipe, self.method, self.task = plan.recipe, plan.method, plan.task
         self.plugins: list[LoopPlugin] = plan.plugins
         self.use_ref, self.needs_distribution = plan.use_ref, plan.needs_distribution
+        # OTB's sum_pi_squared comes from the old-policy pass, which then always runs
+        self.needs_sum_pi_squared = "sum_pi_squared" in self.method.required_inputs()
         self.whole_groups, self.row_inputs = bool(plan.whole_groups), plan.row_inputs
         train_prompts = plan.train_prompts
 
@@ -458,9 +466,15 @@ class RLTrainer:
 
     # ----------------------------------------------------------------------------- log-probs
     def _logprobs(
-        self, model: torch.nn.Module, batch: RolloutBatch, rows: torch.Tensor | slice, grad: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Log-probs (and entropy, and the full distribution when a component needs ``logits``)."""
+        self,
+        model: torch.nn.Module,
+        batch: RolloutBatch,
+        rows: torch.Tensor | slice,
+        grad: bool,
+        sum_sq: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs, entropy, the full distribution when a component needs ``logits``, and
+        ``sum_v pi(v)^2`` per position when ``sum_sq`` (OTB's ``sum_pi_squared``)."""
         s = self.config.sampling
         share = self.share_prompts
         args = (
@@ -472,34 +486,48 @@ class RLTrainer:
         )
         with torch.set_grad_enabled(grad):
             if self.needs_distribution:
-                return completion_distribution(
+                lp, ent, dist = completion_distribution(
                     *args, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, share_prompts=share
                 )
-            lp, ent = completion_logprobs(
+                # dist holds the processed log-probs (padding 0, truncated entries -1e4: exp -> 0)
+                sq = torch.where(args[4].bool(), sum_pi_squared(dist), 0.0) if sum_sq else None
+                return lp, ent, dist, sq
+            stats = completion_token_stats(
                 *args,
                 temperature=s.temperature,
                 top_k=s.top_k,
                 top_p=s.top_p,
                 compute_entropy=grad,
                 share_prompts=share,
+                compute_sum_pi_squared=sum_sq,
             )
-            return lp, ent, None
+            return stats.logprobs, stats.entropy, None, stats.sum_pi_squared
 
     def _no_grad_logprobs(
-        self, model: torch.nn.Module, batch: RolloutBatch
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, model: torch.nn.Module, batch: RolloutBatch, sum_sq: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(log-probs, full distribution or None, sum_pi_squared or None)`` of ``model``, no grad,
+        in eval mode, by micro-batches."""
         n = len(batch)
         size = self.config.train.micro_batch_size or n
-        parts, dists = [], []
+        parts, dists, sqs = [], [], []
         was_training = model.training
         model.eval()
         for start in range(0, n, size):
-            lp, _, dist = self._logprobs(model, batch, slice(start, start + size), grad=False)
+            lp, _, dist, sq = self._logprobs(
+                model, batch, slice(start, start + size), grad=False, sum_sq=sum_sq
+            )
             parts.append(lp.detach().float().cpu())
             if dist is not None:
                 dists.append(dist.detach().float().cpu())
+            if sq is not None:
+                sqs.append(sq.detach().float().cpu())
         model.train(was_training)
-        return torch.cat(parts), (torch.cat(dists) if dists else None)
+        return (
+            torch.cat(parts),
+            (torch.cat(dists) if dists else None),
+            (torch.cat(sqs) if sqs else None),
+        )
 
     def _advantages(
         self, inputs: dict[str, Any], scored: torch.Tensor
@@ -589,11 +617,14 @@ class RLTrainer:
                 and cfg.sampling.backend == "hf"
                 and cfg.train.sampler_correction == "none"
             )
-        ) and not self.needs_distribution
+        ) and not (self.needs_distribution or self.needs_sum_pi_squared)
+        old_sq: torch.Tensor | None = None
         if reuse_old:
             old_logprobs, old_dist = batch.sampler_logprobs.float(), None
         else:
-            old_logprobs, old_dist = self._no_grad_logprobs(self.model, batch)
+            old_logprobs, old_dist, old_sq = self._no_grad_logprobs(
+                self.model, batch, sum_sq=self.needs_sum_pi_squared
+            )
         ref_logprobs = (
             self._no_grad_logprobs(self.ref_model, batch)[0] if self.ref_model is not None else None
         )
@@ -616,6 +647,8 @@ class RLTrainer:
         inputs["reward_parts"], inputs["reward_weights"] = reward_parts(self.task, ro.scores)
         if ref_logprobs is not None:
             inputs["ref_logprobs"] = ref_logprobs
+        if old_sq is not None:
+            inputs["sum_pi_squared"] = old_sq
         if old_dist is not None:
             inputs["old_logits"] = old_dist
             inputs["logits"] = old_dist  # before the update the current distribution is the old one
@@ -665,7 +698,7 @@ class RLTrainer:
                 finite = True
                 mb_metrics: dict[str, float] = {}
                 for rows in micro_batches:
-                    lp, ent, dist = self._logprobs(self.model, batch, rows, grad=True)
+                    lp, ent, dist, _ = self._logprobs(self.model, batch, rows, grad=True)
                     # Per-row inputs are sliced to the micro-batch; batch-level ones pass whole.
                     step_inputs = {k: _rows_of(k, v, rows, n, self.row_inputs) for k, v in inputs.items()}
                     step_inputs = {

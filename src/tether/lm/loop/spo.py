@@ -110,7 +110,7 @@ class SingleStream(LoopPlugin):
             return out
         stored = [self.last[prompts[i].id] for i in rows]
         batch = _stored_batch(stored, trainer)
-        lp_now, _ = trainer._no_grad_logprobs(trainer.model, batch)
+        lp_now = trainer._no_grad_logprobs(trainer.model, batch)[0]
         width = batch.completion_ids.shape[1]
         then = torch.zeros((len(rows), width), dtype=torch.float32)
         for j, s in enumerate(stored):
