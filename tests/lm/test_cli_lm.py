@@ -544,6 +544,43 @@ def test_evaluate_runs_in_eval_mode_and_restores_the_mode(
     assert modes == [False] and model.training
 
 
+def test_eval_entropy_pass_bounds_its_logits_and_keeps_the_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eval entropy pass holds at most ENTROPY_LOGITS_BUDGET logits at once (a 150k vocabulary
+    would not fit otherwise) and the mean entropy does not depend on the chunking."""
+    import tether.lm.evaluate as evaluate_module
+    from tether.lm.config import EvalSettings
+    from tether.lm.model import ModelConfig, build_tiny_model, load_policy
+    from tether.lm.rollout import SamplingConfig
+    from tether.lm.tasks import get_task
+
+    assert evaluate_module.entropy_rows(1024, 151_936) == 1
+    assert evaluate_module.entropy_rows(8, 100, budget=8 * 100 * 3 + 5) == 3
+    model_dir = build_tiny_model(tmp_path / "tiny", ModelConfig(tiny_hidden=32, tiny_layers=1, tiny_heads=2))
+    model, tok = load_policy(ModelConfig(name_or_path=str(model_dir)))
+    task = get_task("arithmetic", digits=1, train_size=20, test_size=4)
+    args = (model, tok, task, EvalSettings(prompts=4, k=2), SamplingConfig(max_new_tokens=3))
+    whole = evaluate_module.evaluate(*args)
+    vocab = model.config.vocab_size
+    chunks: list[tuple[object, int]] = []
+    logprobs = evaluate_module.completion_logprobs
+    budget = 3 * vocab * 3  # 3 rows of 3 tokens
+
+    def spy(m: torch.nn.Module, *a: torch.Tensor, **kw: object) -> object:
+        rows, tokens = a[2].shape
+        chunks.append((kw["logits_chunk"], max(1, budget // (tokens * vocab))))
+        assert rows > 3  # the batch is split
+        return logprobs(m, *a, **kw)
+
+    monkeypatch.setattr(evaluate_module, "ENTROPY_LOGITS_BUDGET", budget)
+    monkeypatch.setattr(evaluate_module, "completion_logprobs", spy)
+    chunked = evaluate_module.evaluate(*args)
+    assert chunks and all(got == want for got, want in chunks)
+    assert chunked["entropy"] == pytest.approx(whole["entropy"], rel=1e-5)
+    assert chunked["accuracy"] == whole["accuracy"]
+
+
 def test_train_refuses_a_task_without_a_test_split_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

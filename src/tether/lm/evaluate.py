@@ -13,6 +13,16 @@ from tether.lm.logprobs import completion_logprobs
 from tether.lm.rollout import Sampler, SamplingConfig, greedy, sampler_for
 from tether.lm.tasks.base import Task, safe_score_batch
 
+# The entropy pass materialises [rows, T, V] logits; it runs on as many rows at a time as keep that
+# within this many elements (256 MiB in float32): a 150k vocabulary at 1024 tokens takes one row at a
+# time, the tiny model the whole batch.
+ENTROPY_LOGITS_BUDGET = 2**26
+
+
+def entropy_rows(tokens: int, vocab: int, budget: int | None = None) -> int:
+    """Rows per forward pass of the eval entropy pass: [rows, tokens, vocab] logits within budget."""
+    return max(1, (ENTROPY_LOGITS_BUDGET if budget is None else budget) // max(1, tokens * vocab))
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
@@ -92,6 +102,7 @@ def _evaluate(
     ent_tokens = 0.0
     len_sum = 0.0
     n = settings.samples or settings.k
+    vocab = int(model.config.vocab_size)
     per_prompt = max(1, settings.batch_size // n)
     for start in range(0, len(prompts), per_prompt):
         chunk = prompts[start : start + per_prompt]
@@ -115,6 +126,7 @@ def _evaluate(
             top_k=sample_cfg.top_k,
             top_p=sample_cfg.top_p,
             compute_entropy=True,
+            logits_chunk=entropy_rows(batch.completion_ids.shape[1], vocab),
         )
         m = batch.completion_mask.to(device).float()
         if ent is not None:
