@@ -25,7 +25,7 @@ from tether.lm.model import (
 )
 from tether.lm.precision import AUTO_MIN_PARAMETERS, resolve_autocast
 from tether.lm.tasks import ArithmeticTask, CountdownTask
-from tether.lm.tokenizer import build_char_tokenizer
+from tether.lm.tokenizer import CHARACTERS, SPECIAL_TOKENS, build_char_tokenizer
 
 SMALL = {
     "tiny_hidden": 32,
@@ -51,7 +51,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_tokenizer_round_trips_every_task_text() -> None:
     tok = build_char_tokenizer()
-    assert len(tok) < 128
+    assert len(tok) == len(SPECIAL_TOKENS) + len(CHARACTERS) == 101  # the module docstring's count
     texts = [p.text for p in ArithmeticTask(operations="+-*", train_size=50, test_size=10).prompts("train")]
     countdown = CountdownTask(train_size=50, test_size=10)
     for p in countdown.prompts("train"):

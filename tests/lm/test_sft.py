@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,7 +203,9 @@ def test_examples_past_the_models_context_are_refused_before_any_work(tmp_path: 
     cfg = sft_config(steps=2)
     cfg.model.tiny_max_positions = 16
     cfg.sampling.max_new_tokens = 14  # prompts like "7+1=" (4 tokens) + 14 > 16
-    with pytest.raises(TetherError, match="SFT's sampled checks and eval: a prompt of 4 tokens plus 14"):
+    with pytest.raises(
+        TetherError, match=r"SFT's sampled checks \(train prompts\): a prompt of 4 tokens plus 14"
+    ):
         run_sft(cfg, out=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
     cfg.sampling.max_new_tokens = 3
@@ -210,3 +213,37 @@ def test_examples_past_the_models_context_are_refused_before_any_work(tmp_path: 
     with pytest.raises(TetherError, match=r"SFT example .* \(prompt \+ reference \+ EOS\)"):
         run_sft(cfg, out=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_test_prompts_past_the_models_context_are_refused_before_any_work(tmp_path: Path) -> None:
+    """The final eval's test prompts are checked before training, not found at the end."""
+    from tether.lm.evaluate import check_eval_context, eval_prompts
+    from tether.lm.tasks.files import FileTask
+
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    test_rows = [p.meta["row"] for p in FileTask(str(path), test_fraction=0.25).prompts("test")]
+    for i in test_rows:
+        rows[i]["prompt"] = "x" * 140 + f"{i}+{i}="  # past the tiny model's 128 positions
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = sft_config(steps=2)
+    cfg.task.name, cfg.task.params = "file", {"path": str(path), "test_fraction": 0.25}
+    with pytest.raises(
+        TetherError, match=r"the test prompts of the final eval \(the longest: .*\): a prompt of 1"
+    ):
+        run_sft(cfg, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+    # the same selection as evaluate's: eval.prompts of the test split, drawn with the seed
+    model, tok = load_policy(cfg.model)
+    task = FileTask(str(path), test_fraction=0.25)
+    assert [p.id for p in eval_prompts(task, cfg.eval, seed=3)] == [
+        p.id for p in task.prompts("test", min(cfg.eval.prompts, 2), seed=3)
+    ]
+    with pytest.raises(TetherError, match="the test prompts of the final eval"):
+        check_eval_context(model, tok, task, cfg.eval, SamplingConfig(max_new_tokens=3))
+    short = ArithmeticTask(digits=1, train_size=20, test_size=5)  # "7+1=": 4 tokens
+    check_eval_context(model, tok, short, cfg.eval, SamplingConfig(max_new_tokens=124))  # 128: fits
+    with pytest.raises(TetherError, match=r"final eval \(the longest: .*\): a prompt of 4 tokens plus 125"):
+        check_eval_context(model, tok, short, cfg.eval, SamplingConfig(max_new_tokens=125))

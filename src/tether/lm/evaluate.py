@@ -10,8 +10,16 @@ import torch
 from tether.errors import TetherError
 from tether.lm.config import EvalSettings
 from tether.lm.logprobs import completion_logprobs
-from tether.lm.rollout import Sampler, SamplingConfig, greedy, sampler_for
-from tether.lm.tasks.base import Task, safe_score_batch
+from tether.lm.rollout import (
+    Sampler,
+    SamplingConfig,
+    check_context,
+    context_length,
+    encode_prompts,
+    greedy,
+    sampler_for,
+)
+from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 
 # The entropy pass materialises [rows, T, V] logits; it runs on as many rows at a time as keep that
 # within this many elements (256 MiB in float32): a 150k vocabulary at 1024 tokens takes one row at a
@@ -51,6 +59,33 @@ def check_test_split(task: Task, name: str | None = None) -> int:
     return available
 
 
+def eval_prompts(task: Task, settings: EvalSettings, seed: int = 0) -> list[Prompt]:
+    """The held-out prompts :func:`evaluate` scores: ``settings.prompts`` of the test split (all of
+    it when it has fewer), drawn with ``seed``."""
+    available = check_test_split(task)
+    return task.prompts("test", min(settings.prompts, available), seed=seed)
+
+
+def check_eval_context(
+    model: Any, tokenizer: Any, task: Task, settings: EvalSettings, sampling: SamplingConfig, seed: int = 0
+) -> None:
+    """Before any work, for a run that evaluates at its end: the longest of the test prompts
+    :func:`evaluate` will use (``settings.prompts`` drawn with ``seed``, the seed given to
+    :func:`evaluate`) plus ``sampling.max_new_tokens`` must fit the model's context; a clear error
+    naming the test prompts otherwise, rather than one after training."""
+    if context_length(model) is None:
+        return
+    prompts = eval_prompts(task, settings, seed)
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [p.text for p in prompts])]
+    i = max(range(len(prompts)), key=lengths.__getitem__)
+    check_context(
+        model,
+        lengths[i],
+        sampling.max_new_tokens,
+        where=f"the test prompts of the final eval (the longest: {prompts[i].id!r})",
+    )
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -87,8 +122,7 @@ def _evaluate(
     seed: int,
     sampler: Sampler | None,
 ) -> dict[str, Any]:
-    available = check_test_split(task)
-    prompts = task.prompts("test", min(settings.prompts, available), seed=seed)
+    prompts = eval_prompts(task, settings, seed)
     device = next(model.parameters()).device
     sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
     sampler = sampler_for(model, tokenizer, sample_cfg, reuse=sampler)

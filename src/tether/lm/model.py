@@ -7,9 +7,11 @@ Nothing is ever downloaded by tether itself: the tiny model is built from
 ``save_pretrained`` (safetensors) and then loaded back through ``from_pretrained``, so the
 path a real model takes is the path the tiny one takes.
 
-Placement: ``device="auto"`` picks CUDA when present, else CPU; ``dtype="auto"`` is bfloat16 on
-a CUDA device that supports it and float32 otherwise. Optional LoRA (PEFT) and gradient
-checkpointing are switched on by the config.
+Placement: ``device="auto"`` picks CUDA when present, else CPU; ``dtype="auto"`` is float32
+master weights (mixed precision comes from ``model.autocast``), except a frozen LoRA base on a
+CUDA device that supports bfloat16, which loads in bfloat16 (:func:`resolve_dtype`). Optional
+LoRA (PEFT) and gradient checkpointing are switched on by the config; the model's own dropout is
+off by default (``model.disable_dropout``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _TINY_MARKER = "tether_tiny.json"
+#: Model attribute: values of the model's config that tether changed when it loaded the model
+#: (``use_cache`` under checkpointing, dropout probabilities), as they were, by dotted path;
+#: :func:`save_model` writes them back, so that a saved config.json is the model's own.
+_CONFIG_ORIGINALS = "tether_config_originals"
+#: Model attribute: the LoRA adapter directory whose adapters were merged into its weights.
+_MERGED_FROM = "tether_merged_from"
+#: Dropout probabilities by name, in modules and configs: ``attention_dropout``, GPT-2's
+#: ``attn_pdrop``, OPT's ``layerdrop`` (layers skipped at random in training).
+_DROPOUT_NAME = re.compile(r"dropout|pdrop|layerdrop")
+_DROPOUT_MODULES = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+#: ``model.lora_target_modules`` shorthand for every linear layer but the output head (PEFT's).
+ALL_LINEAR = "all-linear"
 #: Bumped when the way the tiny model is built changes, so stale caches are rebuilt.
 _TINY_FORMAT = 1
 
@@ -57,7 +78,10 @@ class ModelConfig:
         metadata={
             "help": '"tiny" (the embedded default, built locally and cached under default_model_dir()), '
             "a local directory written by save_pretrained, or a Hugging Face hub name (loaded only if "
-            "it is already in the local Hugging Face cache or the network is reachable)."
+            "it is already in the local Hugging Face cache or the network is reachable). A name that can "
+            "only be a local path (it starts with /, ./, ../ or ~, has two or more /, or its first "
+            "component is a local directory, as runs/ in runs/sft) must exist: it is never looked up "
+            "on the hub."
         },
     )
     device: str = field(
@@ -71,7 +95,9 @@ class ModelConfig:
             "help": "Parameter dtype. auto = float32 master weights (forward passes in bf16 through "
             "model.autocast on a GPU), except a LoRA base on a CUDA device with bf16, which is frozen "
             "and loads in bfloat16. bfloat16 = pure bf16 weights: AdamW updates below bf16's "
-            "resolution are lost (see tether.lm.precision).",
+            "resolution are lost (see tether.lm.precision). float16 only for a frozen LoRA base "
+            "(the adapters train in float32) or evaluation: training float16 weights is refused, since "
+            "AdamW's eps underflows in float16 (use model.autocast=float16 for float16 forward passes).",
         },
     )
     autocast: bool | Literal["auto", "bfloat16", "float16"] = field(
@@ -114,12 +140,24 @@ class ModelConfig:
     lora_target_modules: tuple[str, ...] = field(
         default=("q_proj", "v_proj"),
         metadata={
-            "help": "Names of the modules that receive LoRA adapters (Llama/Qwen attention projections)."
+            "help": "Names of the modules that receive LoRA adapters (default: Llama/Qwen attention "
+            "projections; each must name modules of the model), or all-linear: every linear layer but "
+            "the output head (PEFT's shorthand)."
         },
     )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass (less memory, ~30% more compute)."},
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Turn off the model's own dropout when it is loaded for training (RL and SFT), as "
+            "TRL does for RL and preference training: with dropout on, the training pass differs from the "
+            "sampler's, old and reference passes (all in eval mode), so on-policy ratios are not 1 and "
+            "logprob_gap and KL are inflated (GPT-2, OPT and Phi configs have dropout 0.1). LoRA's own "
+            "dropout (model.lora_dropout) is kept; the saved config.json keeps the model's values.",
+        },
     )
     tiny_hidden: int = field(default=192, metadata={"min": 8, "help": "Tiny model: hidden size."})
     tiny_layers: int = field(default=4, metadata={"min": 1, "help": "Tiny model: number of decoder layers."})
@@ -148,6 +186,11 @@ class ModelConfig:
         if self.lora_rank > 0 and not self.lora_target_modules:
             raise TetherError(
                 "model.lora_target_modules is empty; name the modules to adapt, e.g. q_proj,v_proj"
+            )
+        if ALL_LINEAR in self.lora_target_modules and len(self.lora_target_modules) > 1:
+            raise TetherError(
+                f"model.lora_target_modules={','.join(self.lora_target_modules)} mixes {ALL_LINEAR} with "
+                f"module names; give either {ALL_LINEAR} alone or the names alone"
             )
         if self.attn_implementation == "flash_attention_2":  # refused here, before any run starts
             check_attn_implementation(self.attn_implementation, resolve_device(self.device))
@@ -292,15 +335,45 @@ def build_tiny_model(directory: Path, config: ModelConfig) -> Path:
     return directory
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+def _local_only(name: str) -> str | None:
+    """Whether ``name`` can only be a local path (a hub name is ``name`` or ``org/name``): None
+    if it may be a hub name, else why it is a path ("" when that is plain). A path starts with
+    ``/``, ``.`` or ``~``, or has a backslash or two ``/``, or its first component is a local
+    directory (``runs/sft`` where ``runs/`` exists)."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return ""
+    first = name.split("/", 1)[0]
+    if "/" in name and Path(first).is_dir():
+        return f"{first + '/'!r} is a local directory, so it names a local path, not a Hugging Face hub model"
+    return None
+
+
+def _missing_directory(name: str, path: Path, why: str) -> TetherError:
+    """The refusal of a local model path that does not exist, with the nearest names there are."""
+    import difflib
+
+    where = os.path.abspath(path)
+    hint = ""
+    parent = path.parent
+    if parent.is_dir():
+        siblings = sorted(p.name for p in parent.iterdir() if p.is_dir())
+        close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.5)
+        if close:
+            hint = " Did you mean " + " or ".join(repr(str(parent / c)) for c in close) + "?"
+    return TetherError(
+        f"model directory {name!r} ({where}) does not exist{f' ({why})' if why else ''}.{hint} Set "
+        "model.name_or_path to a "
+        "directory written by save_pretrained (a run's model/ directory), a Hugging Face hub name "
+        "(org/name), or tiny"
+    )
 
 
 def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, local_files_only)."""
+    """(what to pass to from_pretrained, local_files_only). A local directory is made absolute, so
+    that what names it later (a LoRA adapter's base model) holds from any working directory."""
     name = config.name_or_path
     if name == "tiny":
-        return str(build_tiny_model(default_model_dir(config), config)), True
+        return os.path.abspath(build_tiny_model(default_model_dir(config), config)), True
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and not is_adapter_dir(path):
@@ -308,22 +381,37 @@ def _resolve_source(config: ModelConfig) -> tuple[str, bool]:
                 f"model directory {str(path)!r} has no config.json (nor a LoRA adapter_config.json); point "
                 "model.name_or_path at a directory written by save_pretrained, or use model.name_or_path=tiny"
             )
-        return str(path), True
+        return os.path.abspath(path), True
     if path.exists():
         raise TetherError(
             f"model.name_or_path={name!r} is a file, not a model directory; point it at the directory "
             "written by save_pretrained"
         )
-    if _looks_like_path(name):
-        raise TetherError(
-            f"model directory {name!r} does not exist; check model.name_or_path, or use model.name_or_path=tiny"
-        )
+    why = _local_only(name)
+    if why is not None:  # refused at once: from_pretrained would look for it on the hub, retrying
+        raise _missing_directory(name, path, why)
     return name, False
 
 
+def check_model_dtype(config: ModelConfig) -> None:
+    """Refuse float16 weights that would be trained (no LoRA): AdamW's eps (1e-8) is 0 in float16,
+    so its first update divides by ~0 and corrupts the weights. A frozen float16 LoRA base is
+    fine (PEFT keeps the adapters, the only trained weights, in float32), and so is evaluation."""
+    if config.dtype == "float16" and config.lora_rank == 0:
+        raise TetherError(
+            "model.dtype=float16 would train float16 weights, which AdamW corrupts at the first step "
+            "(its eps of 1e-8 underflows to 0 in float16). Use model.dtype=bfloat16, or float32 weights "
+            "(model.dtype=auto) with model.autocast=float16 for float16 forward passes; float16 weights "
+            "are allowed only as a frozen LoRA base (model.lora_rank > 0)"
+        )
+
+
 def check_model_source(config: ModelConfig) -> None:
-    """The checks of ``model.name_or_path`` that need no loading: a local path that does not
-    exist, a file, a directory without config.json. Run by the planners, before any work."""
+    """The checks of the model settings of a training run that need no loading: float16 weights
+    that would be trained (:func:`check_model_dtype`), a local path that does not exist, a file, a
+    directory without config.json. Run by the planners of RL and SFT, before any work (not by
+    ``tether eval``, which may load float16 weights)."""
+    check_model_dtype(config)
     if config.name_or_path != "tiny":
         _resolve_source(config)
 
@@ -363,16 +451,108 @@ def _load_merged_adapter(source: str, dtype: torch.dtype, attn: dict[str, Any]) 
         ) from err
 
 
+def _base_of(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _remember_config(model: Any, path: str, value: Any) -> None:
+    """Record that tether changed ``model.config.<path>`` from ``value`` (the first record wins)."""
+    originals = getattr(model, _CONFIG_ORIGINALS, None)
+    if originals is None:
+        originals = {}
+        object.__setattr__(model, _CONFIG_ORIGINALS, originals)
+    originals.setdefault(path, value)
+
+
+def _config_owner(config: Any, path: str) -> tuple[Any, str]:
+    *parents, name = path.split(".")
+    for part in parents:
+        config = getattr(config, part)
+    return config, name
+
+
+@contextlib.contextmanager
+def _original_config(model: Any) -> Iterator[None]:
+    """``model``'s config with the values tether changed at load put back, for a save."""
+    originals: dict[str, Any] = getattr(_base_of(model), _CONFIG_ORIGINALS, None) or {}
+    config = _base_of(model).config
+    current = {}
+    for path, value in originals.items():
+        owner, name = _config_owner(config, path)
+        current[path] = getattr(owner, name)
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for path, value in current.items():
+            owner, name = _config_owner(config, path)
+            setattr(owner, name, value)
+
+
+def _configs(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``config`` and its sub-configs (a multimodal model's ``text_config``), by dotted prefix."""
+    from transformers import PretrainedConfig
+
+    yield prefix, config
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            yield from _configs(value, f"{prefix}{name}.")
+
+
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    return isinstance(value, float) and value > 0.0 and bool(_DROPOUT_NAME.search(name.lower()))
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in ``model`` (``model.disable_dropout``): p = 0 on every dropout module, and 0
+    for every dropout probability its modules hold as numbers (Llama's ``attention_dropout``, OPT's
+    ``dropout`` and ``layerdrop``) or its config holds (Falcon and GPT-J read it in the forward
+    pass). The config's values are recorded, so that :func:`save_model` writes them unchanged.
+    Run before any LoRA wrapping: PEFT's own dropout (``model.lora_dropout``) is not touched."""
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for prefix, sub in _configs(config) if config is not None else ():
+        for name, value in list(vars(sub).items()):
+            if _is_dropout_rate(name, value):
+                _remember_config(model, prefix + name, value)
+                setattr(sub, name, 0.0)
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is optional
+        return False
+    return isinstance(model, PeftModel)
+
+
 def save_model(model: Any, tokenizer: Any, directory: Path) -> None:
-    """The policy and its tokenizer in Hugging Face format, loadable as ``model.name_or_path``; a
-    LoRA (PEFT) policy saves its adapters, which :func:`load_policy` merges onto their base.
+    """The policy and its tokenizer in Hugging Face format, loadable as ``model.name_or_path`` (by
+    tether and by ``AutoModelForCausalLM.from_pretrained`` alike); a LoRA (PEFT) policy saves its
+    adapters, which :func:`load_policy` merges onto their base. The config is saved as the model
+    had it (not with what tether changed for training: ``use_cache``, dropout).
+
+    LoRA on a base that was itself merged from adapters (``model.name_or_path`` a LoRA run's model)
+    saves merged weights instead: adapter_config.json could name only the first adapters' base, and
+    the saved adapters would load without the first ones. The merge runs on a copy of the model
+    (it needs the memory of a second copy for the time of the save), so the policy is untouched.
 
     Written atomically (:func:`tether.runs.files.atomic_directory`): a kill while saving leaves the
     previous model whole, never a torn safetensors file that ``tether eval`` cannot read."""
     from tether.runs.files import atomic_directory
 
-    with atomic_directory(directory) as tmp, _quiet_peft():
-        model.save_pretrained(tmp)
+    to_save = model
+    if _is_peft(model) and getattr(_base_of(model), _MERGED_FROM, None) is not None:
+        with _quiet_peft():
+            to_save = copy.deepcopy(model).merge_and_unload()
+    with atomic_directory(directory) as tmp, _quiet_peft(), _original_config(to_save):
+        to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
@@ -406,6 +586,7 @@ def _load_pretrained(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         if local_only and is_adapter_dir(Path(source)):
             model = _load_merged_adapter(source, dtype, attn)
+            object.__setattr__(model, _MERGED_FROM, source)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, local_files_only=local_only, **attn
@@ -424,21 +605,26 @@ def _load_pretrained(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]
 
 
 def _enable_checkpointing(model: Any) -> None:
-    """Non-reentrant activation checkpointing; the KV cache is off (it conflicts with recompute)."""
+    """Non-reentrant activation checkpointing; the KV cache is off (it conflicts with recompute;
+    the config's own ``use_cache`` is recorded for :func:`save_model`)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    _remember_config(model, "use_cache", getattr(model.config, "use_cache", True))
     model.config.use_cache = False
 
 
 def _disable_checkpointing(model: Any) -> None:
+    """Checkpointing off, and the config's own ``use_cache`` back."""
     if hasattr(model, "activation_checkpointing_disable"):
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
-    model.config.use_cache = True
+    base = _base_of(model)
+    originals: dict[str, Any] = getattr(base, _CONFIG_ORIGINALS, None) or {}
+    base.config.use_cache = originals.pop("use_cache", True)
 
 
 def is_checkpointing(model: Any) -> bool:
@@ -470,10 +656,11 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
     """Load the policy and its tokenizer, placed and adapted as ``config`` asks.
 
     Steps: resolve the source ("tiny" is built if missing; a local directory is loaded with
-    ``local_files_only=True``), load in the resolved dtype, move to the resolved device, enable
-    gradient checkpointing (non-reentrant, ``use_cache`` off) when asked, then wrap with LoRA
-    when ``lora_rank > 0`` (only adapter parameters stay trainable). A tokenizer without a pad
-    token gets its EOS token as pad. The model is returned in training mode.
+    ``local_files_only=True``), load in the resolved dtype, move to the resolved device, turn the
+    model's own dropout off (``disable_dropout``, :func:`disable_dropout`), enable gradient
+    checkpointing (non-reentrant, ``use_cache`` off) when asked, then wrap with LoRA when
+    ``lora_rank > 0`` (only adapter parameters stay trainable, in float32 on a float16 base). A
+    tokenizer without a pad token gets its EOS token as pad. The model is returned in training mode.
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device, lora=config.lora_rank > 0)
@@ -490,6 +677,8 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
 
+    if config.disable_dropout:  # before LoRA: model.lora_dropout stays as set
+        disable_dropout(model)
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
 
@@ -505,7 +694,7 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, takes any number
             lora_dropout=config.lora_dropout,
-            target_modules=list(config.lora_target_modules),
+            target_modules=lora_targets(config, model),
             task_type="CAUSAL_LM",
         )
         try:
@@ -516,9 +705,41 @@ def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
                 f"could not add LoRA adapters to {config.name_or_path!r}: {err}. "
                 "Set model.lora_target_modules to module names this model has (e.g. q_proj,v_proj)"
             ) from err
+        for p in model.parameters():  # PEFT does this already (autocast_adapter_dtype): make sure
+            if p.requires_grad and p.dtype == torch.float16:
+                p.data = p.data.float()
     set_autocast(model, device, resolve_autocast(config.autocast, device, count_parameters(model)))
     model.train()
     return model, tokenizer
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """The distinct names (last component) of ``model``'s linear layers, GPT-2's Conv1D included."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = (
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)
+    )
+    return list(dict.fromkeys(names))
+
+
+def lora_targets(config: ModelConfig, model: torch.nn.Module) -> str | list[str]:
+    """``model.lora_target_modules`` for PEFT: ``"all-linear"`` as that string, else the names,
+    each checked to name at least one module of ``model`` as PEFT matches them (the whole module
+    name or its last components): PEFT only refuses targets of which none matches, so a mistyped
+    one beside a good one would silently get no adapters."""
+    targets = list(config.lora_target_modules)
+    if targets == [ALL_LINEAR]:
+        return ALL_LINEAR
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise TetherError(
+            f"model.lora_target_modules: {', '.join(repr(t) for t in missing)} names no module of "
+            f"{config.name_or_path!r}; its linear layers are {', '.join(_linear_names(model))}. Set "
+            f"model.lora_target_modules to some of those (e.g. q_proj,v_proj), or to {ALL_LINEAR}"
+        )
+    return targets
 
 
 def load_reference(config: ModelConfig, policy: torch.nn.Module) -> PreTrainedModel:

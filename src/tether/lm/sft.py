@@ -15,7 +15,7 @@ from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, SFTConfig
-from tether.lm.evaluate import check_test_split, evaluate
+from tether.lm.evaluate import check_eval_context, check_test_split, evaluate
 from tether.lm.model import check_model_source, load_policy, load_tokenizer, save_model
 from tether.lm.precision import autocast_context
 from tether.lm.progress import TrainProgress
@@ -30,6 +30,7 @@ from tether.lm.rollout import (
     sampler_for,
 )
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
+from tether.lm.vllm_backend import check_backend
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
@@ -69,8 +70,10 @@ def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[st
 def check_sft_context(
     model: Any, tokenizer: Any, task: Task, prompts: list[Prompt], max_new_tokens: int
 ) -> None:
-    """Before any work: the longest prompt + reference + EOS must fit the model's context, and so
-    must the longest prompt + ``max_new_tokens`` of the accuracy checks."""
+    """Before any work: the longest SFT example (prompt + reference + EOS) of ``prompts`` (the
+    train examples) must fit the model's context, and so must their longest prompt +
+    ``max_new_tokens`` (the sampled accuracy checks draw from them). The final eval's test prompts
+    are :func:`~tether.lm.evaluate.check_eval_context`'s."""
     if context_length(model) is None:
         return
     p_len = [len(ids) for ids in encode_prompts(tokenizer, [p.text for p in prompts])]
@@ -79,7 +82,7 @@ def check_sft_context(
     check_context(
         model, p_len[i], t_len[i], where=f"SFT example {prompts[i].id!r} (prompt + reference + EOS)"
     )
-    check_context(model, max(p_len), max_new_tokens, where="SFT's sampled checks and eval")
+    check_context(model, max(p_len), max_new_tokens, where="SFT's sampled checks (train prompts)")
 
 
 def sampled_accuracy(
@@ -121,6 +124,7 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
     imports, the task's name, parameters, rewards and chat template, the examples asked for)."""
     import_user_code(cfg.imports)
     check_model_source(cfg.model)
+    check_backend(cfg.sampling.backend, cfg.model.lora_rank)
     task = task_from_settings(cfg.task, lambda: load_tokenizer(cfg.model))
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
@@ -147,6 +151,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     torch.manual_seed(cfg.sft.seed)
     model, tokenizer = load_policy(cfg.model)
     check_sft_context(model, tokenizer, task, prompts, cfg.sampling.max_new_tokens)
+    check_eval_context(model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed)
     # Only now is the run directory touched. A run killed before its first checkpoint lost
     # nothing but the logs of unsaved steps: it starts again.
     resume = resume and run.resumable()

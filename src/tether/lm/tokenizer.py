@@ -1,11 +1,11 @@
 """The embedded default tokenizer: one token per character, built locally with ``tokenizers``.
 
-The vocabulary is the four special tokens followed by every printable ASCII character, tab and
-newline (100 entries in all), which covers the digits, letters, space and the punctuation the
-built-in tasks use (``+ - * / = ( ) , . : ? # \\ { }``). Encoding splits text into characters
-(a BPE model with no merges); decoding concatenates them back (a ``Fuse`` decoder), so
-``decode(encode(text)) == text`` exactly for any ASCII text. Characters outside the vocabulary
-become ``<unk>``.
+The vocabulary is the four special tokens followed by every printable ASCII character (the 95
+from space to ``~``), tab and newline: 101 entries in all. It covers the digits, letters, space
+and the punctuation the built-in tasks use (``+ - * / = ( ) , . : ? # \\ { }``). Encoding splits
+text into characters (a BPE model with no merges); decoding concatenates them back (a ``Fuse``
+decoder), so ``decode(encode(text)) == text`` exactly for any ASCII text. Characters outside the
+vocabulary become ``<unk>``.
 
 No special token is added on encoding: whoever builds the model input (the sampler, the SFT
 collator) decides whether to prepend ``<bos>`` and append ``<eos>``. The padding side is also

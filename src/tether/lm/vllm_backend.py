@@ -61,6 +61,22 @@ def vllm_unavailable_reason() -> str | None:
     return None
 
 
+def check_backend(backend: str, lora_rank: int) -> None:
+    """``sampling.backend`` checked before any work: vLLM must be installed with a GPU, and it
+    samples from a plain (not LoRA) policy."""
+    if backend != "vllm":
+        return
+    reason = vllm_unavailable_reason()
+    if reason is not None:
+        raise TetherError(reason)
+    if lora_rank > 0:
+        raise InvalidInputError(
+            "sampling.backend=vllm does not take a LoRA (PEFT) policy: its weights are not the "
+            "base model's; use sampling.backend=hf with model.lora_rank > 0, or train without LoRA "
+            "(model.lora_rank=0)"
+        )
+
+
 class VLLMSampler:
     """Samples completions with a vLLM engine; same ``generate`` interface as ``HFSampler``."""
 
@@ -73,14 +89,7 @@ class VLLMSampler:
         gpu_memory_utilization: float = 0.3,
         dtype: str = "auto",
     ) -> None:
-        reason = vllm_unavailable_reason()
-        if reason is not None:
-            raise TetherError(reason)
-        if hasattr(model, "peft_config"):
-            raise InvalidInputError(
-                "sampling.backend=vllm does not take a LoRA (PEFT) policy: its weights are not the "
-                "base model's; use sampling.backend=hf with model.lora, or train without LoRA"
-            )
+        check_backend("vllm", 1 if hasattr(model, "peft_config") else 0)
         import vllm
 
         self.config = config
