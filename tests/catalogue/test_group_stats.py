@@ -47,3 +47,35 @@ def test_float_group_ids_rejected() -> None:
         groups_of(torch.tensor([0.0, 1.0]), 2)
     with pytest.raises(InvalidInputError, match="group_ids"):
         groups_of(torch.tensor([0, 1, 2]), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_flat_group_has_its_value_as_mean_and_exactly_zero_spread(dtype: torch.dtype) -> None:
+    """Eight float32 rewards of 0.9: their float sum / 8 is 3.6e-8 off 0.9, which gave a std of 6e-8
+    and GRPO advantages of -0.056 (eps 1e-6) for a group without any signal."""
+    from tether.catalogue import get
+    from tether.catalogue.advantages.group_stats import grpo_scores
+
+    x = torch.tensor([0.9] * 8 + [0.7] * 3 + [0.3, 0.3, 0.6], dtype=dtype)
+    ids = torch.tensor([0] * 8 + [1] * 3 + [2] * 3)
+    s = group_stats(x, groups_of(ids, len(x)))
+    assert s.mean[0].item() == x[0].item() and s.mean[1].item() == x[8].item()
+    assert s.std[0].item() == 0.0 and s.std[1].item() == 0.0 and s.std[2].item() > 0.0
+    assert s.zero_std.tolist() == [True, True, False]
+    scores = grpo_scores(x, ids)
+    assert torch.all(scores[:11] == 0) and bool((scores[11:] != 0).all())
+    mask = torch.ones(len(x), 3, dtype=torch.bool)
+    adv, metrics = get("advantage", "grpo").fn(rewards=x, response_mask=mask, group_ids=ids)
+    assert torch.all(adv[:11] == 0) and metrics["adv/zero_std_frac"].item() == pytest.approx(2 / 3)
+
+
+def test_a_flat_groups_mean_keeps_the_gradient_of_a_mean() -> None:
+    x = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.1, 0.2], requires_grad=True)
+    g = groups_of(torch.tensor([0, 0, 0, 0, 1, 1]), 6)
+    (grad,) = torch.autograd.grad(group_stats(x, g).mean.sum(), x)
+    torch.testing.assert_close(grad, torch.tensor([0.25, 0.25, 0.25, 0.25, 0.5, 0.5]))
+    # with weights: only the selected samples are the group (their values all equal)
+    w = torch.tensor([True, True, False, True, True, True])
+    y = torch.tensor([0.9, 0.9, 5.0, 0.9, 0.1, 0.2])
+    s = group_stats(y, g, weights=w)
+    assert s.mean[0].item() == y[0].item() and s.std[0].item() == 0.0

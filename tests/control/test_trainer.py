@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from tether.control.trainer import (
 )
 from tether.errors import TetherError
 from tether.recipes.compose import Method
-from tether.runs import RunDir
+from tether.runs import RunDir, load_checkpoint
 
 
 def make_config(out: Path, *overrides: str) -> ControlConfig:
@@ -258,3 +259,71 @@ def test_ctrl_c_stops_after_the_update_with_its_checkpoint(tmp_path: Path) -> No
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     summary = ControlTrainer(make_config(out, "run.checkpoint_every=100"), resume=True).train()
     assert summary["updates"] == 4 and len(RunDir(out).metrics.read()) == 4
+
+
+def _spy_loss(trainer: ControlTrainer, nan_calls: set[int] | None = None) -> list[float]:
+    """Record the ratio_max of every policy-loss call; make the loss NaN on the given (1-based) calls."""
+    original = trainer.method.loss
+    seen: list[float] = []
+
+    def loss(inputs: Any, aggregation: Any = None) -> Any:
+        value, metrics = original(inputs) if aggregation is None else original(inputs, aggregation)
+        seen.append(float(metrics["policy/ratio_max"]))
+        if nan_calls is not None and len(seen) in nan_calls:
+            value = value * float("nan")
+        return value, metrics
+
+    trainer.method.loss = loss  # type: ignore[method-assign]
+    return seen
+
+
+def test_update_metrics_keep_extremes_over_minibatches_and_epochs(tmp_path: Path) -> None:
+    """policy/ratio_max is the largest over the step's 16 updates, not their mean."""
+    trainer = ControlTrainer(make_config(tmp_path / "run", "train.epochs=4", "train.minibatches=4"))
+    seen = _spy_loss(trainer)
+    trainer.step()
+    seen.clear()
+    metrics = trainer.step()
+    assert len(seen) == 16 and max(seen) > sum(seen) / len(seen)
+    assert metrics["policy/ratio_max"] == max(seen)
+    assert metrics["policy/ratio_min"] < 1.0 < metrics["policy/ratio_max"]
+
+
+def test_a_nan_loss_never_reaches_the_weights_and_is_alarmed(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    trainer = ControlTrainer(make_config(out, "train.total_steps=128", "run.checkpoint_every=1"))
+    _spy_loss(trainer, nan_calls={1})
+    summary = trainer.train()
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    records = RunDir(out).metrics.read()
+    assert [r["train/skipped_updates"] for r in records] == [1.0, 0.0]
+    assert [r["train/nan_skips"] for r in records] == [1.0, 1.0]
+    assert all(math.isfinite(r["grad/norm"]) for r in records)  # the step's other updates went through
+    assert summary["alarms"] == {"nan": 1} and summary["nan_skips"] == 1
+    for path in sorted((out / "checkpoints").glob("step_*")):
+        tensors = load_checkpoint(path).tensors
+        assert all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+
+
+def test_repeated_nan_stops_the_control_run_with_its_checkpoint_intact(tmp_path: Path) -> None:
+    from tether.runs import latest_checkpoint
+    from tether.runs.interrupt import NonFiniteError
+
+    out = tmp_path / "run"
+    trainer = ControlTrainer(make_config(out, "train.max_nan_skips=2", "run.checkpoint_every=1"))
+    _spy_loss(trainer, nan_calls=set(range(5, 100)))  # from update 2 on (2 epochs x 2 minibatches each)
+    with pytest.raises(NonFiniteError, match=r"2 consecutive updates.*last good checkpoint .* is intact"):
+        trainer.train()
+    kept = latest_checkpoint(out)
+    assert kept is not None and kept.name == "step_000000002"  # update 3 stopped the run unsaved
+    tensors = load_checkpoint(kept).tensors
+    assert all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+    first = load_checkpoint(out / "checkpoints" / "step_000000001").tensors
+    weights = [k for k in tensors if k.startswith("model.")]
+    assert weights and all(torch.equal(tensors[k], first[k]) for k in weights)  # update 2 changed nothing
+    records = RunDir(out).metrics.read()
+    assert [r["step"] for r in records] == [1, 2, 3]  # the stopping update is logged
+    assert all(math.isnan(r["grad/norm"]) for r in records[1:])
+    alarms = RunDir(out).alarms.read()
+    assert alarms[-1]["kind"] == "stopped" and alarms[-1]["value"] == 2.0
+    assert [a["step"] for a in alarms if a["kind"] == "nan"] == [2, 3]

@@ -601,3 +601,41 @@ def test_train_refuses_prompts_past_the_context_before_any_work(
     assert main([*args, "sampling.max_new_tokens=12"]) == 2  # "95+76=" (6) + 12 > 16
     err = capsys.readouterr().err
     assert "the train prompts: a prompt of 6 tokens plus 12 new tokens is 18" in err and not out.exists()
+
+
+def test_train_refuses_test_prompts_past_the_context_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The final evaluation's test prompts are checked with the train prompts, not at the end."""
+    from tether.lm.tasks.files import FileTask
+
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    for p in FileTask(str(path), test_fraction=0.25).prompts("test"):
+        rows[p.meta["row"]]["prompt"] = "x" * 140 + rows[p.meta["row"]]["prompt"]  # past 128 positions
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    task = ["task.name=file", f"task.params.path={path}", "task.params.test_fraction=0.25"]
+    args = ["train", "--out", str(out), "--steps", "1", *TINY, *task, "train.prompts_per_step=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the test prompts of the final eval" in err and not out.exists()
+    assert main([*args, "--no-eval"]) == 0  # the train prompts fit: without the final eval it trains
+
+
+def test_a_vllm_backend_that_cannot_run_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tether.lm.vllm_backend as vllm_backend
+
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", "1", *TINY, *ARITH, "sampling.backend=vllm"]
+    monkeypatch.setattr(vllm_backend, "vllm_unavailable_reason", lambda: "sampling.backend=vllm needs X")
+    assert main(args) == 2
+    assert "sampling.backend=vllm needs X" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(vllm_backend, "vllm_unavailable_reason", lambda: None)  # as on a GPU machine
+    sft_tiny = [k for k in TINY if not k.startswith("train.")]
+    for command in (args, ["sft", *args[1:3], "--steps", "1", *sft_tiny, *ARITH, "sampling.backend=vllm"]):
+        assert main([*command, "model.lora_rank=4"]) == 2
+        assert "does not take a LoRA (PEFT) policy" in capsys.readouterr().err and not out.exists()

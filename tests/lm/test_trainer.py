@@ -171,6 +171,50 @@ def test_alarms_file_written_when_alarms_fire(tmp_path: Path) -> None:
     ]
 
 
+@register_task("test_constant")
+class ConstantTask(CoinTask):
+    """Every completion scores ``reward`` (0.9 by default: not exact in binary floating point)."""
+
+    def __init__(self, reward: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reward = reward
+
+    def score(self, prompt: Prompt, completion: str) -> Score:
+        return Score(reward=self.reward, correct=True)
+
+
+def test_flat_groups_of_inexact_rewards_are_zero_variance_with_zero_advantages(tmp_path: Path) -> None:
+    """Eight rewards of 0.9 in float32: their std is ~6e-8, not 0, and their float32 group mean is off
+    by 3.6e-8, so GRPO gave every sample (r - mean) / (std + 1e-6) = -0.056. A flat group has no
+    spread (max == min) and advantages of exactly 0."""
+    out = tmp_path / "run"
+    trainer = RLTrainer(
+        make_config(
+            out, "train.steps=1", "task.name=test_constant", "train.group_size=8", "train.prompts_per_step=2"
+        )
+    )
+    capture = _Capture()
+    trainer.plugins.append(capture)
+    trainer.train()
+    record = read_jsonl(out / "metrics.jsonl")[0]
+    assert record["reward/zero_std_frac"] == 1.0
+    assert record["adv/mean"] == record["adv/max"] == record["adv/min"] == 0.0
+    ((_, advantages),) = capture.seen
+    assert torch.all(advantages == 0)
+    assert "all_zero_variance" in [a["kind"] for a in read_jsonl(out / "alarms.jsonl")]
+
+
+def test_one_sample_per_prompt_is_no_zero_variance_group(tmp_path: Path) -> None:
+    """SPO samples one completion per prompt: no group can have a spread, so the zero-variance
+    fraction is left out (and all_zero_variance never fires), not 1 on every step."""
+    out = tmp_path / "run"
+    RLTrainer(make_config(out, "train.steps=2", recipe="spo")).train()
+    records = read_jsonl(out / "metrics.jsonl")
+    assert all("reward/zero_std_frac" not in r for r in records)
+    assert [r["reward/std"] > 0 for r in records] == [True, True]  # the rewards did differ
+    assert "all_zero_variance" not in [a["kind"] for a in read_jsonl(out / "alarms.jsonl")]
+
+
 # ------------------------------------------------------------------------------- resume exactness
 RESUME = ("run.checkpoint_every=2", "train.dynamic_sampling=true", "train.epochs=2", "train.minibatches=2")
 
@@ -315,6 +359,21 @@ def test_nan_step_is_skipped_counted_and_alarmed(tmp_path: Path) -> None:
     assert not any(a["kind"] == "entropy_collapse" for a in alarms)
 
 
+def test_a_skipped_update_among_good_ones_is_counted_and_alarmed(tmp_path: Path) -> None:
+    """Two mini-batches: the first update of step 1 is NaN and skipped, the second goes through, so
+    every metric of the step is finite; the skip is still counted for the step and alarmed."""
+    out = tmp_path / "run"
+    trainer = RLTrainer(make_config(out, "train.steps=2", "train.minibatches=2", "train.max_nan_skips=3"))
+    _nan_on(trainer, {1})
+    trainer.train()
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["train/skipped_updates"] for r in records] == [1.0, 0.0]
+    assert math.isfinite(records[0]["grad/norm"])  # the other update of step 1 was measured
+    nan = [a for a in read_jsonl(out / "alarms.jsonl") if a["kind"] == "nan"]
+    assert [a["step"] for a in nan] == [1] and "1 optimizer update(s) skipped" in nan[0]["message"]
+    assert records[0]["alarms"] >= 1
+
+
 def test_nan_from_the_first_step_keeps_the_entropy_baseline_and_says_no_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     trainer = RLTrainer(make_config(out, "train.steps=4", "train.max_nan_skips=2", "run.checkpoint_every=10"))
@@ -323,6 +382,17 @@ def test_nan_from_the_first_step_keeps_the_entropy_baseline_and_says_no_checkpoi
         trainer.train()
     assert "resume with --resume" not in str(info.value)
     assert latest_checkpoint(out) is None
+    # the advice starts the run again, with its settings, in a new directory (checked, not run)
+    import re
+    import shlex
+
+    from tether.cli import main
+
+    found = re.search(r"tether (train --config \S+ train\.lr=\S+)", str(info.value))
+    assert found is not None
+    restart = (out / "restart.yaml").read_text()
+    assert "name_or_path: tiny" in restart and f"out: {tmp_path / 'run-again'}" in restart
+    assert main([*shlex.split(found.group(1)), "--dry-run"]) == 0
     assert trainer.monitor.initial_entropy is None  # not 0 from a skipped step
 
 
@@ -336,12 +406,86 @@ def test_repeated_nan_stops_with_intact_checkpoint(tmp_path: Path) -> None:
     assert path is not None and path.name == "step_000000002"
     ck = load_checkpoint(path)
     assert ck.step == 2
-    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    assert read_jsonl(out / "alarms.jsonl")[-1]["kind"] == "stopped"
+    # the stopping step (4) is logged with its alarms, and never checkpointed
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    alarms = read_jsonl(out / "alarms.jsonl")
+    assert [a["kind"] for a in alarms if a["step"] == 4] == ["nan", "stopped"]
+    assert alarms[-1]["value"] == 2.0  # the consecutive non-finite steps, like every alarm's value
     resumed = RLTrainer(make_config(out, "train.steps=3", "train.max_nan_skips=2"), resume=True)
     assert resumed.step_idx == 2
     resumed.train()
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_repeated_nan_advice_is_a_command_that_works(tmp_path: Path) -> None:
+    """A resume refuses a changed train.lr, so the advice is a new run from the last good
+    checkpoint's weights: the command in the message runs, with the lower rate, from exactly them."""
+    import re
+    import shlex
+
+    from safetensors.torch import load_file
+
+    from tether.cli import main
+
+    out = tmp_path / "run"
+    settings = ("train.steps=6", "train.max_nan_skips=2", "run.checkpoint_every=2", "run.tensorboard=true")
+    trainer = RLTrainer(make_config(out, *settings))
+    _nan_on(trainer, {3, 4, 5, 6})
+    with pytest.raises(NonFiniteError) as info:
+        trainer.train()
+    assert trainer.tb is not None and trainer.tb.all_writers is None  # the TensorBoard writer is closed
+    message = str(info.value)
+    assert "--resume" not in message.split("so start")[1]  # no advice to resume with other settings
+    found = re.search(r"tether (train --config \S+ train\.lr=\S+)", message)
+    assert found is not None, message
+    args = shlex.split(found.group(1))
+    assert args[-1] == "train.lr=0.001"  # a tenth of the run's 0.01
+    kept = load_checkpoint(latest_checkpoint(out))  # type: ignore[arg-type]
+    assert kept.step == 2
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    checkpoint = {k[6:]: v for k, v in kept.tensors.items() if k.startswith("model.")}
+    assert saved.keys() <= checkpoint.keys()
+    assert all(torch.equal(saved[k], checkpoint[k]) for k in saved)  # model/ holds those weights
+
+    assert main(args) == 0
+    new = tmp_path / "run-from-step2"
+    records = read_jsonl(new / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # the steps the stopped run had left
+    assert [r["train/lr"] for r in records] == [0.001] * 4
+    config = (new / "config.yaml").read_text()
+    assert str((out / "model").resolve()) in config
+    # and a new run with those settings starts from exactly the checkpoint's weights
+    from tether.cli import build_parser
+    from tether.lm.cli import build_lm_config
+
+    cfg = build_lm_config(build_parser().parse_args([*args, "--out", str(tmp_path / "check")]))
+    fresh = weights(RLTrainer(cfg).model)
+    assert all(torch.equal(fresh[k], checkpoint[k]) for k in checkpoint)
+
+
+def test_a_resume_reports_non_finite_final_metrics_as_floats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its last step NaN (skipped), a finished run is resumed with nothing left to train: it reports
+    the logged final metrics, NaN as a float as the unbroken run did (not "nan"), and the summary
+    table prints them."""
+    from tether.lm.report import print_run_summary
+
+    out = tmp_path / "run"
+    settings = ("train.steps=3", "train.max_nan_skips=2", "run.checkpoint_every=1")
+    trainer = RLTrainer(make_config(out, *settings))
+    _nan_on(trainer, {3})
+    unbroken = trainer.train()
+    resumed = RLTrainer(make_config(out, *settings), resume=True).train()
+    for summary in (unbroken, resumed):
+        assert isinstance(summary["final"]["policy/entropy"], float)
+        assert math.isnan(summary["final"]["policy/entropy"]) and math.isnan(summary["final"]["grad/norm"])
+    assert json.dumps(unbroken["final"], sort_keys=True) == json.dumps(resumed["final"], sort_keys=True)
+    print_run_summary(resumed, out)
+    assert "nan" in capsys.readouterr().out
+    # a summary of an older tether, whose log read back "nan" as a string, prints too
+    print_run_summary({"final": {"policy/entropy": "nan", "grad/norm": 0.5}}, out)
+    assert "nan" in capsys.readouterr().out
 
 
 def test_nan_skip_leaves_stateful_method_alone(tmp_path: Path) -> None:
@@ -485,6 +629,44 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path: Path) -> None:
     # micro-batch, so they are left out here: see the report on metric reduction.)
     for key in ("policy/entropy", "grad/norm", "reward/mean", "policy/clip_frac", "policy/ratio_max"):
         assert m0[key] == pytest.approx(m3[key], abs=1e-6), key
+
+
+def test_logged_ratio_extremes_and_clip_fraction_do_not_depend_on_micro_batch_size(tmp_path: Path) -> None:
+    """Three epochs at a large rate move the policy off the sampler's: the ratio's extremes are the
+    largest / smallest over the micro-batches (a row-weighted average of the micro-batches' maxima
+    logged 4.18 where the mini-batch's maximum was 5.30), the other metrics token-weighted means."""
+    results = []
+    for micro in (0, 4):
+        trainer = RLTrainer(
+            make_config(
+                tmp_path / f"r{micro}",
+                "train.epochs=3",
+                f"train.micro_batch_size={micro}",
+                "train.lr=0.05",
+            )
+        )
+        seen: list[float] = []
+        original = trainer.method.loss
+
+        def loss(
+            inputs: Any, aggregation: Any = None, original: Any = original, seen: list[float] = seen
+        ) -> Any:
+            value, metrics = original(inputs, aggregation)
+            seen.append(float(metrics["policy/ratio_max"]))
+            return value, metrics
+
+        trainer.method.loss = loss  # type: ignore[method-assign]
+        trainer.step()
+        seen.clear()
+        metrics = trainer.step()
+        assert metrics["policy/ratio_max"] == max(seen)  # the largest any micro-batch saw
+        results.append(metrics)
+    m0, m4 = results
+    assert m0["policy/ratio_max"] > 2.0  # the policy did move away from the old one
+    for key in ("policy/ratio_max", "policy/ratio_min", "policy/ratio_mean", "policy/approx_kl"):
+        assert m4[key] == pytest.approx(m0[key], rel=1e-4), key
+    for key in ("policy/clip_frac", "policy/clip_frac_low", "policy/clip_frac_high"):
+        assert m4[key] == pytest.approx(m0[key], abs=1e-5), key
 
 
 def test_share_prompts_setting_picks_the_pass_and_not_the_update(tmp_path: Path) -> None:

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from tether.monitor import Monitor, MonitorConfig
 
 
@@ -77,3 +81,129 @@ def test_combine_update_metrics_means_and_extremes() -> None:
         ]
     )
     assert out == {"policy/loss": 2.0, "policy/ratio_max": 1.5, "policy/ratio_min": 0.9}
+
+
+def test_grad_norm_of_zero_neither_crashes_nor_enters_the_ema() -> None:
+    """Recipes without KL give a grad norm of exactly 0 on steps without signal: the EMA stays
+    unset (it was 0, and the spike message divided by it), and the first real norm is no spike."""
+    m = Monitor(MonitorConfig(grad_warmup_steps=0))
+    for step in range(1, 5):
+        assert m.check(step, {"grad/norm": 0.0}) == []
+    assert m.grad_ema is None and m.grad_steps == 0
+    assert m.check(5, {"grad/norm": 0.5}) == []  # no ZeroDivisionError, no spike over nothing
+    assert m.grad_ema == 0.5
+    m.check(6, {"grad/norm": 0.0})  # a later no-signal step leaves the EMA alone too
+    assert m.grad_ema == 0.5
+
+
+def test_steps_without_signal_stay_out_of_the_grad_norm_ema() -> None:
+    """GRPO's no-signal steps (every group flat) have tiny KL-only norms (~3e-9): fed into the EMA
+    they made the first step that learns a "637x" spike."""
+    m = Monitor()
+    for step, tiny in enumerate((3e-9, 1e-4, 3e-3, 4e-3, 6e-3), start=1):
+        got = m.check(step, {"grad/norm": tiny, "reward/zero_std_frac": 1.0})
+        assert kinds(got) == ["all_zero_variance"]
+    assert m.grad_ema is None and m.grad_steps == 0
+    real = [0.74, 0.64, 0.58, 0.61, 0.7]
+    for step, norm in enumerate(real, start=6):
+        assert kinds(m.check(step, {"grad/norm": norm, "reward/zero_std_frac": 0.25})) == []
+    assert m.grad_steps == len(real)
+    # a true spike after the warm-up still fires, judged against the EMA of the real steps only
+    spike = m.check(11, {"grad/norm": 20.0, "reward/zero_std_frac": 0.25})
+    assert kinds(spike) == ["grad_norm_spike"] and "x its EMA" in spike[0].message
+
+
+def test_state_roundtrip_with_steps_without_signal() -> None:
+    seq = [
+        {"grad/norm": 0.0, "reward/zero_std_frac": 1.0},
+        {"grad/norm": 1e-9, "reward/zero_std_frac": 1.0},
+        {"grad/norm": 1.0, "reward/zero_std_frac": 0.5},
+        {"grad/norm": 0.0},
+        {"grad/norm": 1.2, "reward/zero_std_frac": 0.5},
+        {"grad/norm": 1.1, "reward/zero_std_frac": 0.5},
+        {"grad/norm": 1.0, "reward/zero_std_frac": 0.5},
+        {"grad/norm": 9.0, "reward/zero_std_frac": 0.5},
+    ]
+    for cut in range(1, len(seq)):
+        a, b = Monitor(), Monitor()
+        fired_a = [kinds(a.check(i, s)) for i, s in enumerate(seq)]
+        for i, s in enumerate(seq[:cut]):
+            b.check(i, s)
+        c = Monitor()
+        c.load_state_dict(json.loads(json.dumps(b.state_dict())))  # as checkpoints store it
+        fired_c = [kinds(c.check(i, s)) for i, s in enumerate(seq[cut:], start=cut)]
+        assert fired_c == fired_a[cut:]
+        assert c.state_dict() == a.state_dict()
+    assert "grad_norm_spike" in fired_a[-1]
+
+
+def test_infinite_ratio_and_kl_fire_their_own_alarms() -> None:
+    got = Monitor().check(1, {"policy/ratio_max": float("inf"), "policy/kl_ref": float("inf")})
+    assert sorted(kinds(got)) == ["kl_runaway", "nan", "ratio_blowup"]
+    assert Monitor().check(1, {"policy/ratio_max": float("nan")})[0].kind == "nan"  # NaN: only nan
+
+
+def test_a_null_threshold_turns_its_alarm_off() -> None:
+    from tether.config import ConfigError, apply_overrides, from_dict
+    from tether.lm.config import LMConfig
+
+    off = ["ratio_max", "kl_max", "grad_spike_factor", "is_ess_min", "entropy_floor", "entropy_collapse_frac"]
+    cfg = from_dict(LMConfig, apply_overrides({"recipe": "grpo"}, [f"monitor.{k}=null" for k in off]))
+    assert all(getattr(cfg.monitor, k) is None for k in off)
+    m = Monitor(cfg.monitor)
+    m.check(0, {"policy/entropy": 2.0, "grad/norm": 1.0})
+    for step in range(1, 4):
+        m.check(step, {"grad/norm": 1.0})
+    bad = {
+        "policy/entropy": 0.0,
+        "policy/ratio_max": 1e6,
+        "policy/kl_ref": 1e6,
+        "grad/norm": 1e6,
+        "rollout/is_ess": 0.0,
+    }
+    assert m.check(4, bad) == []
+    # one of the two entropy thresholds still judges
+    only_floor = Monitor(MonitorConfig(entropy_collapse_frac=None))
+    assert kinds(only_floor.check(0, {"policy/entropy": 0.001})) == ["entropy_collapse"]
+    with pytest.raises(ConfigError, match=r"monitor\.kl_max"):
+        from_dict(LMConfig, apply_overrides({"recipe": "grpo"}, ["monitor.kl_max=-1"]))
+
+
+def test_a_skipped_update_fires_the_nan_alarm_even_when_every_metric_is_finite() -> None:
+    m = Monitor()
+    got = m.check(1, {"train/skipped_updates": 1.0, "grad/norm": 0.9, "policy/entropy": 1.0})
+    assert kinds(got) == ["nan"] and "1 optimizer update(s) skipped" in got[0].message
+    assert got[0].value == 1.0
+    assert m.check(2, {"train/skipped_updates": 0.0, "grad/norm": 0.9}) == []
+    # a fully skipped step (NaN grad norm) raises one nan alarm that says both
+    got = m.check(3, {"train/skipped_updates": 2.0, "grad/norm": float("nan")})
+    assert kinds(got) == ["nan"] and "grad/norm" in got[0].message and "2 optimizer" in got[0].message
+
+
+def test_combine_micro_batch_metrics_extremes_and_token_weights() -> None:
+    from tether.monitor.updates import combine_micro_batch_metrics
+
+    parts = [
+        (
+            30.0,
+            2.0,
+            {"policy/loss": 0.25, "policy/ratio_max": 5.0, "policy/ratio_min": 0.5, "policy/clip_frac": 0.1},
+        ),
+        (
+            10.0,
+            2.0,
+            {"policy/loss": 0.5, "policy/ratio_max": 1.5, "policy/ratio_min": 0.02, "policy/clip_frac": 0.5},
+        ),
+        # no valid token: its placeholder ratio 1 is no extreme, and it weighs nothing
+        (
+            0.0,
+            2.0,
+            {"policy/loss": 0.0, "policy/ratio_max": 1.0, "policy/ratio_min": 1.0, "policy/clip_frac": 0.0},
+        ),
+    ]
+    out = combine_micro_batch_metrics(parts)
+    assert out["policy/loss"] == 0.75  # partial sums add up
+    assert out["policy/ratio_max"] == 5.0 and out["policy/ratio_min"] == 0.02
+    assert out["policy/clip_frac"] == pytest.approx((30 * 0.1 + 10 * 0.5) / 40)
+    one = {"policy/clip_frac": 0.1234567, "policy/ratio_max": 3.0}
+    assert combine_micro_batch_metrics([(7.0, 3.0, one)]) == one  # one micro-batch: as it is

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -114,6 +115,9 @@ def test_metrics_log_ignores_torn_line_and_truncates(tmp_path: Path) -> None:
     with open(log.path, "a") as fh:
         fh.write('{"step": 6, "lo')  # torn write
     assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 5]
-    assert log.read()[0]["bad"] == "nan"
+    assert '"bad": "nan"' in log.path.read_text()  # JSON has no NaN literal: a string on disk
+    assert math.isnan(log.read()[0]["bad"])  # and a float again when read
     log.truncate_after(3)
     assert [r["step"] for r in log.read()] == [1, 2, 3]
+    assert '"bad": "nan"' in log.path.read_text()  # rewritten as valid JSON, not NaN
+    assert all(math.isnan(r["bad"]) for r in log.read())

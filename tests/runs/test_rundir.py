@@ -150,3 +150,34 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path: Path) ->
         holder.kill()
         holder.wait()
     RunDir(tmp_path / "other").prepare(True)  # released with the process
+
+
+def test_metrics_at_gives_non_finite_metrics_back_as_floats_and_leaves_text_alone(tmp_path: Path) -> None:
+    """What a resumed run with nothing left to train reports as its final metrics (both trainers):
+    NaN and infinities as floats, as the run that logged them had them, not the strings JSON holds."""
+    import math
+
+    run = RunDir(tmp_path / "run")
+    run.metrics.append(
+        {"step": 1, "grad/norm": float("nan"), "kl": float("inf"), "low": float("-inf"), "ok": 0.5}
+    )
+    final = run.metrics_at(1)
+    assert math.isnan(final["grad/norm"]) and final["kl"] == math.inf and final["low"] == -math.inf
+    assert final["ok"] == 0.5
+    # the alarm kind "nan" and a completion that reads "nan" stay text
+    run.alarms.append({"step": 1, "kind": "nan", "message": "m", "value": float("nan")})
+    run.samples.append({"step": 1, "completion": "nan", "reward": float("nan")})
+    (alarm,) = run.alarms.read()
+    assert alarm["kind"] == "nan" and math.isnan(alarm["value"])
+    (sample,) = run.samples.read()
+    assert sample["completion"] == "nan" and math.isnan(sample["reward"])
+    run.truncate_logs(1)  # rewritten as valid JSON
+    assert run.alarms.read()[0]["kind"] == "nan" and '"value": "nan"' in run.alarms.path.read_text()
+
+
+def test_free_run_dir_names_a_directory_beside_the_run(tmp_path: Path) -> None:
+    from tether.runs.rundir import free_run_dir
+
+    assert free_run_dir(tmp_path / "run", "again") == tmp_path / "run-again"
+    (tmp_path / "run-again").mkdir()
+    assert free_run_dir(tmp_path / "run", "again") == tmp_path / "run-again-2"

@@ -43,6 +43,14 @@ class TrainSettings:
     )
     norm_adv: bool = field(default=True, metadata={"help": "whiten advantages per minibatch (CleanRL)"})
     max_grad_norm: float = field(default=0.5, metadata={"min": 0.0, "min_exclusive": True})
+    max_nan_skips: int = field(
+        default=3,
+        metadata={
+            "min": 1,
+            "help": "consecutive updates with an optimizer step skipped for a NaN/inf loss or gradient "
+            "before the run stops",
+        },
+    )
     vf_coef: float = field(default=0.5, metadata={"min": 0.0, "help": "loss += vf_coef * mean((V - R)^2)"})
     clip_vloss: bool = field(default=True, metadata={"help": "clip the value update (CleanRL, PPO2)"})
     vclip: float = field(default=0.2, metadata={"min": 0.0, "min_exclusive": True})

@@ -41,17 +41,20 @@ from tether.control.trust_region import cpo_update
 from tether.errors import TetherError, UnknownNameError
 from tether.monitor import Monitor
 from tether.monitor.memory import memory_metrics
+from tether.monitor.updates import combine_update_metrics
 from tether.recipes.compose import Method
 from tether.recipes.loader import Recipe, load_recipe, recipe_dict
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
+    latest_checkpoint,
     load_latest_checkpoint,
     restore_rng,
     restore_training_state,
     training_state,
 )
-from tether.runs.interrupt import StopRequest, interrupted
+from tether.runs.interrupt import NonFiniteError, StopRequest, interrupted
+from tether.runs.resume import resolved_with
 from tether.runs.rundir import check_run_dir as checked_run_dir
 from tether.userimports import import_user_code
 
@@ -199,7 +202,12 @@ def check_control_run_dir(cfg: ControlConfig, recipe: Recipe, run_path: str | Pa
     :func:`tether.runs.rundir.check_run_dir`); the budget may change unless the lr anneals over it."""
     budget = () if cfg.train.anneal_lr else ("train.total_steps",)
     return checked_run_dir(
-        run_path, resume, to_dict(cfg), RESUME_MAY_CHANGE + budget, recipe=recipe_dict(recipe)
+        run_path,
+        resume,
+        to_dict(cfg),
+        RESUME_MAY_CHANGE + budget,
+        resolved_with(ControlConfig),  # a setting added since the run started is no change
+        recipe=recipe_dict(recipe),
     )
 
 
@@ -270,6 +278,8 @@ class ControlTrainer:
         self.recent_returns: list[float] = []
         self.recent_costs: list[float] = []
         self.first_reached: int | None = None
+        self.nan_skips = 0  # consecutive updates-of-a-rollout with a skipped (non-finite) optimizer step
+        self.total_nan_skips = 0  # optimizer steps skipped in the whole run
         self.env_reset_on_resume = False
         self.on_update: Callable[[int, dict[str, float]], None] | None = None
         if resume:
@@ -412,8 +422,8 @@ class ControlTrainer:
         b_ret, b_val = ret.reshape(-1), ro["values"].reshape(-1)
         b_cval = ro["cvalues"].reshape(-1)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        sums: dict[str, float] = {}
-        count = 0
+        records: list[dict[str, float]] = []  # one per optimizer update that went through
+        skipped = 0
         if self.trust_region is not None:
             safety_metrics.update(
                 self._trust_region_update(b_obs, b_act, b_logp, b_adv, cadv.reshape(-1), ro["episode"])
@@ -450,8 +460,16 @@ class ControlTrainer:
                     loss = loss + tc.vf_coef * c_loss
                     metrics["cost/value_loss"] = c_loss.detach()
                 self.optimizer.zero_grad(set_to_none=True)
+                # A non-finite loss or gradient never reaches the weights: the update is skipped.
+                if not bool(torch.isfinite(loss)):
+                    skipped += 1
+                    continue
                 loss.backward()  # type: ignore[no-untyped-call]
                 gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                if not math.isfinite(float(gnorm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
                 self.optimizer.step()
                 metrics.update(
                     {
@@ -461,10 +479,19 @@ class ControlTrainer:
                         "grad/norm": gnorm.detach(),
                     }
                 )
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-        out = {k: v / count for k, v in sums.items()}
+                records.append({k: float(v) for k, v in metrics.items()})
+        # Repeated non-finite updates stop the run (ControlTrainer._train), as in the LM world.
+        if skipped:
+            self.nan_skips += 1
+            self.total_nan_skips += skipped
+        else:
+            self.nan_skips = 0
+        # Means over the updates, extremes (policy/ratio_max) over them: never a diluted maximum.
+        out = combine_update_metrics(records)
+        if not records:  # every update was skipped: nothing was measured
+            out["grad/norm"] = float("nan")
+        out["train/nan_skips"] = float(self.total_nan_skips)
+        out["train/skipped_updates"] = float(skipped)  # alarm "nan"
         out.update({k: float(v) for k, v in adv_metrics.items()})
         out.update(safety_metrics)
         var_ret = float(b_ret.var())
@@ -493,7 +520,8 @@ class ControlTrainer:
         out["perf/rollout_s"] = rollout_time
         out["perf/update_s"] = elapsed - rollout_time
         out.update(memory_metrics(torch.device("cpu")))  # the control world trains on the CPU
-        self.method.update_state(out)
+        if records:  # a step whose every update was skipped leaves the method's state as is
+            self.method.update_state(out)
         return out
 
     def _constrain(
@@ -629,6 +657,9 @@ class ControlTrainer:
                     self.run.alarms.append(a.as_dict())
                     print(f"alarm {a.kind} (update {self.update}): {a.message}", file=sys.stderr, flush=True)
                 last = metrics
+                if self.nan_skips >= cfg.train.max_nan_skips:  # logged, never checkpointed
+                    self.envs.close()
+                    raise self._stop_for_nan()
                 saved = self.update % cfg.run.checkpoint_every == 0 or self.update == cfg.num_updates
                 if saved:
                     self.save()
@@ -645,6 +676,35 @@ class ControlTrainer:
         summary = self.summary(last)
         self.run.write_summary(summary)
         return summary
+
+    def _stop_for_nan(self) -> NonFiniteError:
+        """The ``stopped`` record of a run that hit ``train.max_nan_skips`` consecutive updates with a
+        skipped (non-finite) optimizer step, and the error that says how to go on."""
+        cfg = self.config
+        kept = latest_checkpoint(self.run.path)
+        lower = (
+            f"lower train.lr (now {cfg.train.lr:g}) or train.max_grad_norm (now {cfg.train.max_grad_norm:g})"
+        )
+        if kept is not None:
+            where = (
+                f"The last good checkpoint ({kept.name} in {str(self.run.path)!r}) is intact; a --resume "
+                f"would continue with the same settings (it refuses a changed train.lr), so {lower} and start "
+                "a new run with another --out (tether control train --out NEW_DIR ...)"
+            )
+        else:
+            where = (
+                f"No checkpoint had been written yet ({str(self.run.path)!r}): {lower} and start the run "
+                "again with another --out (tether control train --out NEW_DIR ...)"
+            )
+        message = (
+            f"{self.nan_skips} consecutive updates produced NaN/inf losses or gradients (train.max_nan_skips="
+            f"{cfg.train.max_nan_skips}); the run stopped at update {self.update}. {where}."
+        )
+        self.run.alarms.append(
+            {"step": self.update, "kind": "stopped", "message": message, "value": float(self.nan_skips)}
+        )
+        print(f"alarm stopped (update {self.update}): repeated NaN/inf updates", file=sys.stderr, flush=True)
+        return NonFiniteError(message)
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
         final = float(np.mean(self.recent_returns[-10:])) if self.recent_returns else None
@@ -670,6 +730,7 @@ class ControlTrainer:
             "final": {k: v for k, v in last.items() if not k.startswith(TIMING_PREFIXES)},
             "alarms": dict(self.monitor.counts),
             "alarm_count": sum(self.monitor.counts.values()),
+            "nan_skips": self.total_nan_skips,
         }
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -737,6 +798,8 @@ class ControlTrainer:
             "recent_returns": self.recent_returns,
             "recent_costs": self.recent_costs,
             "first_reached": self.first_reached,
+            "nan_skips": self.nan_skips,
+            "total_nan_skips": self.total_nan_skips,
             **e_state,
             **r_state,
         }
@@ -755,6 +818,8 @@ class ControlTrainer:
         self.recent_returns = [float(v) for v in ck.state["recent_returns"]]
         self.recent_costs = [float(v) for v in ck.state["recent_costs"]]
         self.first_reached = ck.state["first_reached"]
+        self.nan_skips = int(ck.state.get("nan_skips", 0))  # absent from checkpoints of older runs
+        self.total_nan_skips = int(ck.state.get("total_nan_skips", 0))
         self.obs = ck.tensors["state.obs"].clone()
         self.run.truncate_logs(ck.step)
         self._load_env_state(ck.tensors, ck.state)

@@ -31,13 +31,21 @@ def print_run_summary(summary: dict[str, Any], run_dir: Path | str) -> None:
     final = summary.get("final", {})
     for key in SHOWN:
         if key in final:
-            table.add_row(key, f"{final[key]:.4g}")
+            table.add_row(key, _cell(final[key]))
     for key, value in (summary.get("eval") or {}).items():
         if isinstance(value, int | float):
-            table.add_row(f"eval/{key}", f"{value:.4g}")
+            table.add_row(f"eval/{key}", _cell(value))
     if "alarm_count" in summary:
         table.add_row("alarms", str(summary["alarm_count"]))
     console.print(table)
+
+
+def _cell(value: Any) -> str:
+    """A number to 4 significant digits (nan and inf as such); anything else as written (a log read
+    by an older tether may hold "nan" as a string)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def print_comparison(rows: dict[str, dict[str, float]], title: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, LMConfig
-from tether.lm.evaluate import check_test_split, evaluate
+from tether.lm.evaluate import check_eval_context, check_test_split, evaluate
 from tether.lm.logprobs import (
     completion_distribution,
     completion_token_stats,
@@ -38,23 +39,26 @@ from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, check_context, encode_prompts, make_sampler
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.lm.tasks.rewards import reward_parts
+from tether.lm.vllm_backend import check_backend
 from tether.monitor import Monitor
 from tether.monitor.memory import memory_metrics
-from tether.monitor.updates import combine_update_metrics
+from tether.monitor.updates import combine_micro_batch_metrics, combine_update_metrics
 from tether.recipes import Method, load_recipe
 from tether.recipes.loader import Recipe, recipe_dict
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
     latest_checkpoint,
+    load_checkpoint,
     load_latest_checkpoint,
     restore_rng,
     restore_training_state,
     training_state,
 )
-from tether.runs.interrupt import StopRequest, interrupted
+from tether.runs.interrupt import NonFiniteError, StopRequest, interrupted
 from tether.runs.resume import resolved_with
 from tether.runs.rundir import check_run_dir as checked_run_dir
+from tether.runs.rundir import free_run_dir
 from tether.userimports import import_user_code
 
 # Inputs the language-model world can hand to catalogue entries (names of DEVELOPERS.md).
@@ -84,10 +88,6 @@ LM_INPUTS = frozenset(
 LM_ROW_INPUTS = frozenset(LM_INPUTS - {"reward_weights"}) | {"advantages"}
 # Metrics that measure time, not math: excluded when comparing a resumed run with an unbroken one.
 TIMING_PREFIXES = ("perf/", "time/")
-
-
-class NonFiniteError(TetherError):
-    """Training produced NaN or inf repeatedly; the run stopped with the last good checkpoint intact."""
 
 
 def apply_method_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
@@ -286,6 +286,7 @@ def plan_run(cfg: LMConfig) -> RunPlan:
     parameters, rewards or chat template, inputs the language-model world cannot give."""
     import_user_code(cfg.imports)  # first: the user's modules may register what the run names
     check_model_source(cfg.model)
+    check_backend(cfg.sampling.backend, cfg.model.lora_rank)
     recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
     method = Method(recipe)
     if method.constraint is not None:
@@ -358,6 +359,10 @@ class RLTrainer:
         if evaluates:  # the caller evaluates at the end: a task with no test split fails now, not then
             check_test_split(self.task, cfg.task.name)
         self.model, self.tokenizer = load_policy(cfg.model)
+        if evaluates:  # the test prompts fit the context too, or the final evaluation would fail
+            check_eval_context(
+                self.model, self.tokenizer, self.task, cfg.eval, cfg.sampling, seed=cfg.train.seed
+            )
         self.device = next(self.model.parameters()).device
         longest = max(len(ids) for ids in encode_prompts(self.tokenizer, [p.text for p in train_prompts]))
         check_context(self.model, longest, cfg.sampling.max_new_tokens, where="the train prompts")
@@ -696,7 +701,7 @@ class RLTrainer:
                 # mini-batch's): the prompts with a scored sample, the rows with a valid token.
                 counts = {"num_prompts": ro.prompt_count(mb), "num_samples": agg.num_sequences}
                 finite = True
-                mb_metrics: dict[str, float] = {}
+                parts: list[tuple[float, float, dict[str, float]]] = []  # (valid tokens, rows, metrics)
                 for rows in micro_batches:
                     lp, ent, dist, _ = self._logprobs(self.model, batch, rows, grad=True)
                     # Per-row inputs are sliced to the micro-batch; batch-level ones pass whole.
@@ -723,12 +728,15 @@ class RLTrainer:
                         break
                     loss.backward()
                     # Metrics ending in "loss" are partial sums under the mini-batch's global
-                    # aggregation; the others describe this micro-batch (see aggregate.local).
-                    share = len(rows) / len(mb)
-                    for k, v in m.items():
-                        mb_metrics[k] = mb_metrics.get(k, 0.0) + float(v) * (
-                            1.0 if k.endswith("loss") else share
+                    # aggregation; the others describe this micro-batch (see aggregate.local) and are
+                    # combined by max / min (``_max`` / ``_min``) or weighted by its valid tokens.
+                    parts.append(
+                        (
+                            count_tokens(step_inputs["response_mask"]),
+                            float(len(rows)),
+                            {k: float(v) for k, v in m.items()},
                         )
+                    )
                     if ent is not None:
                         rm = step_inputs["response_mask"]
                         ent_sum += float((ent.detach() * rm).sum())
@@ -743,7 +751,7 @@ class RLTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(float(norm))
-                records.append(mb_metrics)
+                records.append(combine_micro_batch_metrics(parts))
         if grad_norms:  # the schedule advances with the optimizer, not on fully skipped steps
             self.scheduler.step()
         t_update = time.perf_counter() - t2
@@ -770,6 +778,8 @@ class RLTrainer:
                 "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
                 "train/lr": lr,
                 "train/nan_skips": float(self.total_nan_skips),
+                # this step's updates skipped for a non-finite loss or gradient (alarm "nan")
+                "train/skipped_updates": float(skipped),
                 "time/rollout_s": t_rollout,
                 "time/logprobs_s": t_prep,
                 "time/update_s": t_update,
@@ -799,9 +809,13 @@ class RLTrainer:
         # Reward statistics over the scored samples: a failed verification has no reward.
         scored = ro.scored
         rewards, groups = rewards[scored], ro.group_ids[scored]
+        # A group without spread: all its scored rewards equal (max == min, as dynamic sampling
+        # judges; a float std of equal values need not be 0). Only groups of two or more scored
+        # samples can have a spread at all: one sample per prompt (SPO) is no flat group.
         zero_std = [
-            float(rewards[groups == gid].std()) == 0.0 if int((groups == gid).sum()) > 1 else True
-            for gid in groups.unique().tolist()
+            bool(group.max() == group.min())
+            for group in (rewards[groups == gid] for gid in groups.unique().tolist())
+            if len(group) >= 2
         ]
         gap = ((old_logprobs - batch.sampler_logprobs.float()).abs() * m).sum() / m.sum().clamp(min=1)
         out = {
@@ -809,7 +823,6 @@ class RLTrainer:
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "reward/accuracy": sum(s.correct for s in ro.scores) / len(ro.scores),
             "reward/format": sum(s.format_ok for s in ro.scores) / len(ro.scores),
-            "reward/zero_std_frac": sum(zero_std) / max(len(zero_std), 1),
             "reward/verifier_errors": float(sum(s.error is not None for s in ro.scores)),
             "response/length_mean": float(mask.sum(-1).float().mean()),
             "response/length_max": float(mask.sum(-1).max()),
@@ -819,6 +832,8 @@ class RLTrainer:
             "rollout/dropped_groups": float(ro.dropped_groups),
             "cost/mean": sum(s.cost for s in ro.scores) / len(ro.scores),
         }
+        if zero_std:  # left out (no alarm) when no group has two scored samples
+            out["reward/zero_std_frac"] = sum(zero_std) / len(zero_std)
         for label in dict.fromkeys(k for s in ro.scores for k in s.parts):  # task.rewards, each alone
             values = [s.parts[label] for s in ro.scores if label in s.parts]
             out[f"reward_fn/{label}"] = sum(values) / len(values)
@@ -851,53 +866,41 @@ class RLTrainer:
         if cfg.run.tensorboard:
             self.tb = _tensorboard_writer(self.run.path / "tensorboard", self.step_idx)
         last: dict[str, Any] = self.run.metrics_at(self.step_idx)  # a resume with no step left to run
-        with progress, StopRequest() as stop:
-            while self.step_idx < cfg.train.steps:
-                metrics = self.step()
-                self.step_idx += 1
-                alarms = self.monitor.check(self.step_idx, metrics)
-                if self.nan_skips >= cfg.train.max_nan_skips:
-                    self.run.alarms.append(
-                        {"step": self.step_idx, "kind": "stopped", "message": "repeated NaN"}
-                    )
-                    kept = latest_checkpoint(self.run.path)
-                    where = (
-                        f"The last good checkpoint ({kept.name} in {str(self.run.path)!r}) is intact: lower "
-                        "train.lr or train.max_grad_norm and resume with --resume."
-                        if kept is not None
-                        else f"No checkpoint had been written yet ({str(self.run.path)!r}): lower train.lr or "
-                        "train.max_grad_norm and start the run again."
-                    )
-                    raise NonFiniteError(
-                        f"{self.nan_skips} consecutive steps produced NaN/inf losses or gradients; the run "
-                        f"stopped. {where}"
-                    )
-                record = {"step": self.step_idx, **metrics, "alarms": len(alarms)}
-                self.run.metrics.append(record)
-                self._log_samples()
-                for a in alarms:
-                    self.run.alarms.append(a.as_dict())
-                    progress.alarm(a.kind, a.message)
-                if self.tb is not None:
-                    for k, v in metrics.items():
-                        self.tb.add_scalar(k, v, self.step_idx)
-                progress.update(self.step_idx, metrics)
-                if self.on_step is not None:
-                    self.on_step(self.step_idx, metrics)
-                last = metrics
-                saved = self.step_idx % cfg.run.checkpoint_every == 0 or self.step_idx == cfg.train.steps
-                if saved:
-                    self.save()
-                if stop.requested:  # Ctrl-C: stop here, at a step boundary, with this step saved
-                    if not saved:
-                        self.save()
+        try:
+            with progress, StopRequest() as stop:
+                while self.step_idx < cfg.train.steps:
+                    metrics = self.step()
+                    self.step_idx += 1
+                    alarms = self.monitor.check(self.step_idx, metrics)
+                    record = {"step": self.step_idx, **metrics, "alarms": len(alarms)}
+                    self.run.metrics.append(record)
+                    self._log_samples()
+                    for a in alarms:
+                        self.run.alarms.append(a.as_dict())
+                        progress.alarm(a.kind, a.message)
                     if self.tb is not None:
-                        self.tb.close()
-                    raise interrupted(
-                        "training", self.step_idx, cfg.train.steps, str(self.run.path), "tether train"
-                    )
-        if self.tb is not None:
-            self.tb.close()
+                        for k, v in metrics.items():
+                            self.tb.add_scalar(k, v, self.step_idx)
+                    progress.update(self.step_idx, metrics)
+                    if self.on_step is not None:
+                        self.on_step(self.step_idx, metrics)
+                    last = metrics
+                    if self.nan_skips >= cfg.train.max_nan_skips:  # logged, never checkpointed
+                        error = self._stop_for_nan()
+                        progress.alarm("stopped", "repeated NaN/inf steps: the run stopped (see the error)")
+                        raise error
+                    saved = self.step_idx % cfg.run.checkpoint_every == 0 or self.step_idx == cfg.train.steps
+                    if saved:
+                        self.save()
+                    if stop.requested:  # Ctrl-C: stop here, at a step boundary, with this step saved
+                        if not saved:
+                            self.save()
+                        raise interrupted(
+                            "training", self.step_idx, cfg.train.steps, str(self.run.path), "tether train"
+                        )
+        finally:
+            if self.tb is not None:
+                self.tb.close()
         summary = {
             "recipe": self.recipe.name,
             "task": cfg.task.name,
@@ -911,6 +914,58 @@ class RLTrainer:
         }
         self.run.write_summary(summary)
         return summary
+
+    def _stop_for_nan(self) -> NonFiniteError:
+        """The ``stopped`` record of a run that hit ``train.max_nan_skips`` consecutive non-finite
+        steps, and the error that says how to go on.
+
+        A resume continues with the run's own settings (it refuses a changed ``train.lr``), so the
+        way on is a new run: ``restart.yaml`` in the run directory holds this run's settings with a
+        new ``run.out`` and, when a checkpoint exists, ``model.name_or_path`` set to ``model/``
+        (rewritten from the last good checkpoint's weights) and ``train.steps`` to the steps left.
+        """
+        cfg = self.config
+        path = self.run.path
+        kept = latest_checkpoint(path)
+        settings = to_dict(cfg)
+        if kept is not None:
+            ck = load_checkpoint(kept)
+            self.model.load_state_dict({k[6:]: v for k, v in ck.tensors.items() if k.startswith("model.")})
+            model_dir = path / "model"
+            self.save_pretrained(model_dir)  # model/ holds exactly the checkpoint's weights
+            settings["model"]["name_or_path"] = str(model_dir.resolve())
+            settings["train"]["steps"] = cfg.train.steps - ck.step
+            new_out = free_run_dir(path, f"from-step{ck.step}")
+        else:
+            new_out = free_run_dir(path, "again")
+        settings["run"]["out"] = str(new_out)
+        restart = self.run.write_restart_config(settings)
+        lr, clip = cfg.train.lr, cfg.train.max_grad_norm
+        command = f"tether train --config {shlex.quote(str(restart))} train.lr={lr / 10:g}"
+        lower = f"a lower train.lr (now {lr:g}) or train.max_grad_norm (now {clip:g})"
+        if kept is not None:
+            where = (
+                f"The last good checkpoint ({kept.name} in {str(path)!r}) is intact and its weights are in "
+                f"{str(path / 'model')!r}. A --resume would continue with the same settings (it refuses a "
+                f"changed train.lr), so start a new run from those weights with {lower}: {command} "
+                f"({restart} holds this run's settings with model.name_or_path set to those weights, "
+                f"train.steps={cfg.train.steps - ck.step}, the steps left, and run.out={str(new_out)!r}; "
+                "the new run's optimizer, learning-rate schedule and reference model start afresh)."
+            )
+        else:
+            where = (
+                f"No checkpoint had been written yet ({str(path)!r}): start the run again in a new directory "
+                f"with {lower}: {command} ({restart} holds this run's settings with "
+                f"run.out={str(new_out)!r})."
+            )
+        message = (
+            f"{self.nan_skips} consecutive steps produced NaN/inf losses or gradients (train.max_nan_skips="
+            f"{cfg.train.max_nan_skips}); the run stopped at step {self.step_idx}. {where}"
+        )
+        self.run.alarms.append(
+            {"step": self.step_idx, "kind": "stopped", "message": message, "value": float(self.nan_skips)}
+        )
+        return NonFiniteError(message)
 
     def _log_samples(self) -> None:
         """The first ``run.log_samples`` completions of the step to ``samples.jsonl``."""

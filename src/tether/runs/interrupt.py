@@ -17,7 +17,13 @@ import threading
 from types import FrameType, TracebackType
 from typing import Any
 
-from tether.errors import RunInterrupted
+from tether.errors import RunInterrupted, TetherError
+
+
+class NonFiniteError(TetherError):
+    """Training produced NaN or inf repeatedly (``train.max_nan_skips`` steps in a row, each with an
+    optimizer update skipped); the run stopped with the last good checkpoint intact. Raised by the
+    language-model and the control trainers alike."""
 
 
 class StopRequest:

@@ -52,8 +52,8 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.metrics = MetricsLog(self.path / "metrics.jsonl")
-        self.alarms = MetricsLog(self.path / "alarms.jsonl")
-        self.samples = MetricsLog(self.path / "samples.jsonl")
+        self.alarms = MetricsLog(self.path / "alarms.jsonl", numbers=("value",))
+        self.samples = MetricsLog(self.path / "samples.jsonl", numbers=("reward",))
 
     @property
     def config_path(self) -> Path:
@@ -126,6 +126,16 @@ class RunDir:
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(dict(config), sort_keys=False))
 
+    @property
+    def restart_path(self) -> Path:
+        return self.path / "restart.yaml"
+
+    def write_restart_config(self, config: Mapping[str, Any]) -> Path:
+        """Settings for a new run that takes over from this one (``tether train --config`` reads
+        them): written when repeated NaN stops a run, whose resume would refuse changed settings."""
+        atomic_write_text(self.restart_path, yaml.safe_dump(dict(config), sort_keys=False))
+        return self.restart_path
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.summary_path, dict(summary))
 
@@ -150,6 +160,20 @@ class RunDir:
         for log in (self.metrics, self.alarms, self.samples):
             if log.path.exists():
                 log.truncate_after(step)
+
+
+def free_run_dir(path: str | Path, suffix: str) -> Path:
+    """``<path>-<suffix>`` beside the run ``path`` (``-2``, ``-3``, ... appended while that exists):
+    where a new run that takes over from ``path`` goes."""
+    p = Path(path)
+    if not p.name:  # "." or "/"
+        p = p.resolve()
+    base = p.with_name(f"{p.name}-{suffix}")
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 def check_directory_path(path: str | Path, option: str = "--out") -> Path:
