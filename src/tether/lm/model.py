@@ -361,7 +361,7 @@ def _missing_directory(name: str, path: Path, why: str) -> TetherError:
         if close:
             hint = " Did you mean " + " or ".join(repr(str(parent / c)) for c in close) + "?"
     return TetherError(
-        f"model directory {name!r} ({where}) does not exist{f' ({why})' if why else ''}.{hint} Set "
+        f"model directory {name!r}{'' if where == name else f' ({where})'} does not exist{f' ({why})' if why else ''}.{hint} Set "
         "model.name_or_path to a "
         "directory written by save_pretrained (a run's model/ directory), a Hugging Face hub name "
         "(org/name), or tiny"

@@ -359,13 +359,13 @@ class RLTrainer:
         if evaluates:  # the caller evaluates at the end: a task with no test split fails now, not then
             check_test_split(self.task, cfg.task.name)
         self.model, self.tokenizer = load_policy(cfg.model)
+        self.device = next(self.model.parameters()).device
+        longest = max(len(ids) for ids in encode_prompts(self.tokenizer, [p.text for p in train_prompts]))
+        check_context(self.model, longest, cfg.sampling.max_new_tokens, where="the train prompts")
         if evaluates:  # the test prompts fit the context too, or the final evaluation would fail
             check_eval_context(
                 self.model, self.tokenizer, self.task, cfg.eval, cfg.sampling, seed=cfg.train.seed
             )
-        self.device = next(self.model.parameters()).device
-        longest = max(len(ids) for ids in encode_prompts(self.tokenizer, [p.text for p in train_prompts]))
-        check_context(self.model, longest, cfg.sampling.max_new_tokens, where="the train prompts")
         self.share_prompts = resolve_share_prompts(cfg.train.share_prompts, self.device)
         self.ref_model = load_reference(cfg.model, self.model) if self.use_ref else None
         # Only now, with the models loaded, is the run directory touched. A --resume of a run
