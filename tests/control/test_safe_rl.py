@@ -110,6 +110,45 @@ def test_policy_advantages_combine_standardized_reward_and_centered_cost_advanta
     assert torch.allclose(out.reshape(-1), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("recipe", ["ppo_lag", "pid_lag"])
+def test_multiplier_steps_only_on_rollouts_where_an_episode_ended(tmp_path: Path, recipe: str) -> None:
+    trainer = ControlTrainer(make_config(tmp_path / "run", f"recipe={recipe}", "train.cost_limit=5"))
+    c = trainer.constraint
+    assert c is not None
+    adv, cadv = torch.randn(200, 2), torch.randn(200, 2)
+    over = torch.tensor([[1.0], [30.0], [200.0]])  # one episode ended, its cost over the limit
+    none = torch.zeros(3, 0)  # no episode ended: no new measurement of J_c
+    values, states, updated = [c.value], [dict(c.state)], []
+    for episode in (over, none, none, over):
+        trainer.recent_costs += episode[1].tolist()  # as the rollout records them
+        _, _, metrics = trainer._constrain(adv, cadv, episode)
+        values.append(c.value)
+        states.append(dict(c.state))
+        updated.append(metrics["lagrange/updated"])
+        assert metrics["lagrange/multiplier"] == pytest.approx(c.value, rel=1e-6)  # logged in float32
+    assert updated == [1.0, 0.0, 0.0, 1.0]
+    assert values[1] > values[0] and values[4] > values[3]  # moves on the rollouts with an episode
+    assert values[1] == values[2] == values[3] and states[1] == states[2] == states[3]  # not without
+
+
+def test_multiplier_holds_in_a_run_whose_episodes_outlast_the_rollout(tmp_path: Path) -> None:
+    # 200-step episodes, 32-step rollouts: most rollouts end no episode (the audit's repro).
+    cfg = make_config(tmp_path / "run", "train.total_steps=1024", "train.num_steps=32", "train.cost_limit=5")
+    ControlTrainer(cfg).train()
+    records = RunDir(tmp_path / "run").metrics.read()
+    assert any("episode/count" in r for r in records) and any("episode/count" not in r for r in records)
+    for before, r in itertools.pairwise([{"lagrange/multiplier": None}, *records]):
+        assert r["lagrange/updated"] == float("episode/count" in r)
+        if "episode/count" not in r:
+            if before["lagrange/multiplier"] is not None:
+                assert r["lagrange/multiplier"] == before["lagrange/multiplier"]
+            assert "lagrange/mean_cost" not in r
+        else:
+            assert r["lagrange/mean_cost"] == pytest.approx(r["episode/cost"], rel=1e-6)
+    moved = [r for r in records if "episode/count" in r and r["episode/cost"] > 5]
+    assert moved and all(r["lagrange/multiplier_delta"] > 0 for r in moved)
+
+
 def test_resume_restores_the_multiplier_exactly(tmp_path: Path) -> None:
     a, b, resumed_at = unbroken_and_resumed(make_config, tmp_path, "recipe=pid_lag", "train.cost_limit=1")
     assert resumed_at == 2

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from gymnasium.utils import EzPickle
 
 from tests.control.resume import unbroken_and_resumed
 from tether.config import ConfigError, apply_overrides, from_dict
@@ -97,19 +101,102 @@ def test_segment_advantages_match_hand_gae_across_episode_ends() -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("env.id=Pendulum-v1", "env.normalize_obs=true", "env.normalize_reward=true")],
-    ids=["plain", "normalized"],
+    [
+        (),
+        ("env.id=Pendulum-v1", "env.normalize_obs=true", "env.normalize_reward=true"),
+        # MuJoCo envs pickle only their constructor arguments: the simulation is saved beside them.
+        # Hopper's episodes end (and reset from np_random) within the run; Ant's next step reads a
+        # quantity the last one derived (xpos), so the whole MjData must come back, not the state alone.
+        ("env.id=tether/SafeHopperVelocity-v0", "train.epochs=1"),
+        ("env.id=tether/SafeAntVelocity-v0", "train.epochs=1"),
+    ],
+    ids=["plain", "normalized", "mujoco-hopper", "mujoco-ant"],
 )
 def test_resume_reproduces_unbroken_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
     a, b, resumed_at = unbroken_and_resumed(make_config, tmp_path, *extra)
     assert resumed_at == 2
+    alarms = RunDir(tmp_path / "b").alarms.read() if (tmp_path / "b" / "alarms.jsonl").exists() else []
+    assert all(r["kind"] != "env_reset_on_resume" for r in alarms)  # the envs were restored, not reset
     assert len(a) == len(b) == 4 and a == b
+    if "mujoco" in " ".join(extra):
+        assert any("episode/count" in r for r in a[2:])  # episodes ended (and reset) after the resume
+
+
+class CountingEnv(gym.Env[np.ndarray, np.ndarray], EzPickle):
+    """An env whose state (a step counter) lives outside its constructor arguments, the only thing
+    ``EzPickle`` pickles: unpickled, it counts from 0 again."""
+
+    observation_space = spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self) -> None:
+        EzPickle.__init__(self)
+        self.count = 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        super().reset(seed=seed)
+        self.count = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action: np.ndarray) -> Any:
+        self.count += 1
+        return np.array([self.count], np.float32), float(self.count % 3), False, False, {}
+
+
+def test_a_snapshot_that_does_not_reproduce_the_envs_resets_them_with_an_alarm(tmp_path: Path) -> None:
+    if "tether_test/Counting-v0" not in gym.registry:
+        gym.register("tether_test/Counting-v0", entry_point=CountingEnv, max_episode_steps=50)
+    a, b, resumed_at = unbroken_and_resumed(make_config, tmp_path, "env.id=tether_test/Counting-v0")
+    assert resumed_at == 2
+    alarms = RunDir(tmp_path / "b").alarms.read()
+    assert [r["kind"] for r in alarms] == ["env_reset_on_resume"] and alarms[0]["step"] == 2
+    summary = RunDir(tmp_path / "b").read_summary()
+    assert summary is not None and summary["env_reset_on_resume"] is True
+    assert a[:2] == b[:2] and a[2:] != b[2:]  # after the reset, the resumed run goes its own way
+
+
+def test_env_fingerprint_ignores_sharing_and_sees_the_simulation() -> None:
+    from tether.control.envs import env_fingerprint, restore_simulation_state, simulation_state
+
+    env = gym.make("tether/SafeHopperVelocity-v0")
+    env.reset(seed=0)
+    for _ in range(5):
+        env.step(env.action_space.sample())
+    snapshot = pickle.loads(pickle.dumps((env, simulation_state(env))))
+    assert env_fingerprint(snapshot[0]) != env_fingerprint(env)  # EzPickle: a fresh simulation
+    restore_simulation_state(*snapshot)
+    assert env_fingerprint(snapshot[0]) == env_fingerprint(env)
+    env.unwrapped.data.qvel[0] += 1e-12
+    assert env_fingerprint(snapshot[0]) != env_fingerprint(env)
 
 
 def test_bad_env_id_fails_before_work(tmp_path: Path) -> None:
     with pytest.raises(TetherError, match="CartPole-v1"):
         ControlTrainer(make_config(tmp_path / "run", "env.id=CartPol-v1"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_unsupported_spaces_fail_before_the_run_directory_exists(
+    tmp_path: Path, dry_run: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tether.cli import main
+
+    out = tmp_path / "frozen"
+    args = ["control", "train", "--env", "FrozenLake-v1", "--steps", "512", "--out", str(out)]
+    assert main(args + ["--dry-run"] * dry_run) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "'FrozenLake-v1'" in err and "flat Box observation space, got Discrete(16)" in err
+    if "tether_test/MultiDiscrete-v0" not in gym.registry:
+        gym.register("tether_test/MultiDiscrete-v0", entry_point=MultiDiscreteEnv)
+    with pytest.raises(TetherError, match="unsupported action space MultiDiscrete"):
+        ControlTrainer(make_config(tmp_path / "md", "env.id=tether_test/MultiDiscrete-v0"))
+    assert not (tmp_path / "md").exists()
+
+
+class MultiDiscreteEnv(CountingEnv):
+    action_space = spaces.MultiDiscrete([2, 3])  # type: ignore[assignment]
 
 
 def test_imports_register_a_users_env_and_eval_finds_it_again(tmp_path: Path) -> None:
@@ -125,8 +212,6 @@ def test_imports_register_a_users_env_and_eval_finds_it_again(tmp_path: Path) ->
     ControlTrainer(cfg).train()
     lengths = [r["episode/length"] for r in RunDir(out).metrics.read() if "episode/length" in r]
     assert lengths and max(lengths) <= 20  # the user's registration (20-step episodes) was used
-    import gymnasium as gym
-
     from tether.control.evaluate import evaluate_run
 
     # As in a new process: the env and the imported file are forgotten; the run's config imports it again.

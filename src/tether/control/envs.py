@@ -22,7 +22,12 @@ the cost API and optional observation / reward normalization.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
+import pickle
+import types
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal, SupportsFloat
 
@@ -701,3 +706,139 @@ def make_vec_env(
     if normalize_reward:
         envs = gym.wrappers.vector.NormalizeReward(envs, gamma=gamma)
     return envs
+
+
+# --------------------------------------------------------------------------- snapshots (resume)
+
+#: Attributes of a MuJoCo env that hold the simulation (captured as its state vector instead).
+_MUJOCO_HANDLES = ("model", "data", "mujoco_renderer")
+
+
+def _mujoco_base(env: Any) -> Any | None:
+    """The unwrapped env when it simulates with MuJoCo (``model`` / ``data`` from ``mujoco``), else None."""
+    base = getattr(env, "unwrapped", env)
+    model, data = getattr(base, "model", None), getattr(base, "data", None)
+    if model is None or data is None or not type(data).__module__.startswith("mujoco"):
+        return None
+    return base
+
+
+#: Quantities the last step derived (read by the next one: Ant's position before the step is the
+#: ``xpos`` of the state before the last step), fingerprinted beside the integration state.
+_MUJOCO_DERIVED = ("xpos", "xquat", "qacc", "cfrc_ext", "sensordata")
+
+
+def _mujoco_state(base: Any) -> np.ndarray:
+    """The simulation's full integration state (``mjSTATE_INTEGRATION``: time, qpos, qvel, act,
+    warm start, controls, applied forces, mocap, user data, plugin state)."""
+    import mujoco
+
+    spec = int(mujoco.mjtState.mjSTATE_INTEGRATION)
+    state = np.empty(mujoco.mj_stateSize(base.model, spec), dtype=np.float64)
+    mujoco.mj_getState(base.model, base.data, state, spec)
+    return state
+
+
+def simulation_state(env: Any) -> dict[str, Any] | None:
+    """What pickling a sub-environment loses: a MuJoCo env (Gymnasium's are ``EzPickle``) pickles
+    only its constructor arguments, so its simulation data (``MjData``: the state and what the last
+    step derived from it, which the next step reads) and its Python attributes (``np_random``,
+    ``spec``, the spaces and whatever a subclass keeps) are captured here; None for an env that does
+    not simulate with MuJoCo. Pickle it with the env so that shared objects stay shared. See
+    :func:`restore_simulation_state`."""
+    base = _mujoco_base(env)
+    if base is None:
+        return None
+    attributes = {k: v for k, v in vars(base).items() if k not in _MUJOCO_HANDLES}
+    return {"data": copy.copy(base.data), "attributes": attributes}
+
+
+def restore_simulation_state(env: Any, saved: dict[str, Any] | None) -> None:
+    """Put a :func:`simulation_state` back into an env rebuilt by unpickling (its ``MjData`` is
+    overwritten in place: the renderer keeps a reference to it)."""
+    if saved is None:
+        return
+    base = _mujoco_base(env)
+    if base is None:
+        raise ValueError("a MuJoCo simulation state cannot be restored into an env without one")
+    import mujoco
+
+    data = saved["data"]
+    for name in ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "mocap_pos", "userdata", "plugin_state"):
+        if getattr(data, name).shape != getattr(base.data, name).shape:
+            raise ValueError(f"the saved MuJoCo data does not fit this model ({name})")
+    mujoco.mj_copyData(base.data, base.model, data)
+    vars(base).update(saved["attributes"])
+
+
+def _feed(digest: Any, obj: Any, seen: set[int]) -> None:
+    """Feed ``obj``'s value into ``digest``: the same for equal values, however they are shared
+    (``seen`` holds the objects being fed, to break cycles).
+
+    (Pickled bytes are not: they record which objects are shared, interned strings included.)
+    Raises ``TypeError`` for a value it cannot read (an object without attributes that does not pickle).
+    """
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, np.generic)):
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"ndarray:{obj.dtype}:{obj.shape};".encode())
+        digest.update(np.ascontiguousarray(obj).tobytes() if obj.dtype != object else pickle.dumps(obj))
+    elif isinstance(obj, np.random.Generator):
+        _feed(digest, obj.bit_generator.state, seen)
+    elif isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        digest.update(
+            f"callable:{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', obj)!r};".encode()
+        )
+    elif id(obj) in seen:  # a cycle: the object is being fed already
+        digest.update(b"cycle;")
+    else:
+        seen.add(id(obj))
+        digest.update(f"{type(obj).__qualname__}(".encode())
+        if isinstance(obj, dict):
+            for key in sorted(obj, key=repr):
+                _feed(digest, key, seen)
+                _feed(digest, obj[key], seen)
+        elif isinstance(obj, (set, frozenset)):
+            for item in sorted(obj, key=repr):
+                _feed(digest, item, seen)
+        elif isinstance(obj, (list, tuple, deque)):
+            for item in obj:
+                _feed(digest, item, seen)
+        elif hasattr(obj, "__dict__"):
+            _feed(digest, vars(obj), seen)
+        else:
+            try:
+                digest.update(pickle.dumps(obj))
+            except Exception as err:
+                raise TypeError(f"cannot fingerprint a {type(obj).__qualname__}") from err
+        digest.update(b");")
+        seen.discard(id(obj))  # a shared object is fed again where it is met again
+
+
+def env_fingerprint(env: Any) -> str | None:
+    """A digest of everything a sub-environment carries: each layer's attributes (the wrapped env
+    aside) and, for a MuJoCo env, its simulation state in place of the simulator handles.
+
+    Two envs with equal fingerprints step alike; a resume compares the fingerprint of each restored
+    env with the one saved, so that a snapshot that does not reproduce the env (an ``EzPickle`` env
+    whose state lives outside its constructor arguments) is never trusted. None when some attribute
+    cannot be read (e.g. a Box2D world).
+    """
+    digest = hashlib.sha256()
+    layer = env
+    while layer is not None:
+        fields = {k: v for k, v in vars(layer).items() if k != "env"}
+        base = _mujoco_base(layer)
+        if base is not None and base is layer:
+            for key in _MUJOCO_HANDLES:
+                fields.pop(key, None)
+            fields["mujoco.state"] = _mujoco_state(base)
+            for name in _MUJOCO_DERIVED:
+                fields[f"mujoco.{name}"] = np.array(getattr(base.data, name))
+        try:
+            digest.update(f"layer:{type(layer).__qualname__};".encode())
+            _feed(digest, fields, set())
+        except (TypeError, RecursionError):
+            return None
+        layer = getattr(layer, "env", None)
+    return digest.hexdigest()

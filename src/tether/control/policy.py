@@ -147,6 +147,22 @@ class CostCritic(ValueCritic):
     """V_c(s): expected discounted cost (same architecture as the value critic)."""
 
 
+def check_spaces(observation_space: spaces.Space[Any], action_space: spaces.Space[Any]) -> None:
+    """Refuse the spaces the control policies cannot handle: they need a flat Box observation space
+    and a Discrete or flat Box action space (the planner runs this before any work)."""
+    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
+        raise TetherError(
+            f"the control policies need a flat Box observation space, got {observation_space}; "
+            "flatten the observations with a wrapper"
+        )
+    if not isinstance(action_space, spaces.Discrete) and not (
+        isinstance(action_space, spaces.Box) and len(action_space.shape) == 1
+    ):
+        raise TetherError(
+            f"unsupported action space {action_space}: use Discrete or a flat Box (diagonal Gaussian)"
+        )
+
+
 class ActorCritic(nn.Module):
     """An actor, a value critic and (optionally) a cost critic with separate networks.
 
@@ -163,11 +179,8 @@ class ActorCritic(nn.Module):
         normalize_obs: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
-            raise TetherError(
-                f"the control policies need a flat Box observation space, got {observation_space}; "
-                "flatten the observations with a wrapper"
-            )
+        check_spaces(observation_space, action_space)
+        assert isinstance(observation_space, spaces.Box)
         obs_dim = int(observation_space.shape[0])
         self.discrete = isinstance(action_space, spaces.Discrete)
         self.actor: CategoricalActor | GaussianActor
@@ -183,10 +196,8 @@ class ActorCritic(nn.Module):
             self.register_buffer(
                 "action_high", torch.as_tensor(np.asarray(action_space.high), dtype=torch.float32)
             )
-        else:
-            raise TetherError(
-                f"unsupported action space {action_space}: use Discrete or a flat Box (diagonal Gaussian)"
-            )
+        else:  # pragma: no cover - check_spaces refused it
+            raise AssertionError(action_space)
         self.critic = ValueCritic(obs_dim, hidden)
         self.cost_critic = CostCritic(obs_dim, hidden) if cost_critic else None
         self.obs_norm = RunningNormalizer(obs_dim) if normalize_obs else None

@@ -23,6 +23,7 @@ import pickle
 import random
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ from tether.catalogue.advantages.broadcast import masked_whiten
 from tether.catalogue.advantages.gae import gae_returns
 from tether.config import ConfigError, to_dict
 from tether.control.config import ControlConfig
-from tether.control.envs import make_vec_env
-from tether.control.policy import ActorCritic
+from tether.control.envs import env_fingerprint, make_vec_env, restore_simulation_state, simulation_state
+from tether.control.policy import ActorCritic, check_spaces
 from tether.control.trust_region import cpo_update
 from tether.errors import TetherError, UnknownNameError
 from tether.monitor import Monitor
@@ -173,13 +174,30 @@ def _wrappers(envs: Any) -> list[Any]:
     return out
 
 
-def build_method(cfg: ControlConfig) -> Method:
-    """The run's composed method, after every check that needs no work: env id, recipe, inputs.
+def check_env_spaces(env_id: str) -> None:
+    """Build one env of ``env_id`` (and drop it) to refuse, before any work, an env that cannot be
+    built or whose spaces the control policies do not handle (see :func:`check_spaces`)."""
+    try:
+        env = gym.make(env_id)
+    except (gym.error.Error, ImportError) as err:
+        raise TetherError(f"cannot build environment {env_id!r}: {err}") from None
+    try:
+        check_spaces(env.observation_space, env.action_space)
+    except TetherError as err:
+        raise TetherError(f"environment {env_id!r}: {err}") from None
+    finally:
+        env.close()
 
-    ``ControlTrainer`` calls it first; the arena calls it to validate planned runs.
+
+def build_method(cfg: ControlConfig) -> Method:
+    """The run's composed method, after every check that needs no work: env id and spaces (one
+    throwaway env), recipe, inputs.
+
+    ``ControlTrainer`` and ``--dry-run`` call it first; the arena calls it to validate planned runs.
     """
     import_user_code(cfg.imports)  # the user's modules may register the env or components
     check_env_id(cfg.env.id)
+    check_env_spaces(cfg.env.id)
     method = Method(resolve_recipe(cfg.recipe), cost_limit=cfg.train.cost_limit)
     method.check_inputs(set(CONTROL_INPUTS), "control")
     return method
@@ -529,25 +547,31 @@ class ControlTrainer:
     ) -> tuple[torch.Tensor, bool, dict[str, float]]:
         """The multiplier update and the penalized advantages of a constrained recipe (OmniSafe order).
 
-        J_c is the mean cost of the episodes that ended in this rollout (the last ten episodes
-        when none ended; no update before the first episode ends). The multiplier is updated
-        first, then used for this rollout's policy update. With an objective, the reward
-        advantages are standardized and the cost advantages centered over the whole batch before
-        they are combined (OmniSafe's buffer), and the combined advantages are not whitened again
-        per minibatch (that would undo the 1 / (1 + lambda) scale). Returns (advantages, whether
-        they were combined, metrics).
+        J_c is the mean cost of the episodes that ended in this rollout (the card's "mean episode
+        cost of the last epoch"). The multiplier (or the PID controller) steps only on a rollout in
+        which an episode ended: on one without, it keeps its value (``lagrange/updated`` 0), since
+        the last finished episodes would otherwise drive several updates with one measurement. It
+        is updated first, then used for this rollout's policy update. With an objective, the
+        reward advantages are standardized and the cost advantages centered over the whole batch
+        before they are combined (OmniSafe's buffer), and the combined advantages are not whitened
+        again per minibatch (that would undo the 1 / (1 + lambda) scale). Returns (advantages,
+        whether they were combined, metrics).
         """
         out: dict[str, float] = {}
-        mean_cost = self._mean_episode_cost(episode)
+        fresh = bool(episode.shape[1])  # an episode ended in this rollout: a new measurement of J_c
         if self.cost_limit is not None:
             out["safety/cost_limit"] = self.cost_limit
-            if episode.shape[1]:
+            if fresh:
                 out["safety/violation_rate"] = float((episode[1] > self.cost_limit).float().mean())
         c = self.constraint
         if c is None:
             return adv, False, out
-        if mean_cost is not None:
-            out.update({k: float(v) for k, v in c.update(mean_cost).items()})
+        if c.multiplier is not None:
+            if fresh:
+                mean_cost = self._mean_episode_cost(episode)
+                assert mean_cost is not None
+                out.update({k: float(v) for k, v in c.update(mean_cost).items()})
+            out["lagrange/updated"] = float(fresh)
         out["lagrange/multiplier"] = c.value
         if c.objective is None:
             return adv, False, out
@@ -559,7 +583,8 @@ class ControlTrainer:
         return combined.reshape(adv.shape).to(adv.dtype), True, out
 
     def _mean_episode_cost(self, episode: torch.Tensor) -> float | None:
-        """J_c: the mean cost of the episodes that ended in this rollout, else of the last ten (None: none yet)."""
+        """CPO's J_c, which its step needs on every rollout: the mean cost of the episodes that ended
+        in this rollout, else of the last ten (None: none yet). The multipliers never use the fallback."""
         costs = episode[1].tolist() if episode.shape[1] else self.recent_costs[-10:]
         return float(np.mean(costs)) if costs else None
 
@@ -577,8 +602,10 @@ class ControlTrainer:
         Reward advantages are standardized and cost advantages centered over the batch (OmniSafe's
         buffer). The reward surrogate is minus the recipe's policy loss (``is_surrogate`` gives
         E[r A]), the cost surrogate E[r A_C]; the trust region is KL(pi_old || pi_theta) averaged
-        over the batch (summed over action dimensions). Before the first episode ends J_c is taken
-        as 0 (the constraint counts as satisfied) and ``cpo/no_cost_estimate`` is 1.
+        over the batch (summed over action dimensions). CPO steps on every rollout, so on one in
+        which no episode ended J_c is the mean cost of the last ten episodes; before the first
+        episode ends it is taken as 0 (the constraint counts as satisfied) and
+        ``cpo/no_cost_estimate`` is 1.
         """
         assert self.trust_region is not None and self.constraint is not None
         model = self.model
@@ -735,7 +762,8 @@ class ControlTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def _env_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Reward-normalizer statistics (tensors) and a snapshot of the sub-environments (sync only).
+        """Reward-normalizer statistics (tensors) and a snapshot of the sub-environments (sync only):
+        their pickle, their MuJoCo simulation states and their fingerprints (``env_fingerprint``).
 
         The observation normalizer is part of the model (its buffers are in the model's tensors).
         """
@@ -750,11 +778,21 @@ class ControlTrainer:
                 state["norm_ret_count"] = float(w.return_rms.count)
         base = self.envs.unwrapped
         if isinstance(base, gym.vector.SyncVectorEnv):
-            try:
-                blob = pickle.dumps(base.envs)
-                tensors["envs.pickle"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-            except Exception:
-                pass
+            # Pickling keeps the wrappers' state; a MuJoCo env pickles only its constructor arguments,
+            # so its simulation state and np_random are saved beside. The fingerprints let a resume
+            # check that the restored envs are the saved ones (else it resets them, with an alarm).
+            fingerprints = [env_fingerprint(e) for e in base.envs]
+            if all(f is not None for f in fingerprints):
+                try:
+                    blob = pickle.dumps(
+                        {"envs": base.envs, "simulation": [simulation_state(e) for e in base.envs]}
+                    )
+                except Exception:
+                    pass
+                else:  # level 1: an MjData pickles with its whole arena, mostly zeros (680 kB -> 30 kB)
+                    blob = zlib.compress(blob, 1)
+                    tensors["envs.snapshot"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+                    state["env_fingerprints"] = fingerprints
         return tensors, state
 
     def _load_env_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -766,9 +804,10 @@ class ControlTrainer:
                 w.accumulated_reward = tensors["norm.ret.acc"].numpy().copy()
                 w._prev_dones = tensors["norm.ret.prev_dones"].numpy().copy()
         base = self.envs.unwrapped
-        if "envs.pickle" in tensors and isinstance(base, gym.vector.SyncVectorEnv):
-            # A snapshot of this run's own environments (trust your run directory as you trust its code).
-            base.envs = pickle.loads(tensors["envs.pickle"].numpy().tobytes())
+        restored = self._restored_envs(tensors, state) if isinstance(base, gym.vector.SyncVectorEnv) else None
+        if restored is not None:
+            assert isinstance(base, gym.vector.SyncVectorEnv)
+            base.envs = restored
         else:
             self.env_reset_on_resume = True
             obs, _ = self.envs.reset(seed=self.config.train.seed + 7919 * self.update)
@@ -777,10 +816,30 @@ class ControlTrainer:
                 {
                     "step": self.update,
                     "kind": "env_reset_on_resume",
-                    "message": "these environments cannot be snapshotted; they were reset on resume",
+                    "message": "these environments cannot be snapshotted, or their snapshot does not "
+                    "reproduce them; they were reset on resume",
                     "value": float("nan"),
                 }
             )
+
+    @staticmethod
+    def _restored_envs(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> list[Any] | None:
+        """The sub-environments of the checkpoint, or None when it has none or they do not match
+        the fingerprints saved with them (or have none: a checkpoint from before fingerprints)."""
+        fingerprints = state.get("env_fingerprints")
+        if "envs.snapshot" not in tensors or not fingerprints:
+            return None
+        # A snapshot of this run's own environments (trust your run directory as you trust its code).
+        try:  # a snapshot that no longer unpickles (other library versions) is one that does not restore
+            snapshot = pickle.loads(zlib.decompress(tensors["envs.snapshot"].numpy().tobytes()))
+            envs = snapshot["envs"]
+            for env, sim in zip(envs, snapshot["simulation"], strict=True):
+                restore_simulation_state(env, sim)
+        except Exception:
+            return None
+        if len(envs) != len(fingerprints) or [env_fingerprint(e) for e in envs] != fingerprints:
+            return None
+        return list(envs)
 
     def save(self) -> Path:
         tensors, o_meta = training_state(self.model, self.optimizer)
