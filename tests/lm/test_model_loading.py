@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
+from tests.lm.test_model import SMALL, small_config
 from tether.config import from_dict
 from tether.errors import TetherError
 from tether.lm.config import LMConfig, SFTConfig
@@ -25,18 +26,6 @@ from tether.lm.model import (
     save_model,
 )
 from tether.lm.tokenizer import build_char_tokenizer
-
-SMALL = {
-    "tiny_hidden": 32,
-    "tiny_layers": 2,
-    "tiny_heads": 2,
-    "tiny_intermediate": 64,
-    "tiny_max_positions": 64,
-}
-
-
-def small_config(**overrides: Any) -> ModelConfig:
-    return ModelConfig(**{**SMALL, "device": "cpu", **overrides})
 
 
 @pytest.fixture(autouse=True)
