@@ -689,3 +689,59 @@ def test_batch_level_inputs_are_never_sliced_whatever_their_length(tmp_path: Pat
     assert adv.shape == (19, 2) and torch.isfinite(adv).all()
     assert float(metrics["riskpo/quantile_low"]) == pytest.approx(plugin.grid[3])  # the tracked grid
     assert float(metrics["riskpo/quantile_high"]) == pytest.approx(plugin.grid[15])
+
+
+# ------------------------------------------------------------------------------------ whole groups
+
+
+def test_pack_groups_keeps_groups_whole_within_the_micro_batch_size() -> None:
+    from tether.lm.trainer import pack_groups
+
+    def sizes(groups: list[int], limit: int) -> list[list[int]]:
+        tensors = [torch.arange(n) for n in groups]
+        return [[len(g) for g in pack] for pack in pack_groups(tensors, limit)]
+
+    assert sizes([4, 4, 4, 4], 8) == [[4, 4], [4, 4]]  # uniform groups: limit // group_size per pack
+    assert sizes([4, 4, 4, 4], 0) == [[4, 4, 4, 4]]  # 0: the whole mini-batch
+    assert sizes([6, 2, 2, 6], 8) == [[6, 2], [2, 6]]  # Knapsack's uneven budgets: filled in order
+    assert sizes([2, 10, 2], 8) == [[2], [10], [2]]  # a group over the limit runs alone, never cut
+    assert sizes([], 8) == []
+
+
+def test_knapsack_with_a_whole_group_loss_keeps_micro_batches_within_their_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Knapsack gives groups of 2 to 12 rows: micro-batches of whole groups stay within
+    train.micro_batch_size rows (it used to put micro_batch_size // group_size groups in each)."""
+    recipe = tmp_path / "knapsack_real.yaml"
+    recipe.write_text(
+        "description: Knapsack budgets with REAL's group-wise loss\n"
+        "advantage: {name: grpo}\n"
+        "policy_loss: {name: real, params: {tau: 0.5}}\n"
+        "loop:\n  - {name: knapsack, params: {min_n: 2, negative_n: 2, positive_n: 2, max_n: 12}}\n"
+    )
+    trainer = trainer_for(tmp_path, str(recipe), micro_batch_size=8)
+    assert trainer.whole_groups
+    plugin = only_plugin(trainer)
+    counts = iter([[2, 6, 6, 2], [6, 2, 2, 6]])
+    monkeypatch.setattr(
+        plugin, "plan", lambda t, n, g: list(zip(t.prompts.next(n), next(counts), strict=True))
+    )
+    passes: list[list[int]] = []
+    original = trainer._logprobs
+
+    def spy(model: torch.nn.Module, batch: Any, rows: Any, grad: bool, **kw: Any) -> Any:
+        if grad:
+            passes.append(sorted(rows.tolist()))
+        return original(model, batch, rows, grad, **kw)
+
+    monkeypatch.setattr(trainer, "_logprobs", spy)
+    for _ in range(2):
+        passes.clear()
+        trainer.step()
+        groups = [set(g) for g in groups_of(trainer.last_rollout)]  # type: ignore[arg-type]
+        assert sorted(len(g) for g in groups) == [2, 2, 6, 6]
+        assert all(len(rows) <= 8 for rows in passes)
+        for rows in passes:  # every micro-batch is a union of whole groups
+            assert set(rows) == set().union(*[g for g in groups if g & set(rows)])
+        assert sorted(r for rows in passes for r in rows) == list(range(16))

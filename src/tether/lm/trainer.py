@@ -228,6 +228,26 @@ def check_group_split(cfg: LMConfig, needs: list[str]) -> None:
         )
 
 
+def pack_groups(groups: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive whole groups (row indices), packed in order into micro-batches of at most ``limit``
+    rows (0: one micro-batch). Groups of ``train.group_size`` rows with a ``limit`` that is a multiple
+    of it give ``limit // group_size`` groups per micro-batch; groups of other sizes (Knapsack's
+    budgets) fill each micro-batch as far as it goes, and a group larger than ``limit`` is never cut:
+    it runs as a micro-batch of its own."""
+    if not limit:
+        return [groups] if groups else []
+    packs: list[list[torch.Tensor]] = []
+    rows = 0
+    for g in groups:
+        if packs and rows + len(g) <= limit:
+            packs[-1].append(g)
+            rows += len(g)
+        else:
+            packs.append([g])
+            rows = len(g)
+    return packs
+
+
 def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
     idx = rows.nonzero().squeeze(-1).tolist()
     return Rollout(
@@ -571,8 +591,8 @@ class RLTrainer:
         the groups is shuffled, each group's rows stay together, the groups are split into
         ``train.minibatches`` mini-batches (fewer updates when a step has fewer groups, e.g. Knapsack's
         skipped prompts or an unfilled dynamic-sampling batch) and each mini-batch into micro-batches
-        of ``train.micro_batch_size // train.group_size`` groups (plan_run checks that the settings
-        split at group boundaries).
+        of whole groups, at most ``train.micro_batch_size`` rows each (:func:`pack_groups`; plan_run
+        checks that the settings split groups of ``train.group_size`` at group boundaries).
         """
         cfg = self.config.train
         n = len(ro)
@@ -582,14 +602,13 @@ class RLTrainer:
             return [(mb, list(mb.split(micro))) for mb in order.tensor_split(cfg.minibatches)]
         groups = [torch.tensor(rows, dtype=torch.long) for rows in group_rows(ro.group_ids)]
         order = torch.randperm(len(groups), generator=self.generator)
-        per_micro = cfg.micro_batch_size // cfg.group_size if cfg.micro_batch_size else len(groups)
         batches = []
         for chunk in order.tensor_split(cfg.minibatches):
             ids = chunk.tolist()
             if not ids:
                 continue
             micro_batches = [
-                torch.cat([groups[g] for g in ids[i : i + per_micro]]) for i in range(0, len(ids), per_micro)
+                torch.cat(part) for part in pack_groups([groups[g] for g in ids], cfg.micro_batch_size)
             ]
             batches.append((torch.cat(micro_batches), micro_batches))
         return batches
