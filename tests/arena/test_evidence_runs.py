@@ -282,3 +282,31 @@ def test_outputs_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monk
     names = {p.name for p in written}
     assert {"evidence.json", "evidence.md", "d.md", "summary.json", "metrics.jsonl", "config.yaml"} <= names
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_an_evidence_run_directory_in_use_by_another_process_is_refused(tmp_path: Path) -> None:
+    """Two processes on one evidence run would interleave its files: the second is refused."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from tether.runs.rundir import RunDir; "
+            f"RunDir({str(out)!r}).hold(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(TetherError, match="in use by another tether process"):
+            ev.run_arm(_small(), "baseline", 0, out=out)
+        assert not (out / "summary.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = ev.run_arm(_small(), "baseline", 0, out=out)  # released with the process
+    assert (out / "summary.json").is_file() and math.isfinite(summary["evidence"]["value"])

@@ -852,7 +852,8 @@ def run_arm(claim: Claim, arm: ArmName, seed: int, out: str | Path | None = None
     Returns the run's summary (``summary.json``'s content), with ``evidence.value`` the metric and
     ``evidence.fingerprint`` what produced it. ``out`` is checked before any work
     (:func:`check_run_out`); a finished run there with the same fingerprint is trained again and
-    replaced (runs are deterministic), one with another fingerprint is refused.
+    replaced (runs are deterministic), one with another fingerprint is refused. The directory is
+    locked for this process while it trains: another process writing the same run is refused.
     """
     from tether.arena.testbeds.bandit import train_bandit
 
@@ -861,7 +862,10 @@ def run_arm(claim: Claim, arm: ArmName, seed: int, out: str | Path | None = None
     cfg = arm_config(claim, arm, seed)
     fingerprint = run_fingerprint(claim, arm, seed)
     if out is not None:
+        from tether.runs.rundir import RunDir
+
         check_run_out(claim, arm, seed, out)
+        RunDir(out).hold()  # one process per run directory: a second one is refused, not interleaved
     result = train_bandit(a.recipe, cfg, a.overrides)
     value = metric_value(claim.metric, result.metrics, initial=result.initial)
     final = result.final

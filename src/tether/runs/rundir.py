@@ -97,6 +97,12 @@ class RunDir:
             raise TetherError(
                 f"cannot resume {str(self.path)!r}: it has no complete checkpoint; start again with another --out"
             )
+        self.hold()
+
+    def hold(self) -> None:
+        """Create the directory, lock it for this process (a second process is refused) and mark it as
+        a run. After the caller's checks; :meth:`prepare` for a trainer, directly for a run that has
+        no checkpoint to resume (an evidence run, trained again from the start)."""
         self.path.mkdir(parents=True, exist_ok=True)
         _lock(self.path)
         self._mark()
