@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.lm.test_trainer import record_grad_passes
 from tether.catalogue import get
 from tether.config import from_dict
 from tether.errors import TetherError
@@ -727,15 +728,7 @@ def test_knapsack_with_a_whole_group_loss_keeps_micro_batches_within_their_size(
     monkeypatch.setattr(
         plugin, "plan", lambda t, n, g: list(zip(t.prompts.next(n), next(counts), strict=True))
     )
-    passes: list[list[int]] = []
-    original = trainer._logprobs
-
-    def spy(model: torch.nn.Module, batch: Any, rows: Any, grad: bool, **kw: Any) -> Any:
-        if grad:
-            passes.append(sorted(rows.tolist()))
-        return original(model, batch, rows, grad, **kw)
-
-    monkeypatch.setattr(trainer, "_logprobs", spy)
+    passes = record_grad_passes(trainer)
     for _ in range(2):
         passes.clear()
         trainer.step()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tests.lm.test_trainer import make_config, read_jsonl
+from tests.lm.test_trainer import make_config, read_jsonl, record_advantages
 from tests.lm.test_trainer import tiny_cache as tiny_cache  # module-wide TETHER_CACHE, one thread
 from tether.lm.tasks.base import safe_score_batch
 from tether.lm.trainer import RLTrainer
@@ -47,15 +47,7 @@ def test_the_baseline_is_the_reward_of_each_prompts_greedy_response(tmp_path: Pa
 
 def test_remax_run_trains_on_reward_minus_greedy_reward(tmp_path: Path) -> None:
     trainer = RLTrainer(make_config(tmp_path / "run", "train.steps=2", recipe="remax"))
-    seen: list[tuple[dict[str, Any], torch.Tensor]] = []
-    compute = trainer.method.compute_advantages
-
-    def recording(inputs: dict[str, Any]) -> Any:
-        out = compute(inputs)
-        seen.append((inputs, out[0]))
-        return out
-
-    trainer.method.compute_advantages = recording  # type: ignore[method-assign]
+    seen = record_advantages(trainer)
     trainer.train()
     for inputs, adv in seen:
         want = (inputs["rewards"].double() - inputs["baseline_rewards"])[:, None] * inputs["response_mask"]

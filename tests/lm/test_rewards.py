@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.lm.test_trainer import TINY, make_config, read_jsonl
+from tests.lm.test_trainer import TINY, make_config, read_jsonl, record_advantages
 from tests.lm.test_trainer import tiny_cache as tiny_cache  # module-wide TETHER_CACHE, one thread
 from tether.catalogue import get
 from tether.cli import main
@@ -403,15 +403,7 @@ def test_trainer_hands_each_function_to_gdpo(tmp_path: Path) -> None:
         recipe="gdpo",
     )
     trainer = RLTrainer(cfg)
-    calls: list[tuple[dict[str, Any], Any]] = []
-    compute = trainer.method.compute_advantages
-
-    def recording(inputs: dict[str, Any]) -> Any:
-        out = compute(inputs)
-        calls.append((inputs, out[0]))
-        return out
-
-    trainer.method.compute_advantages = recording  # type: ignore[method-assign]
+    calls = record_advantages(trainer)
     rollouts: list[Any] = []
     trainer.on_step = lambda step, metrics: rollouts.append(trainer.last_rollout)
     trainer.train()

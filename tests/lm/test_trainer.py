@@ -115,6 +115,34 @@ def record_adamw_lrs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return used
 
 
+def record_grad_passes(trainer: RLTrainer) -> list[list[int]]:
+    """The sorted rows of every training (grad) forward pass of ``trainer`` from now on."""
+    passes: list[list[int]] = []
+    original = trainer._logprobs
+
+    def spy(model: torch.nn.Module, batch: Any, rows: Any, grad: bool, **kw: Any) -> Any:
+        if grad:
+            passes.append(sorted(rows.tolist()))
+        return original(model, batch, rows, grad, **kw)
+
+    trainer._logprobs = spy  # type: ignore[method-assign]
+    return passes
+
+
+def record_advantages(trainer: RLTrainer) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """(inputs, advantages) of every advantage computation of ``trainer`` from now on."""
+    calls: list[tuple[dict[str, Any], torch.Tensor]] = []
+    compute = trainer.method.compute_advantages
+
+    def recording(inputs: dict[str, Any]) -> Any:
+        out = compute(inputs)
+        calls.append((inputs, out[0]))
+        return out
+
+    trainer.method.compute_advantages = recording  # type: ignore[method-assign]
+    return calls
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -790,15 +818,7 @@ def test_whole_group_methods_update_on_mini_and_micro_batches_of_whole_groups(tm
             recipe="dypo_routing",
         )
     )
-    passes: list[list[int]] = []
-    original = trainer._logprobs
-
-    def spy(model: torch.nn.Module, batch: Any, rows: Any, grad: bool, **kw: Any) -> Any:
-        if grad:
-            passes.append(sorted(rows.tolist()))
-        return original(model, batch, rows, grad, **kw)
-
-    trainer._logprobs = spy  # type: ignore[method-assign]
+    passes = record_grad_passes(trainer)
     trainer.step()
     groups = _groups(trainer.last_rollout)
     assert len(passes) == 2 * 4  # 2 epochs x 4 groups, one group per micro-batch

@@ -6,7 +6,7 @@ import torch
 
 from tether.catalogue.advantages.baselines import AdvantageOutput
 from tether.catalogue.advantages.broadcast import advantage_metrics, as_float, check_outcome
-from tether.catalogue.advantages.group_stats import group_stats, group_sum, groups_of
+from tether.catalogue.advantages.group_stats import group_count, group_stats, group_sum, groups_of
 from tether.catalogue.contracts import check_same_shape, detached
 from tether.catalogue.registry import register
 from tether.errors import InvalidInputError
@@ -77,7 +77,7 @@ def otb(
     num = group_sum(g * energy * m, groups)  # [Q, T]
     den = group_sum(energy * m, groups) + eps
     baseline = groups.gather(num / den)
-    size = groups.gather(group_sum(torch.ones_like(r, dtype=dtype), groups))
+    size = groups.gather(group_count(groups, dtype=dtype))
     baseline = torch.where((size > 1).unsqueeze(-1), baseline, torch.zeros((), dtype=dtype))
     if handle_zero_tail:
         lengths = valid.sum(-1)
