@@ -24,7 +24,8 @@ def _independent_sum_pi_squared(trainer: RLTrainer, temperature: float, top_k: i
         for i in range(len(batch)):
             prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
             comp = batch.completion_ids[i][batch.completion_mask[i].bool()]
-            logits = trainer.model(input_ids=torch.cat([prompt, comp])[None]).logits[0].double()
+            ids = torch.cat([prompt, comp])[None].to(trainer.device)
+            logits = trainer.model(input_ids=ids).logits[0].double().cpu()
             z = logits[len(prompt) - 1 : len(prompt) - 1 + len(comp)] / temperature
             kth = z.topk(top_k, dim=-1).values[:, -1:]
             keep = (z >= kth).scatter(-1, comp[:, None], True)
