@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.lm.test_logprobs import grouped_batch, llama, qwen2, reference_logits
+from tests.lm.test_otb import _independent_sum_pi_squared
 from tests.lm.test_rollout import PROMPTS, CharTok, gen, tiny_model
 from tests.lm.test_trainer import TINY, math_only, read_jsonl
 from tests.lm.test_trainer import make_config as trainer_config
@@ -144,7 +145,8 @@ def test_rl_run_on_cuda_trains_and_writes_its_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "precision", ["model.autocast=false", "model.autocast=bfloat16", "model.dtype=bfloat16"]
+    "precision",
+    ["model.autocast=false", "model.autocast=bfloat16", "model.dtype=bfloat16"],
 )
 def test_resume_on_cuda_gives_the_same_metrics(tmp_path: Path, precision: str) -> None:
     """A run stopped after 2 steps and resumed matches one that never stopped (deterministic
@@ -190,3 +192,41 @@ def test_sft_then_train_then_eval_from_the_command_line_on_cuda(
     assert main(["eval", str(run), "task.params.digits=2", "--prompts", "4", "--k", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0.0 <= result["accuracy"] <= result["pass@2"] <= 1.0
+
+
+@pytest.mark.parametrize("precision", ["model.autocast=false", "model.autocast=bfloat16"])
+def test_otb_sum_pi_squared_on_cuda_is_the_old_policys(tmp_path: Path, precision: str) -> None:
+    """OTB's sum_v pi(v)^2, computed in the old-policy pass on the GPU (temperature and top-k
+    applied), equals a float32 per-row forward of the same weights: to float32 rounding without
+    autocast; with bf16 autocast, to bf16 rounding on average (bf16 logits can also move a
+    token across the top-k boundary, which changes that position's value by up to ~20%: 0.037
+    of 0.215 was seen on an H100)."""
+    cfg = trainer_config(
+        tmp_path / "run",
+        "model.device=auto",
+        precision,
+        "train.steps=2",
+        "sampling.temperature=0.8",
+        "sampling.top_k=5",
+        recipe="otb",
+    )
+    trainer = RLTrainer(cfg)
+    assert trainer.device.type == "cuda" and trainer.needs_sum_pi_squared
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    compute = trainer.method.compute_advantages
+
+    def recording(inputs: dict[str, Any]) -> Any:
+        want = _independent_sum_pi_squared(trainer, 0.8, 5)
+        seen.append((inputs["sum_pi_squared"].double().cpu(), want, inputs["response_mask"].cpu()))
+        return compute(inputs)
+
+    trainer.method.compute_advantages = recording  # type: ignore[method-assign]
+    trainer.train()
+    assert len(seen) == 2
+    for got, want, mask in seen:
+        diff = (got - want)[mask.bool()].abs()
+        if precision == "model.autocast=false":
+            assert diff.max() < 1e-5, diff.max()
+        else:
+            assert diff.mean() < 5e-3 and diff.max() < 0.1, (diff.mean(), diff.max())
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["train/nan_skips"] == 0.0
