@@ -146,7 +146,7 @@ def test_rl_run_on_cuda_trains_and_writes_its_run(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "precision",
-    ["model.autocast=false", "model.autocast=bfloat16", "model.dtype=bfloat16"],
+    ["model.autocast=false", "model.autocast=bfloat16", "model.autocast=float16", "model.dtype=bfloat16"],
 )
 def test_resume_on_cuda_gives_the_same_metrics(tmp_path: Path, precision: str) -> None:
     """A run stopped after 2 steps and resumed matches one that never stopped (deterministic

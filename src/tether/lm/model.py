@@ -106,7 +106,8 @@ class ModelConfig:
             "help": "Forward passes under torch.autocast in this dtype (weights stay in model.dtype); "
             "false: none. auto = bfloat16 on a CUDA device that supports it for models of at least "
             "50 M parameters, none otherwise (the CPU; tiny models, which bf16 does not speed up and "
-            "whose learning it broke in the demo).",
+            "whose learning it broke in the demo). float16 trains with dynamic loss scaling "
+            "(torch.amp.GradScaler; train/loss_scale, train/overflow_skips).",
         },
     )
     attn_implementation: str = field(

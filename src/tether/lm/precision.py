@@ -14,7 +14,8 @@ calls it, uses the same precision; :func:`autocast_context` reads it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 
@@ -67,3 +68,69 @@ def autocast_context(model: Any) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
     device_type, dtype = spec
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def computes_in_float16(model: Any) -> bool:
+    """Whether ``model``'s forward passes compute in float16: autocast to float16 recorded on it by
+    :func:`set_autocast`, or, with no autocast, float16 weights (a frozen LoRA base)."""
+    spec = getattr(model, ATTR, None)
+    if spec is not None:
+        return bool(spec[1] == torch.float16)
+    return any(p.dtype == torch.float16 for p in model.parameters())
+
+
+def make_grad_scaler(model: Any) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaling (``torch.amp.GradScaler``) when ``model`` computes in float16, else None.
+
+    float16 keeps 5 exponent bits: gradients of activations below about 6e-8 flush to zero in its
+    backward pass, which loses the small gradients of a policy-gradient loss. The scaler multiplies
+    the loss by a large factor S before the backward pass (2^16 at first) and divides the float32
+    gradients by S before clipping and the optimizer step; when a scaled gradient overflows, it skips
+    that update and halves S, and it doubles S after 2000 updates without an overflow (PyTorch's
+    defaults, as in the usual float16 mixed-precision recipe). bfloat16 has float32's exponent range
+    and needs none.
+    """
+    if not computes_in_float16(model):
+        return None
+    return torch.amp.GradScaler(next(model.parameters()).device.type)
+
+
+#: How :func:`clipped_step` ended: the optimizer stepped; the scaler skipped an overflow of the
+#: scaled gradients (and halved its scale); or the gradients were non-finite without scaling to blame.
+StepOutcome = Literal["stepped", "overflow", "nonfinite"]
+
+
+def clipped_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    max_norm: float,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[float, StepOutcome]:
+    """Unscale the gradients (with a scaler), clip their global norm to ``max_norm``, and step the
+    optimizer when they are finite. Returns the norm before clipping and the outcome. A non-finite
+    gradient under a scale above 1 is the scaler's overflow, a routine event of float16 training;
+    at a scale of 1 or below nothing of it comes from scaling, so it is ``nonfinite``. The caller
+    zeroes the gradients."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    finite = math.isfinite(norm)
+    if scaler is None:
+        if finite:
+            optimizer.step()
+        return norm, "stepped" if finite else "nonfinite"
+    scale = float(scaler.get_scale())
+    scaler.step(optimizer)  # skips the update when unscale_ found an inf or NaN
+    scaler.update()
+    if finite:
+        return norm, "stepped"
+    return norm, "overflow" if scale > 1.0 else "nonfinite"
+
+
+def restore_grad_scaler(scaler: torch.amp.GradScaler | None, state: dict[str, Any]) -> None:
+    """Put back the loss scale and its growth counter saved in a checkpoint's ``state`` (under
+    ``grad_scaler``), so that a resumed float16 run skips and steps exactly as one that never
+    stopped."""
+    saved = state.get("grad_scaler")
+    if scaler is not None and saved is not None:
+        scaler.load_state_dict(saved)

@@ -17,7 +17,7 @@ from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, SFTConfig
 from tether.lm.evaluate import check_eval_context, check_test_split, evaluate
 from tether.lm.model import check_model_source, load_policy, load_tokenizer, save_model
-from tether.lm.precision import autocast_context
+from tether.lm.precision import autocast_context, clipped_step, make_grad_scaler, restore_grad_scaler
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import (
@@ -170,6 +170,8 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
         return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    scaler = make_grad_scaler(model)  # float16 forward passes: dynamic loss scaling
+    overflows = 0
     stream = PromptStream(prompts, seed=cfg.sft.seed)
     target = cfg.sft.stop_at_accuracy
     # The stop rule looks at train prompts (the ones SFT fits), never at the held-out split.
@@ -189,8 +191,11 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
             "prompts": stream.state_dict(),
             "check_accuracy": check_accuracy,
             "done": done,
+            "overflows": overflows,
             **r_state,
         }
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
         save_checkpoint(run.path, Checkpoint(step, tensors, state), keep=cfg.run.keep_checkpoints)
 
     if resume:
@@ -200,6 +205,8 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
         stream.load_state_dict(ck.state["prompts"])
         restore_rng(ck.tensors, ck.state)
         check_accuracy = ck.state["check_accuracy"]
+        overflows = int(ck.state.get("overflows", 0))
+        restore_grad_scaler(scaler, ck.state)
         done = bool(ck.state["done"])
         steps_run = ck.step
         run.truncate_logs(ck.step)
@@ -221,18 +228,21 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
                 loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise TetherError(f"SFT loss became {float(loss)} at step {step}; lower sft.lr")
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm)
+            (loss if scaler is None else scaler.scale(loss)).backward()
             lr = float(sched.get_last_lr()[0])  # the rate this step trains at
-            opt.step()
+            params = [p for p in model.parameters() if p.requires_grad]
+            norm, outcome = clipped_step(opt, params, cfg.sft.max_grad_norm, scaler)
+            if outcome == "nonfinite":
+                raise TetherError(f"SFT gradients became {norm} at step {step}; lower sft.lr")
             opt.zero_grad(set_to_none=True)
             sched.step()
-            record: dict[str, float] = {
-                "step": step,
-                "sft/loss": float(loss.detach()),
-                "grad/norm": float(norm),
-                "train/lr": lr,
-            }
+            record: dict[str, float] = {"step": step, "sft/loss": float(loss.detach()), "train/lr": lr}
+            if outcome == "stepped":
+                record["grad/norm"] = norm
+            if scaler is not None:  # updates skipped for an overflow of the scaled gradients
+                overflows += outcome == "overflow"
+                record["sft/overflow_skips"] = float(overflows)
+                record["train/loss_scale"] = float(scaler.get_scale())
             steps_run = step
             if target > 0 and (step % cfg.sft.check_every == 0 or step == total):
                 model.eval()

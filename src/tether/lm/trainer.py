@@ -8,7 +8,6 @@ through :class:`~tether.recipes.Method`; this file never branches on a method's 
 from __future__ import annotations
 
 import dataclasses
-import math
 import shlex
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from tether.lm.logprobs import (
 from tether.lm.loop._groups import group_rows
 from tether.lm.model import check_model_source, load_policy, load_reference, load_tokenizer, save_model
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin, plugin_parameters
+from tether.lm.precision import clipped_step, make_grad_scaler, restore_grad_scaler
 from tether.lm.prompts import PromptStream
 from tether.lm.rollout import RolloutBatch, check_context, encode_prompts, make_sampler
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
@@ -404,6 +404,8 @@ class RLTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
         )
+        # float16 forward passes: dynamic loss scaling (see tether.lm.precision.make_grad_scaler)
+        self.grad_scaler = make_grad_scaler(self.model)
         self.sampler = make_sampler(self.model, self.tokenizer, cfg.sampling)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.prompts = PromptStream(train_prompts, seed=cfg.train.seed)
@@ -707,6 +709,7 @@ class RLTrainer:
         trainer_lp = old_logprobs.clone()  # filled by the training pass when old log-probs are reused
         grad_norms: list[float] = []
         skipped = 0
+        overflows = 0  # updates the loss scaler skipped (float16), not counted as non-finite
         ent_sum, ent_tokens = 0.0, 0.0  # token-mean over every update: independent of micro-batching
         for _epoch in range(cfg.train.epochs):
             for mb, micro_batches in self._update_batches(ro):
@@ -745,7 +748,7 @@ class RLTrainer:
                     if not torch.isfinite(loss):
                         finite = False
                         break
-                    loss.backward()
+                    (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
                     # Metrics ending in "loss" are partial sums under the mini-batch's global
                     # aggregation; the others describe this micro-batch (see aggregate.local) and are
                     # combined by max / min (``_max`` / ``_min``) or weighted by its valid tokens.
@@ -760,16 +763,22 @@ class RLTrainer:
                         rm = step_inputs["response_mask"]
                         ent_sum += float((ent.detach() * rm).sum())
                         ent_tokens += float(rm.sum())
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], cfg.train.max_grad_norm
-                )
-                if not finite or not math.isfinite(float(norm)):
+                if not finite:
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
-                self.optimizer.step()
+                norm, outcome = clipped_step(
+                    self.optimizer,
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    cfg.train.max_grad_norm,
+                    self.grad_scaler,
+                )
                 self.optimizer.zero_grad(set_to_none=True)
-                grad_norms.append(float(norm))
+                if outcome != "stepped":
+                    skipped += outcome == "nonfinite"
+                    overflows += outcome == "overflow"
+                    continue
+                grad_norms.append(norm)
                 records.append(combine_micro_batch_metrics(parts))
         if grad_norms:  # the schedule advances with the optimizer, not on fully skipped steps
             self.scheduler.step()
@@ -790,11 +799,18 @@ class RLTrainer:
         )
         n_tokens = float(mask.sum())
         step_time = time.perf_counter() - t0
+        if grad_norms:
+            metrics["grad/norm"] = sum(grad_norms) / len(grad_norms)
+        elif skipped:  # every update non-finite: NaN (0 would read as a collapse); the nan alarm fires
+            metrics["grad/norm"] = float("nan")
+        # (every update skipped by the loss scaler's routine overflows: no norm was measured)
+        if self.grad_scaler is not None:
+            metrics["train/overflow_skips"] = float(overflows)
+            metrics["train/loss_scale"] = float(self.grad_scaler.get_scale())
         metrics.update(
             {
                 # NaN when every update was skipped: nothing was measured (0 would read as a collapse)
                 "policy/entropy": ent_sum / ent_tokens if ent_tokens else float("nan"),
-                "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
                 "train/lr": lr,
                 "train/nan_skips": float(self.total_nan_skips),
                 # this step's updates skipped for a non-finite loss or gradient (alarm "nan")
@@ -1023,6 +1039,8 @@ class RLTrainer:
             "verifier_errors": self.verifier_errors,
             **r_state,
         }
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
         path = save_checkpoint(
             self.run.path, Checkpoint(self.step_idx, tensors, state), keep=self.config.run.keep_checkpoints
         )
@@ -1045,6 +1063,7 @@ class RLTrainer:
         self.nan_skips = int(ck.state["nan_skips"])
         self.total_nan_skips = int(ck.state["total_nan_skips"])
         self.verifier_errors = int(ck.state["verifier_errors"])
+        restore_grad_scaler(self.grad_scaler, ck.state)
         restore_rng(ck.tensors, ck.state)
         self.generator.set_state(ck.tensors["rng.sampler"])
         self.step_idx = ck.step
