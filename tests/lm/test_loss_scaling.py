@@ -20,6 +20,7 @@ from tests.lm.test_model import small_config
 from tests.lm.test_sft import Killed, _kill_at_call, read_jsonl, sft_config
 from tests.lm.test_sft import tiny_cache as tiny_cache  # module-wide TETHER_CACHE
 from tests.lm.test_trainer import make_config, math_only, weights
+from tether.errors import TetherError
 from tether.lm.model import ModelConfig, load_policy
 from tether.lm.precision import (
     autocast_context,
@@ -29,6 +30,7 @@ from tether.lm.precision import (
 )
 from tether.lm.sft import run_sft
 from tether.lm.trainer import RLTrainer
+from tether.runs.checkpoint import load_latest_checkpoint
 
 FLOAT16 = "model.autocast=float16"
 
@@ -198,3 +200,31 @@ def test_a_float16_sft_killed_and_resumed_matches_the_unbroken_run(
     b = load_policy(ModelConfig(name_or_path=str(tmp_path / "b" / "model")))[0]
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_sft_stops_on_non_finite_gradients_before_they_reach_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite loss whose gradients are NaN (here from step 3 on, by a hook): SFT refuses to step
+    and stops with a clear message; the checkpoint of step 2 holds finite weights."""
+    real = sft_module.load_policy
+    calls = {"n": 0}
+
+    def load(config: Any) -> Any:
+        model, tok = real(config)
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] > 2 else grad
+
+        next(p for p in model.parameters() if p.requires_grad).register_hook(poison)
+        return model, tok
+
+    monkeypatch.setattr(sft_module, "load_policy", load)
+    cfg = sft_config(steps=5)
+    cfg.run.checkpoint_every = 2
+    with pytest.raises(TetherError, match=r"SFT gradients became nan at step 3; lower sft\.lr"):
+        run_sft(cfg, out=str(tmp_path / "run"))
+    ck = load_latest_checkpoint(tmp_path / "run")
+    assert ck.step == 2 and ck.tensors
+    assert all(bool(torch.isfinite(t).all()) for t in ck.tensors.values() if t.is_floating_point())
