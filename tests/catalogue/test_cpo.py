@@ -29,7 +29,7 @@ def _problem(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def _step(
     h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, c: float, **kw: object
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    x, metrics = cpo_step(g, b, torch.linalg.solve(h, g), torch.linalg.solve(h, b), c, **kw)  # type: ignore[arg-type]
+    x, metrics = cpo_step(g, b, torch.linalg.solve(h, g), torch.linalg.solve(h, b), c, 1.0, **kw)  # type: ignore[arg-type]
     return x, {k: float(v) for k, v in metrics.items()}
 
 
@@ -42,8 +42,10 @@ def test_registered_with_card_defaults() -> None:
         "hinv_reward_gradient",
         "hinv_cost_gradient",
         "cost_excess",
+        "episode_length",
     )
     assert entry.hyperparameters["target_kl"] == 0.01
+    assert entry.hyperparameters["omnisafe_units"] is False  # the authors' units by default
 
 
 # ---- conjugate gradients --------------------------------------------------------------------
@@ -177,7 +179,7 @@ def test_hand_computed_case_2() -> None:
     #   line x2 = 1/2, the geometric answer.
     g = torch.tensor([1.0, 1.0], dtype=D)
     b = torch.tensor([0.0, 1.0], dtype=D)
-    x, m = cpo_step(g, b, g, b, -0.5, target_kl=0.5)
+    x, m = cpo_step(g, b, g, b, -0.5, 1.0, target_kl=0.5)
     assert m["cpo/optim_case"].item() == 2
     assert m["cpo/q"].item() == pytest.approx(2.0)
     assert m["cpo/r"].item() == pytest.approx(1.0)
@@ -196,7 +198,7 @@ def test_hand_computed_case_1_recovery() -> None:
     #   nu* = (lambda c + r)/s = 1/sqrt(3); x = (g - nu b)/lambda = (sqrt(3)/2, -1/2).
     g = torch.tensor([1.0, 0.0], dtype=D)
     b = torch.tensor([0.0, 1.0], dtype=D)
-    x, m = cpo_step(g, b, g, b, torch.tensor(0.5), target_kl=0.5)
+    x, m = cpo_step(g, b, g, b, torch.tensor(0.5), 1.0, target_kl=0.5)
     assert m["cpo/optim_case"].item() == 1
     assert m["cpo/lambda"].item() == pytest.approx(2 / math.sqrt(3), rel=1e-6)
     assert m["cpo/nu"].item() == pytest.approx(1 / math.sqrt(3), rel=1e-6)
@@ -209,7 +211,7 @@ def test_omnisafe_dual_reproduces_omnisafe_sign() -> None:
     # nu = max(-2 c - r, 0)/s = 0 and x = g / (-2 + eps) = (-1/2, -1/2): the reward goes down.
     g = torch.tensor([1.0, 1.0], dtype=D)
     b = torch.tensor([0.0, 1.0], dtype=D)
-    x, m = cpo_step(g, b, g, b, -0.5, target_kl=0.5, omnisafe_dual=True)
+    x, m = cpo_step(g, b, g, b, -0.5, 1.0, target_kl=0.5, omnisafe_dual=True)
     assert m["cpo/optim_case"].item() == 2
     assert m["cpo/lambda"].item() == pytest.approx(-2.0)
     assert m["cpo/nu"].item() == pytest.approx(0.0, abs=1e-6)
@@ -226,27 +228,98 @@ def test_finite_on_inconsistent_and_degenerate_inputs() -> None:
         ]
         c = float(torch.randn(1, generator=gen)) * 10 ** float(torch.randint(-4, 3, (1,), generator=gen))
         for omnisafe in (False, True):
-            x, m = cpo_step(*vecs, c, omnisafe_dual=omnisafe)
+            x, m = cpo_step(*vecs, c, 1.0, omnisafe_dual=omnisafe)
             assert torch.isfinite(x).all()
             assert all(torch.isfinite(v) for v in m.values())
     zero = torch.zeros(3, dtype=D)
     for c in (-1.0, 0.0, 1.0):
-        x, _ = cpo_step(zero, zero, zero, zero, c)
+        x, _ = cpo_step(zero, zero, zero, zero, c, 1.0)
         assert torch.isfinite(x).all() and x.abs().max() == 0
 
 
 def test_dtype_and_bad_inputs() -> None:
     g32 = torch.ones(3)
-    x, metrics = cpo_step(g32, g32, g32, g32, -1.0)
+    x, metrics = cpo_step(g32, g32, g32, g32, -1.0, 1.0)
     assert x.dtype == torch.float32
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
     with pytest.raises(InvalidInputError, match="1-D"):
-        cpo_step(torch.ones(2, 2), g32, g32, g32, -1.0)
+        cpo_step(torch.ones(2, 2), g32, g32, g32, -1.0, 1.0)
     with pytest.raises(InvalidInputError, match="same parameters"):
-        cpo_step(g32, torch.ones(4), g32, g32, -1.0)
+        cpo_step(g32, torch.ones(4), g32, g32, -1.0, 1.0)
     with pytest.raises(InvalidInputError, match="NaN or inf"):
-        cpo_step(g32, g32, torch.tensor([1.0, float("nan"), 0.0]), g32, -1.0)
+        cpo_step(g32, g32, torch.tensor([1.0, float("nan"), 0.0]), g32, -1.0, 1.0)
     with pytest.raises(InvalidInputError, match="target_kl"):
-        cpo_step(g32, g32, g32, g32, -1.0, target_kl=0.0)
+        cpo_step(g32, g32, g32, g32, -1.0, 1.0, target_kl=0.0)
     with pytest.raises(InvalidInputError, match="cost_excess"):
-        cpo_step(g32, g32, g32, g32, float("inf"))
+        cpo_step(g32, g32, g32, g32, float("inf"), 1.0)
+
+
+# ---- units: the cost surrogate is per sample, J_c per episode (defect: they were mixed) ------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("c", [-2.0, -0.05, 0.0, 0.05, 2.0])
+def test_episode_length_scales_b_and_hinv_b_exactly(seed: int, c: float) -> None:
+    """The step with T equals the step computed from T b and T H^-1 b with T = 1, to the bit."""
+    h, g, b = _problem(4, seed)
+    hg, hb = torch.linalg.solve(h, g), torch.linalg.solve(h, b)
+    for length in (1.0, 7.3, 200.0, 1000.0):
+        x, m = cpo_step(g, b, hg, hb, c, length)
+        x_ref, m_ref = cpo_step(g, length * b, hg, length * hb, c, 1.0)
+        assert torch.equal(x, x_ref)
+        assert m["cpo/cost_scale"].item() == pytest.approx(length) and m_ref["cpo/cost_scale"].item() == 1.0
+        assert all(torch.equal(m[k], m_ref[k]) for k in m if k != "cpo/cost_scale")
+
+
+@pytest.mark.parametrize("c", [-1.0, -0.01, 0.0, 0.3])
+def test_unit_episode_length_and_omnisafe_units_keep_the_unscaled_step(c: float) -> None:
+    """T = 1, or omnisafe_units=True with any T, is the step of the unscaled b (OmniSafe's units)."""
+    h, g, b = _problem(5, 11)
+    hg, hb = torch.linalg.solve(h, g), torch.linalg.solve(h, b)
+    x1, m1 = cpo_step(g, b, hg, hb, c, 1.0)
+    for length in (3.0, 200.0):
+        x, m = cpo_step(g, b, hg, hb, c, length, omnisafe_units=True)
+        assert torch.equal(x, x1) and all(torch.equal(m[k], m1[k]) for k in m1)
+    # the unscaled s and r, exactly as b enters
+    assert m1["cpo/s"].item() == pytest.approx(float(b @ hb), rel=1e-6)
+    assert m1["cpo/cost_scale"].item() == 1.0
+
+
+def test_consistent_units_reach_the_dual_cases_near_the_limit() -> None:
+    # H = I (2-D), delta = 0.01 (trust region: |x|^2 <= 0.02), g = (1, 1), per-sample cost gradient
+    # b = (0, 0.01), episodes of T = 200 steps: the linearized constraint is c + 200 b^T x = c + 2 x2 <= 0.
+    #   Consistent units: b' = T b = (0, 2); q = 2, r = 2, s = 4, A = q - r^2/s = 1.
+    #   c = -0.1 (J_c 0.1 under d): B = 0.02 - 0.01/4 = 0.0175 >= 0 -> case 2: maximize x1 + x2 on the
+    #     disk with x2 <= 0.05 -> x = (sqrt(0.0175), 0.05); lambda = sqrt(A/B), nu = (lambda c + r)/s.
+    #   c = +0.05 (J_c 0.05 over d): B = 0.02 - 0.0025/4 = 0.019375 >= 0 -> case 1: x2 <= -0.025 ->
+    #     x = (sqrt(0.019375), -0.025).
+    #   Per-sample units (omnisafe_units): s = 1e-4, so c^2/s = 100 and 25 > 2 delta: B < 0 in both, and
+    #     the steps are TRPO's (case 3, x = sqrt(2 delta / q) g = (0.1, 0.1)) and a pure recovery
+    #     (case 0, x = -sqrt(2 delta / s) b ~ (0, -sqrt(0.02))).
+    g = torch.tensor([1.0, 1.0], dtype=D)
+    b = torch.tensor([0.0, 0.01], dtype=D)
+    x, m = cpo_step(g, b, g, b, -0.1, 200.0, target_kl=0.01)
+    assert m["cpo/optim_case"].item() == 2
+    assert m["cpo/B"].item() == pytest.approx(0.0175, rel=1e-6)
+    assert m["cpo/lambda"].item() == pytest.approx(math.sqrt(1 / 0.0175), rel=1e-6)
+    assert m["cpo/nu"].item() == pytest.approx((-0.1 * math.sqrt(1 / 0.0175) + 2) / 4, rel=1e-6)
+    # (the 1e-8 guards move the step by ~3e-8 here)
+    torch.testing.assert_close(x, torch.tensor([math.sqrt(0.0175), 0.05], dtype=D), atol=1e-6, rtol=0)
+    x, m = cpo_step(g, b, g, b, 0.05, 200.0, target_kl=0.01)
+    assert m["cpo/optim_case"].item() == 1
+    torch.testing.assert_close(x, torch.tensor([math.sqrt(0.019375), -0.025], dtype=D), atol=1e-6, rtol=0)
+
+    x, m = cpo_step(g, b, g, b, -0.1, 200.0, target_kl=0.01, omnisafe_units=True)
+    assert m["cpo/optim_case"].item() == 3
+    torch.testing.assert_close(x, torch.tensor([0.1, 0.1], dtype=D), atol=1e-6, rtol=0)
+    x, m = cpo_step(g, b, g, b, 0.05, 200.0, target_kl=0.01, omnisafe_units=True)
+    assert m["cpo/optim_case"].item() == 0
+    recovery = -math.sqrt(0.02 / (1e-4 + 1e-8)) * 0.01  # s + eps: the guard is 1e-4 of s here
+    torch.testing.assert_close(x, torch.tensor([0.0, recovery], dtype=D), atol=1e-12, rtol=0)
+
+
+def test_episode_length_must_be_positive_and_finite() -> None:
+    g = torch.ones(3, dtype=D)
+    for bad in (0.0, -5.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidInputError, match="episode_length"):
+            cpo_step(g, g, g, g, -1.0, bad)

@@ -23,6 +23,7 @@ from tether.control import (
     register_envs,
 )
 from tether.control.envs import TETHER_ENV_IDS
+from tether.errors import InvalidInputError
 
 
 class StubVelocityEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -296,3 +297,28 @@ def test_normalization_options_wrap() -> None:
     envs.reset()
     assert envs.step(envs.action_space.sample())[-1]["cost"].shape == (2,)
     envs.close()
+
+
+def test_point_hazard_num_hazards_is_never_ignored() -> None:
+    # Default: the hand-placed layout of 4; num_hazards None or 4 keep it.
+    default = PointHazardEnv()
+    assert default.num_hazards == 4 and default.observation_space.shape == (14,)
+    np.testing.assert_array_equal(PointHazardEnv(num_hazards=4).hazards, default.hazards)
+    # Any other count needs a drawn layout: refused, with the fix named, instead of silently ignored.
+    for count in (0, 2, 9):
+        with pytest.raises(InvalidInputError, match=r"layout_seed=K .* or randomize_layout=True"):
+            PointHazardEnv(num_hazards=count)
+    with pytest.raises(InvalidInputError, match="num_hazards=1 needs a drawn layout"):
+        gym.make("tether/PointHazard-v0", num_hazards=1)
+    # Negative counts are refused with or without a drawn layout.
+    for kwargs in ({}, {"layout_seed": 0}, {"randomize_layout": True}):
+        with pytest.raises(InvalidInputError, match=">= 0"):
+            PointHazardEnv(num_hazards=-3, **kwargs)
+    # Drawn layouts: num_hazards hazards, 4 when unset (the old default count).
+    assert PointHazardEnv(num_hazards=2, layout_seed=0).hazards.shape == (2, 2)
+    np.testing.assert_array_equal(
+        PointHazardEnv(layout_seed=7).hazards, PointHazardEnv(layout_seed=7, num_hazards=4).hazards
+    )
+    drawn = PointHazardEnv(randomize_layout=True, num_hazards=3)
+    drawn.reset(seed=1)
+    assert drawn.hazards.shape == (3, 2) and drawn.observation_space.shape == (12,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,96 @@ def test_cpo_recipe_moves_the_actor_within_its_trust_region(tmp_path: Path) -> N
 def test_cpo_resume_is_exact(tmp_path: Path) -> None:
     a, b, _ = unbroken_and_resumed(make_config, tmp_path, "recipe=cpo", "train.cost_limit=2")
     assert a == b
+
+
+def test_cpo_scales_the_cost_surrogate_by_the_mean_length_of_the_episodes_j_c_comes_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 200-step episodes, 32-step rollouts of 2 envs: no episode ends in the first six rollouts (J_c is
+    # then 0 and T the steps each env has taken), then most rollouts end none (J_c and T from the last
+    # ten episodes).
+    import tether.control.trainer as trainer_module
+
+    cfg = make_config(tmp_path / "run", "recipe=cpo", "train.total_steps=1024", "train.num_steps=32")
+    trainer = ControlTrainer(cfg)
+    real = trainer_module.cpo_update
+    calls: list[tuple[float, float, list[float], list[float], int]] = []
+
+    def spy(*args: object, **kwargs: object) -> dict[str, float]:
+        calls.append(
+            (
+                float(kwargs["mean_episode_cost"]),  # type: ignore[arg-type]
+                float(kwargs["episode_length"]),  # type: ignore[arg-type]
+                list(trainer.recent_costs),
+                list(trainer.recent_lengths),
+                trainer.env_steps,
+            )
+        )
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer_module, "cpo_update", spy)
+    trainer.train()
+    records = RunDir(tmp_path / "run").metrics.read()
+    assert len(calls) == len(records) == 16
+    kinds = set()
+    for (mean_cost, length, costs, lengths, env_steps), r in zip(calls, records, strict=True):
+        assert r["cpo/cost_scale"] == pytest.approx(length, rel=1e-6)
+        if "episode/count" in r:  # this rollout's episodes, for J_c and T alike
+            kinds.add("fresh")
+            assert mean_cost == pytest.approx(r["episode/cost"], rel=1e-6)
+            assert length == pytest.approx(r["episode/length"], rel=1e-6)
+        elif costs:  # the last ten episodes, for J_c and T alike
+            kinds.add("last ten")
+            assert mean_cost == pytest.approx(sum(costs[-10:]) / len(costs[-10:]))
+            assert length == pytest.approx(sum(lengths[-10:]) / len(lengths[-10:]))
+        else:  # none yet: J_c = 0, T = steps per env so far
+            kinds.add("none")
+            assert r["cpo/no_cost_estimate"] == 1.0 and mean_cost == 0.0
+            assert length == env_steps / 2
+    assert kinds == {"fresh", "last ten", "none"}
+
+
+def test_cpo_omnisafe_units_leave_the_cost_surrogate_unscaled(tmp_path: Path) -> None:
+    recipe = tmp_path / "cpo_omnisafe_units.yaml"
+    text = (Path(resolve_recipe("cpo").path)).read_text()
+    recipe.write_text(
+        text.replace("params: {target_kl: 0.01}", "params: {target_kl: 0.01, omnisafe_units: true}")
+    )
+    assert "omnisafe_units: true" in recipe.read_text()
+    ControlTrainer(make_config(tmp_path / "run", f"recipe={recipe}", "train.total_steps=800")).train()
+    records = RunDir(tmp_path / "run").metrics.read()
+    assert records and all(r["cpo/cost_scale"] == 1.0 for r in records)
+
+
+def test_cpo_resume_is_exact_when_t_comes_from_the_last_episodes(tmp_path: Path) -> None:
+    # 100-step rollouts: episodes end in rollout 2 (checkpointed), none in rollout 3, whose T then comes
+    # from the lengths saved with the checkpoint.
+    a, b, resumed_at = unbroken_and_resumed(
+        make_config,
+        tmp_path,
+        "recipe=cpo",
+        "train.cost_limit=2",
+        "train.num_steps=100",
+        "train.total_steps=800",
+    )
+    assert resumed_at == 2
+    assert "episode/count" in a[1] and "episode/count" not in a[2]
+    assert a == b
+
+
+@pytest.mark.parametrize("recipe", ["ppo_lag", "cpo"])
+def test_one_sample_rollouts_train_without_nan(tmp_path: Path, recipe: str) -> None:
+    # num_envs 1 x num_steps 1: the batch standardization sees one value (its Bessel std is NaN).
+    cfg = make_config(
+        tmp_path / "run",
+        f"recipe={recipe}",
+        "env.num_envs=1",
+        "train.num_steps=1",
+        "train.minibatches=1",
+        "train.total_steps=5",
+    )
+    summary = ControlTrainer(cfg).train()
+    records = RunDir(tmp_path / "run").metrics.read()
+    assert len(records) == 5 and summary["nan_skips"] == 0
+    assert all(r["train/skipped_updates"] == 0 for r in records)
+    assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import sys
@@ -23,6 +24,7 @@ from tether.control.trainer import (
     ControlTrainer,
     resolve_recipe,
     segment_advantages,
+    standardize,
 )
 from tether.errors import TetherError
 from tether.recipes.compose import Method
@@ -229,6 +231,10 @@ def test_bad_config_and_recipe_fail_clearly(tmp_path: Path) -> None:
         make_config(tmp_path, "train.epoch=3")
     with pytest.raises(ConfigError, match="minibatches"):
         make_config(tmp_path, "train.minibatches=1000")
+    with pytest.raises(ConfigError) as err:
+        make_config(tmp_path, "train.num_steps=5", "train.minibatches=11")  # 2 envs x 5 steps = 10 samples
+    for part in ("train.minibatches: 11", "env.num_envs x train.num_steps = 2 x 5 = 10", "at most 10"):
+        assert part in str(err.value)
     with pytest.raises(TetherError, match="control recipe"):
         ControlTrainer(make_config(tmp_path / "run", "recipe=pp"))
     assert not (tmp_path / "run").exists()
@@ -412,3 +418,65 @@ def test_repeated_nan_stops_the_control_run_with_its_checkpoint_intact(tmp_path:
     alarms = RunDir(out).alarms.read()
     assert alarms[-1]["kind"] == "stopped" and alarms[-1]["value"] == 2.0
     assert [a["step"] for a in alarms if a["kind"] == "nan"] == [2, 3]
+
+
+def _minibatch_indices(
+    trainer: ControlTrainer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """One step's permutations and, per minibatch, the batch indices it trained on (read back from the
+    observations the critic saw; the rollout's observations are made distinct)."""
+    perms: list[torch.Tensor] = []
+    real_randperm = torch.randperm
+
+    def randperm(n: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        perm = real_randperm(n, *args, **kwargs)
+        perms.append(perm)
+        return perm
+
+    real_rollout = trainer.rollout
+    seen: list[list[int]] = []
+
+    def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append([int(v) for v in args[0][:, 0].tolist()])
+
+    def rollout() -> dict[str, torch.Tensor]:
+        ro = real_rollout()
+        obs = ro["obs"]
+        obs[..., 0] = torch.arange(obs[..., 0].numel(), dtype=obs.dtype).view(obs.shape[:2])
+        trainer.model.critic.register_forward_pre_hook(record)  # from here on: the update's minibatches
+        return ro
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    monkeypatch.setattr(trainer, "rollout", rollout)
+    trainer.step()
+    return perms, seen
+
+
+@pytest.mark.parametrize(("num_steps", "minibatches", "sizes"), [(5, 6, [2, 2, 2, 2, 1, 1]), (8, 4, [4] * 4)])
+def test_minibatches_are_exactly_train_minibatches_contiguous_chunks_of_the_permutation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_steps: int, minibatches: int, sizes: list[int]
+) -> None:
+    # 2 envs x 5 steps = 10 samples in 6 minibatches: ceil(10 / 6) = 2 per minibatch gave only 5.
+    # With 16 samples in 4 the split is the old one: perm[0:4], perm[4:8], ...
+    cfg = make_config(
+        tmp_path / "run",
+        f"train.num_steps={num_steps}",
+        f"train.minibatches={minibatches}",
+        "train.epochs=2",
+        f"train.total_steps={2 * num_steps}",
+    )
+    trainer = ControlTrainer(cfg)
+    perms, seen = _minibatch_indices(trainer, monkeypatch)
+    assert len(perms) == 2 and len(seen) == 2 * minibatches
+    for epoch, perm in enumerate(perms):
+        chunks = seen[epoch * minibatches : (epoch + 1) * minibatches]
+        assert [len(c) for c in chunks] == sizes
+        bounds = [0, *itertools.accumulate(sizes)]
+        assert chunks == [perm[lo:hi].tolist() for lo, hi in itertools.pairwise(bounds)]
+
+
+def test_standardize_matches_masked_whiten_below_two_samples() -> None:
+    one = standardize(torch.tensor([0.7]))
+    assert torch.equal(one, torch.zeros(1))  # Bessel's std of one value is NaN; here it counts as 0
+    values = torch.randn(17, dtype=torch.float64)
+    assert torch.equal(standardize(values), (values - values.mean()) / (values.std() + 1e-8))

@@ -132,7 +132,13 @@ def test_inactive_constraint_takes_the_trpo_natural_gradient_direction() -> None
     with torch.no_grad():
         before = float(surrogate())
     m = cpo_update(
-        list(actor.parameters()), surrogate, cost_surrogate, kl, mean_episode_cost=0.0, cost_limit=1e6
+        list(actor.parameters()),
+        surrogate,
+        cost_surrogate,
+        kl,
+        mean_episode_cost=0.0,
+        cost_limit=1e6,
+        episode_length=1.0,
     )
     assert m["cpo/optim_case"] == 3 and m["cpo/nu"] == 0
     delta = flat_params(actor) - theta_old
@@ -152,7 +158,13 @@ def test_update_stays_in_trust_region_and_changes_params(seed: int) -> None:
     actor, _, (surrogate, cost_surrogate, kl) = _gaussian(seed=seed, hidden=(8,))
     theta_old = flat_params(actor)
     m = cpo_update(
-        list(actor.parameters()), surrogate, cost_surrogate, kl, mean_episode_cost=24.0, cost_limit=25.0
+        list(actor.parameters()),
+        surrogate,
+        cost_surrogate,
+        kl,
+        mean_episode_cost=24.0,
+        cost_limit=25.0,
+        episode_length=1.0,
     )
     assert not torch.equal(flat_params(actor), theta_old)
     with torch.no_grad():
@@ -167,7 +179,13 @@ def test_infeasible_update_decreases_the_cost_surrogate() -> None:
     with torch.no_grad():
         cost_before = float(cost_surrogate())
     m = cpo_update(
-        list(actor.parameters()), surrogate, cost_surrogate, kl, mean_episode_cost=1e4, cost_limit=25.0
+        list(actor.parameters()),
+        surrogate,
+        cost_surrogate,
+        kl,
+        mean_episode_cost=1e4,
+        cost_limit=25.0,
+        episode_length=1.0,
     )
     assert m["cpo/optim_case"] == 0 and m["cpo/accepted_step"] > 0
     with torch.no_grad():
@@ -187,7 +205,14 @@ def test_no_acceptable_step_restores_params_exactly() -> None:
         return kl() + 1e-3
 
     m = cpo_update(
-        list(actor.parameters()), surrogate, cost_surrogate, kl_with_offset, 0.0, 25.0, target_kl=1e-4
+        list(actor.parameters()),
+        surrogate,
+        cost_surrogate,
+        kl_with_offset,
+        0.0,
+        25.0,
+        episode_length=1.0,
+        target_kl=1e-4,
     )
     assert torch.equal(flat_params(actor), theta_old)
     assert m["cpo/accepted_step"] == 0 and m["cpo/backtracks"] == 15
@@ -196,7 +221,16 @@ def test_no_acceptable_step_restores_params_exactly() -> None:
 
 def test_tiny_target_kl_takes_a_tiny_step() -> None:
     actor, _, (surrogate, cost_surrogate, kl) = _gaussian(seed=5)
-    cpo_update(list(actor.parameters()), surrogate, cost_surrogate, kl, 0.0, 25.0, target_kl=1e-12)
+    cpo_update(
+        list(actor.parameters()),
+        surrogate,
+        cost_surrogate,
+        kl,
+        0.0,
+        25.0,
+        episode_length=1.0,
+        target_kl=1e-12,
+    )
     with torch.no_grad():
         assert float(kl()) <= 1e-12 + 1e-15
 
@@ -225,6 +259,7 @@ def test_categorical_policy() -> None:
         kl,
         mean_episode_cost=20.0,
         cost_limit=25.0,
+        episode_length=1.0,
     )
     assert not torch.equal(flat_params(actor), theta_old)
     with torch.no_grad():
@@ -235,14 +270,84 @@ def test_categorical_policy() -> None:
     assert m["cpo/cost_excess"] == -5.0
 
 
+def _quadratic_problem(kappa: float = 1.0) -> tuple[list[torch.nn.Parameter], Closures]:
+    """theta in R^2 from 0; reward surrogate g.theta with g = (1, 1); per-sample cost surrogate
+    b.theta + kappa/2 |theta|^2 with b = (0.01, -0.01), orthogonal to g; KL = |theta|^2 / 2, so with
+    cg_damping = 0 the Fisher matrix is exactly I."""
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=D))
+    g = torch.tensor([1.0, 1.0], dtype=D)
+    b = torch.tensor([0.01, -0.01], dtype=D)
+    return [theta], (
+        lambda: g @ theta,
+        lambda: b @ theta + 0.5 * kappa * (theta @ theta),
+        lambda: 0.5 * (theta @ theta),
+    )
+
+
+def test_line_search_checks_the_cost_change_times_the_episode_length() -> None:
+    # J_c = 24.95, d = 25: c = -0.05, room 0.05 under the limit. T = 8: b' = 8 b, s = 0.0128,
+    # c^2/s = 0.195 > 2 delta -> case 3, x = sqrt(2 delta / q) g = (0.1, 0.1). The surrogate's change at
+    # the fraction f of x is b.(f x) + f^2 |x|^2 / 2 = 0.01 f^2 (b is orthogonal to x); times T = 0.08 f^2:
+    # f = 1 -> 0.08 and f = 0.8 -> 0.0512 exceed 0.05; f = 0.64 -> 0.0328 is accepted after 2 backtracks.
+    # Unscaled (T = 1, or omnisafe_units) the change 0.01 fits at once.
+    params, (surrogate, cost_surrogate, kl) = _quadratic_problem()
+    m = cpo_update(params, surrogate, cost_surrogate, kl, 24.95, 25.0, episode_length=8.0, cg_damping=0.0)
+    assert m["cpo/optim_case"] == 3 and m["cpo/cost_scale"] == 8.0
+    assert m["cpo/backtracks"] == 2 and m["cpo/accepted_step"] == pytest.approx(0.64)
+    assert m["cpo/cost_surrogate_change"] == pytest.approx(8 * 0.01 * 0.64**2, rel=1e-6)
+    torch.testing.assert_close(params[0].detach(), torch.tensor([0.064, 0.064], dtype=D), atol=1e-9, rtol=0)
+    for kwargs in ({"episode_length": 1.0}, {"episode_length": 8.0, "omnisafe_units": True}):
+        params, (surrogate, cost_surrogate, kl) = _quadratic_problem()
+        m = cpo_update(params, surrogate, cost_surrogate, kl, 24.95, 25.0, cg_damping=0.0, **kwargs)  # type: ignore[arg-type]
+        assert m["cpo/optim_case"] == 3 and m["cpo/cost_scale"] == 1.0
+        assert m["cpo/backtracks"] == 0 and m["cpo/cost_surrogate_change"] == pytest.approx(0.01, rel=1e-6)
+
+
+@pytest.mark.parametrize("mean_cost", [0.0, 24.9, 25.0, 25.1, 60.0])
+def test_episode_length_is_the_authors_rescale_of_the_cost_surrogate(mean_cost: float) -> None:
+    """cpo_update with T equals cpo_update on T * the cost surrogate with T = 1 (the authors' code scales
+    the surrogate itself), to the bit: T = 8, a power of two, scales every float exactly."""
+    results = []
+    for scale, length in ((1.0, 8.0), (8.0, 1.0)):
+        actor, _, (surrogate, cost_surrogate, kl) = _gaussian(seed=7)
+        m = cpo_update(
+            list(actor.parameters()),
+            surrogate,
+            lambda cost_surrogate=cost_surrogate, scale=scale: scale * cost_surrogate(),
+            kl,
+            mean_cost,
+            25.0,
+            episode_length=length,
+        )
+        results.append((flat_params(actor), m))
+    (theta_a, m_a), (theta_b, m_b) = results
+    assert torch.equal(theta_a, theta_b)
+    assert {k: v for k, v in m_a.items() if k != "cpo/cost_scale"} == {
+        k: v for k, v in m_b.items() if k != "cpo/cost_scale"
+    }
+    assert m_a["cpo/cost_scale"] == 8.0 and m_b["cpo/cost_scale"] == 1.0
+
+
+def test_unit_episode_length_equals_omnisafe_units() -> None:
+    """T = 1 and omnisafe_units=True (any T) give the unscaled update, to the bit."""
+    results = []
+    for kwargs in ({"episode_length": 1.0}, {"episode_length": 173.0, "omnisafe_units": True}):
+        actor, _, (surrogate, cost_surrogate, kl) = _gaussian(seed=8)
+        m = cpo_update(list(actor.parameters()), surrogate, cost_surrogate, kl, 24.99, 25.0, **kwargs)  # type: ignore[arg-type]
+        results.append((flat_params(actor), m))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
 def test_bad_arguments() -> None:
     actor, _, (surrogate, cost_surrogate, kl) = _gaussian()
     params = list(actor.parameters())
     with pytest.raises(InvalidInputError, match="backtrack_coeff"):
-        cpo_update(params, surrogate, cost_surrogate, kl, 0.0, 1.0, backtrack_coeff=1.5)
+        cpo_update(params, surrogate, cost_surrogate, kl, 0.0, 1.0, episode_length=1.0, backtrack_coeff=1.5)
     with pytest.raises(InvalidInputError, match="mean_episode_cost"):
-        cpo_update(params, surrogate, cost_surrogate, kl, float("nan"), 1.0)
+        cpo_update(params, surrogate, cost_surrogate, kl, float("nan"), 1.0, episode_length=1.0)
     with pytest.raises(InvalidInputError, match="empty"):
-        cpo_update([], surrogate, cost_surrogate, kl, 0.0, 1.0)
+        cpo_update([], surrogate, cost_surrogate, kl, 0.0, 1.0, episode_length=1.0)
+    with pytest.raises(InvalidInputError, match="episode_length"):
+        cpo_update(params, surrogate, cost_surrogate, kl, 0.0, 1.0, episode_length=0.0)
     with pytest.raises(InvalidInputError, match="damping"):
         fisher_vector_product(kl, params, -1.0)

@@ -31,7 +31,13 @@ class TrainSettings:
     total_steps: int = field(default=500_000, metadata={"min": 1, "help": "environment steps (all envs)"})
     num_steps: int = field(default=128, metadata={"min": 1, "help": "rollout length per env (CleanRL 128)"})
     epochs: int = field(default=4, metadata={"min": 1, "help": "passes over each rollout"})
-    minibatches: int = field(default=4, metadata={"min": 1, "help": "minibatches per epoch"})
+    minibatches: int = field(
+        default=4,
+        metadata={
+            "min": 1,
+            "help": "minibatches per epoch: the rollout split into this many, sizes differing by at most one",
+        },
+    )
     lr: float = field(default=2.5e-4, metadata={"min": 0.0, "min_exclusive": True})
     anneal_lr: bool = field(default=True, metadata={"help": "linear decay of lr to 0 over the run"})
     adam_eps: float = field(default=1e-5, metadata={"min": 0.0, "min_exclusive": True})
@@ -120,7 +126,9 @@ class ControlConfig:
         if self.train.minibatches > self.batch_size:
             raise ConfigError(
                 f"train.minibatches: {self.train.minibatches} exceeds the rollout batch "
-                f"env.num_envs x train.num_steps = {self.batch_size}"
+                f"env.num_envs x train.num_steps = {self.env.num_envs} x {self.train.num_steps} = "
+                f"{self.batch_size}, so some minibatches would be empty; set train.minibatches to at most "
+                f"{self.batch_size}, or raise env.num_envs or train.num_steps"
             )
         if self.train.total_steps < self.batch_size:
             raise ConfigError(

@@ -36,6 +36,8 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.envs.registration import WrapperSpec
 
+from tether.errors import InvalidInputError
+
 __all__ = [
     "COST_LIMIT",
     "VELOCITY_THRESHOLDS",
@@ -247,9 +249,11 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
     Action: Box [-1, 1]^2 (acceleration command).
 
     Layout: by default a fixed hand-placed layout (4 hazards, start near (-1.5, -1.5), goal at
-    (1.5, 1.5)); ``layout_seed=k`` draws one fixed layout from seed k (``num_hazards``
-    hazards); ``randomize_layout=True`` draws a new layout at every reset from the env's
-    RNG. The start position is jittered by +-``start_noise`` at each reset. Everything is
+    (1.5, 1.5)); ``layout_seed=k`` draws one fixed layout from seed k; ``randomize_layout=True``
+    draws a new layout at every reset from the env's RNG. ``num_hazards`` (>= 0; None: 4) is the
+    hazard count of a drawn layout; with the hand-placed layout it must be None or 4 (any other
+    count is refused, never ignored: set ``layout_seed`` or ``randomize_layout`` to draw one).
+    The start position is jittered by +-``start_noise`` at each reset. Everything is
     deterministic under ``reset(seed=...)``. Registered as ``tether/PointHazard-v0`` with
     200 steps per episode.
 
@@ -265,7 +269,7 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
         self,
         *,
         size: float = 2.0,
-        num_hazards: int = 4,
+        num_hazards: int | None = None,
         hazard_radius: float = 0.35,
         goal_radius: float = 0.3,
         dt: float = 0.1,
@@ -297,15 +301,23 @@ class PointHazardEnv(gym.Env[np.ndarray, np.ndarray]):
         self.start_noise = float(start_noise)
         self.randomize_layout = bool(randomize_layout)
 
+        if num_hazards is not None and num_hazards < 0:
+            raise InvalidInputError(f"PointHazardEnv: num_hazards must be >= 0, got {num_hazards}")
         if layout_seed is None and not randomize_layout:
+            if num_hazards is not None and num_hazards != len(_DEFAULT_HAZARDS):
+                raise InvalidInputError(
+                    f"PointHazardEnv: num_hazards={num_hazards} needs a drawn layout, but neither layout_seed "
+                    f"nor randomize_layout is set and the hand-placed layout has {len(_DEFAULT_HAZARDS)} "
+                    "hazards; set layout_seed=K (one fixed layout drawn from seed K) or randomize_layout=True "
+                    "(a new one at every reset), or leave num_hazards unset"
+                )
             self.hazards = np.array(_DEFAULT_HAZARDS, dtype=np.float64)
             self.goal = np.array(_DEFAULT_GOAL, dtype=np.float64)
             self.start_center = np.array(_DEFAULT_START, dtype=np.float64)
         else:
-            if num_hazards < 0:
-                raise ValueError(f"num_hazards must be >= 0, got {num_hazards}")
+            count = len(_DEFAULT_HAZARDS) if num_hazards is None else int(num_hazards)
             rng = np.random.default_rng(layout_seed)
-            self.start_center, self.goal, self.hazards = self._sample_layout(rng, num_hazards)
+            self.start_center, self.goal, self.hazards = self._sample_layout(rng, count)
         self.num_hazards = len(self.hazards)
 
         s, v = self.size, self.max_speed

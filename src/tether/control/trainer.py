@@ -198,6 +198,7 @@ def build_method(cfg: ControlConfig) -> Method:
     import_user_code(cfg.imports)  # the user's modules may register the env or components
     check_env_id(cfg.env.id)
     check_env_spaces(cfg.env.id)
+    cfg.validate()  # a config built in code rather than loaded: the checks of from_dict
     method = Method(resolve_recipe(cfg.recipe), cost_limit=cfg.train.cost_limit)
     method.check_inputs(set(CONTROL_INPUTS), "control")
     return method
@@ -211,7 +212,13 @@ def cost_limit_of(cfg: ControlConfig, method: Method) -> float | None:
 
 
 def standardize(values: torch.Tensor) -> torch.Tensor:
-    """(v - mean) / (std + 1e-8) over the whole batch (OmniSafe's buffer standardizes reward advantages so)."""
+    """(v - mean) / (std + 1e-8) over the whole batch (OmniSafe's buffer standardizes reward advantages so).
+
+    std is Bessel's (n - 1). With fewer than two values it is taken as 0, as in ``masked_whiten``: a
+    single value is only centred (to 0) instead of becoming NaN.
+    """
+    if values.numel() < 2:
+        return values - values.mean()
     return (values - values.mean()) / (values.std() + 1e-8)
 
 
@@ -295,6 +302,7 @@ class ControlTrainer:
         self.episodes = 0
         self.recent_returns: list[float] = []
         self.recent_costs: list[float] = []
+        self.recent_lengths: list[float] = []
         self.first_reached: int | None = None
         self.nan_skips = 0  # consecutive updates-of-a-rollout with a skipped (non-finite) optimizer step
         self.total_nan_skips = 0  # optimizer steps skipped in the whole run
@@ -385,6 +393,7 @@ class ControlTrainer:
         self.episodes += len(ep_returns)
         self.recent_returns = (self.recent_returns + ep_returns)[-100:]
         self.recent_costs = (self.recent_costs + ep_costs)[-100:]
+        self.recent_lengths = (self.recent_lengths + ep_lengths)[-100:]
         episode = torch.tensor([ep_returns, ep_costs, ep_lengths]) if ep_returns else torch.zeros(3, 0)
         return {
             "obs": buf_obs,
@@ -446,11 +455,11 @@ class ControlTrainer:
             safety_metrics.update(
                 self._trust_region_update(b_obs, b_act, b_logp, b_adv, cadv.reshape(-1), ro["episode"])
             )
-        mb_size = math.ceil(batch / tc.minibatches)
         for _ in range(tc.epochs):
             perm = torch.randperm(batch)
-            for lo in range(0, batch, mb_size):
-                idx = perm[lo : lo + mb_size]
+            # exactly train.minibatches minibatches, sizes differing by at most one (config.validate
+            # refuses more minibatches than samples)
+            for idx in torch.tensor_split(perm, tc.minibatches):
                 m = idx.numel()
                 mask = torch.ones(m, 1, dtype=torch.bool)
                 if self.trust_region is None:
@@ -512,7 +521,7 @@ class ControlTrainer:
         out["train/skipped_updates"] = float(skipped)  # alarm "nan"
         out.update({k: float(v) for k, v in adv_metrics.items()})
         out.update(safety_metrics)
-        var_ret = float(b_ret.var())
+        var_ret = float(b_ret.var()) if b_ret.numel() > 1 else 0.0  # one sample: no variance to explain
         if var_ret > 0:
             out["losses/explained_variance"] = 1.0 - float((b_ret - b_val).var()) / var_ret
         out["train/lr"] = lr
@@ -588,6 +597,16 @@ class ControlTrainer:
         costs = episode[1].tolist() if episode.shape[1] else self.recent_costs[-10:]
         return float(np.mean(costs)) if costs else None
 
+    def _mean_episode_length(self, episode: torch.Tensor) -> float:
+        """CPO's T, over the episodes J_c comes from (:meth:`_mean_episode_cost`): the mean length of the
+        episodes that ended in this rollout, else of the last ten. Before any episode has ended (J_c is
+        then taken as 0), the steps each environment has taken so far: every episode under way is at
+        least that long."""
+        lengths = episode[2].tolist() if episode.shape[1] else self.recent_lengths[-10:]
+        if lengths:
+            return float(np.mean(lengths))
+        return self.env_steps / self.config.env.num_envs
+
     def _trust_region_update(
         self,
         obs: torch.Tensor,
@@ -606,6 +625,11 @@ class ControlTrainer:
         which no episode ended J_c is the mean cost of the last ten episodes; before the first
         episode ends it is taken as 0 (the constraint counts as satisfied) and
         ``cpo/no_cost_estimate`` is 1.
+
+        The cost surrogate is a mean over samples, J_c a sum over an episode: ``cpo_update`` scales
+        the surrogate's gradient and change by T (the authors' ``safety_rescale``), the mean length
+        of the same episodes J_c comes from (:meth:`_mean_episode_length`; logged as
+        ``cpo/cost_scale``), unless the recipe sets ``omnisafe_units: true`` (scale 1, OmniSafe's).
         """
         assert self.trust_region is not None and self.constraint is not None
         model = self.model
@@ -644,8 +668,10 @@ class ControlTrainer:
             kl,
             mean_episode_cost=0.0 if mean_cost is None else mean_cost,
             cost_limit=self.constraint.cost_limit,
+            episode_length=self._mean_episode_length(episode),
             target_kl=float(params.get("target_kl", 0.01)),
             omnisafe_dual=bool(params.get("omnisafe_dual", False)),
+            omnisafe_units=bool(params.get("omnisafe_units", False)),
         )
         metrics["cpo/no_cost_estimate"] = float(mean_cost is None)
         with torch.no_grad():
@@ -856,6 +882,7 @@ class ControlTrainer:
             "episodes": self.episodes,
             "recent_returns": self.recent_returns,
             "recent_costs": self.recent_costs,
+            "recent_lengths": self.recent_lengths,
             "first_reached": self.first_reached,
             "nan_skips": self.nan_skips,
             "total_nan_skips": self.total_nan_skips,
@@ -876,6 +903,8 @@ class ControlTrainer:
         self.episodes = int(ck.state["episodes"])
         self.recent_returns = [float(v) for v in ck.state["recent_returns"]]
         self.recent_costs = [float(v) for v in ck.state["recent_costs"]]
+        # absent from checkpoints of older runs: CPO's T then falls back as before any episode ended
+        self.recent_lengths = [float(v) for v in ck.state.get("recent_lengths", [])]
         self.first_reached = ck.state["first_reached"]
         self.nan_skips = int(ck.state.get("nan_skips", 0))  # absent from checkpoints of older runs
         self.total_nan_skips = int(ck.state.get("total_nan_skips", 0))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from tether.catalogue.constraints.cpo import conjugate_gradient, cpo_step
+from tether.catalogue.constraints.cpo import conjugate_gradient, cost_surrogate_scale, cpo_step
 from tether.errors import InvalidInputError
 
 ParamsLike = nn.Module | Iterable[torch.Tensor]
@@ -113,32 +113,39 @@ def cpo_update(
     kl_fn: Closure,
     mean_episode_cost: float,
     cost_limit: float,
+    *,
+    episode_length: float,
     target_kl: float = 0.01,
     cg_iters: int = 15,
     cg_damping: float = 0.1,
     backtrack_iters: int = 15,
     backtrack_coeff: float = 0.8,
     omnisafe_dual: bool = False,
+    omnisafe_units: bool = False,
 ) -> dict[str, float]:
     """One CPO policy update in place (Achiam et al. 2017, arXiv 1705.10528; OmniSafe's ``CPO._update_actor``).
 
     1. g = grad of ``surrogate_fn()`` (reward surrogate to maximize, e.g. mean(ratio * A)), b = grad of
-       ``cost_surrogate_fn()`` (mean(ratio * A_C)), both at the current params.
+       ``cost_surrogate_fn()`` (the per-sample mean(ratio * A_C)), both at the current params.
     2. H^-1 g and H^-1 b by ``cg_iters`` conjugate-gradient steps on the Fisher product of ``kl_fn``
        (damping ``cg_damping``).
     3. c = ``mean_episode_cost`` - ``cost_limit`` (OmniSafe's ``ep_costs``); the step x and the optim
-       case come from :func:`cpo_step`.
+       case come from :func:`cpo_step`, which multiplies b and H^-1 b by the scale
+       :func:`cost_surrogate_scale` = T = ``episode_length`` (the mean length of the episodes that gave
+       ``mean_episode_cost``; the authors' ``safety_rescale``), or by 1 with ``omnisafe_units=True``
+       (OmniSafe's units, this function's behaviour before the rescale).
     4. Backtracking line search over theta_old + 0.8^k x, k = 0 .. ``backtrack_iters`` - 1: accept the
        first candidate whose KL(pi_old || pi_new) is finite and <= ``target_kl``, whose cost-surrogate
-       change is <= max(-c, 0), and (optim cases 2, 3, 4 only) whose reward surrogate did not decrease.
+       change times the same scale is <= max(-c, 0) (the predicted change of J_c against the room
+       left under the limit), and (optim cases 2, 3, 4 only) whose reward surrogate did not decrease.
        If none is accepted the old parameters are restored exactly.
 
     ``kl_fn`` must close over the old policy's distribution (detached) and evaluate the current one, so
     it is ~0 before the update. Returns floats: the ``cpo_step`` metrics plus ``cpo/accepted_step``
     (the fraction 0.8^k of x taken, 0 if rejected), ``cpo/kl``, ``cpo/surrogate_improvement`` and
-    ``cpo/cost_surrogate_change`` at the final parameters (0 when rejected), ``cpo/backtracks`` (k, or
-    ``backtrack_iters`` when nothing was accepted), ``cpo/expected_improvement`` (g^T x) and
-    ``cpo/step_norm``.
+    ``cpo/cost_surrogate_change`` (times the scale: episode-cost units) at the final parameters (0 when
+    rejected), ``cpo/backtracks`` (k, or ``backtrack_iters`` when nothing was accepted),
+    ``cpo/expected_improvement`` (g^T x) and ``cpo/step_norm``.
     """
     params = list(params)
     if not params:
@@ -155,6 +162,7 @@ def cpo_update(
         if not math.isfinite(float(value)):
             raise InvalidInputError(f"cpo_update: {name} must be finite, got {value}")
 
+    cost_scale = cost_surrogate_scale(episode_length, omnisafe_units)  # refuses T <= 0 before any work
     theta_old = flat_params(params)
 
     surrogate = surrogate_fn()
@@ -171,7 +179,15 @@ def cpo_update(
 
     cost_excess = float(mean_episode_cost) - float(cost_limit)
     step, step_metrics = cpo_step(
-        g, b, hinv_g, hinv_b, cost_excess, target_kl=target_kl, omnisafe_dual=omnisafe_dual
+        g,
+        b,
+        hinv_g,
+        hinv_b,
+        cost_excess,
+        episode_length,
+        target_kl=target_kl,
+        omnisafe_dual=omnisafe_dual,
+        omnisafe_units=omnisafe_units,
     )
     optim_case = int(step_metrics["cpo/optim_case"].item())
     allowed_cost_change = max(-cost_excess, 0.0)
@@ -186,7 +202,7 @@ def cpo_update(
             new_cost = float(cost_surrogate_fn())
             kl = float(kl_fn())
             d_reward = new_surrogate - surrogate_before
-            d_cost = new_cost - cost_surrogate_before
+            d_cost = cost_scale * (new_cost - cost_surrogate_before)
             finite = all(math.isfinite(v) for v in (new_surrogate, new_cost, kl))
             reward_ok = d_reward >= 0 or optim_case <= 1
             if finite and reward_ok and d_cost <= allowed_cost_change and kl <= target_kl:

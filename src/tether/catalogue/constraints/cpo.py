@@ -1,10 +1,11 @@
 """CPO: the constrained trust-region step of Constrained Policy Optimization, as pure math on flat vectors.
 
 World-agnostic: the caller (e.g. ``tether.control.trust_region.cpo_update``) computes the flat gradients
-g (reward surrogate) and b (cost surrogate), solves H x = g and H x = b with :func:`conjugate_gradient`
-(H = Fisher matrix of the policy, i.e. the Hessian of the mean KL), measures c = J_c - d, and asks
-:func:`cpo_step` for the step. The line search that follows needs the policy, so it lives with the
-caller.
+g (reward surrogate) and b (cost surrogate, a mean over samples), solves H x = g and H x = b with
+:func:`conjugate_gradient` (H = Fisher matrix of the policy, i.e. the Hessian of the mean KL), measures
+c = J_c - d and the mean episode length T, and asks :func:`cpo_step` for the step. The line search that
+follows needs the policy, so it lives with the caller; it scales the cost surrogate's change by the same
+:func:`cost_surrogate_scale`.
 """
 
 from __future__ import annotations
@@ -104,6 +105,23 @@ def _scalar(name: str, value: CostLike) -> float:
     return out
 
 
+def cost_surrogate_scale(episode_length: CostLike, omnisafe_units: bool = False) -> float:
+    """The factor that puts the per-sample cost surrogate in the constraint's units: T, or 1.
+
+    J_c is a sum over an episode, the surrogate mean(ratio * A_C) a mean over samples; the
+    surrogate's change times the mean episode length T approximates the change of J_c (the authors'
+    ``safety_rescale``, see :func:`cpo_step`). ``omnisafe_units=True`` gives 1 (OmniSafe's units).
+    ``episode_length`` must be finite and > 0 either way.
+    """
+    length = _scalar("episode_length", episode_length)
+    if not length > 0:
+        raise InvalidInputError(
+            f"cpo_step: episode_length must be > 0 (the mean length T of the episodes J_c was measured "
+            f"on), got {length}"
+        )
+    return 1.0 if omnisafe_units else length
+
+
 def _clip(value: float, low: float, high: float) -> float:
     """torch.clamp semantics (OmniSafe's ``project``): when low > high the result is high."""
     return min(max(value, low), high)
@@ -123,21 +141,39 @@ def cpo_step(
     hinv_reward_gradient: torch.Tensor,
     hinv_cost_gradient: torch.Tensor,
     cost_excess: CostLike,
+    episode_length: CostLike,
     target_kl: float = 0.01,
     omnisafe_dual: bool = False,
+    omnisafe_units: bool = False,
 ) -> tuple[torch.Tensor, Metrics]:
     """CPO's step: argmax_x g^T x  s.t.  c + b^T x <= 0  and  1/2 x^T H x <= delta, solved in the dual.
 
     Paper: Achiam, Held, Tamar, Abbeel, "Constrained Policy Optimization" (ICML 2017), arXiv 1705.10528,
     section 6.1 and appendix 10.2; case analysis as in OmniSafe's ``CPO._determine_case`` /
-    ``_step_direction`` (Ji et al., arXiv 2305.09304). Exact (card A4): the case analysis and its
-    guards are OmniSafe's; the dual solution is the paper's (checked against the authors' rllab code).
+    ``_step_direction`` (Ji et al., arXiv 2305.09304); card A4.
 
     Inputs (flat 1-D, one entry per policy parameter): g = ``reward_gradient`` (gradient of the reward
-    surrogate, to MAXIMIZE), b = ``cost_gradient`` (gradient of the cost surrogate), H^-1 g and H^-1 b
-    (``hinv_*``, from :func:`conjugate_gradient` with the damped Fisher product), and c =
-    ``cost_excess`` = J_c - d (OmniSafe: mean episode cost of the last epoch minus the cost limit).
-    delta = ``target_kl``. With eps = 1e-8:
+    surrogate, to MAXIMIZE), b = ``cost_gradient`` (gradient of the per-sample cost surrogate
+    mean(ratio * A_C)), H^-1 g and H^-1 b (``hinv_*``, from :func:`conjugate_gradient` with the damped
+    Fisher product), c = ``cost_excess`` = J_c - d (J_c the mean cost of an episode, e.g. the last
+    epoch's), and T = ``episode_length``, the mean length of the episodes J_c was measured on.
+    delta = ``target_kl``.
+
+    Units. The paper's constraint is J_C(pi) + 1/(1 - gamma) E_{s ~ d^pi, a ~ pi'}[A_C(s, a)] <= d
+    (section 6.1): the advantage term has the magnitude of an episode's cost. A mean over samples is
+    T times smaller than a sum over an episode, so the authors' rllab code multiplies the cost
+    surrogate (and with it b, H^-1 b and the line search's cost change) by ``safety_rescale`` =
+    samples / trajectories = T (``PolicyGradientSafe.optimize_policy``, with the explanation there;
+    ``BatchSamplerSafe`` computes it). So here b and H^-1 b are multiplied by T before anything else
+    (:func:`cost_surrogate_scale`; the caller's line search scales by the same factor). With
+    ``omnisafe_units=True`` they are used as given (scale 1): what OmniSafe does since its refactor of
+    early 2023 (PR #176), comparing the per-sample surrogate directly with J_c - d. (OmniSafe before it
+    divided c by the mean episode length, which gives the same step as the rescale up to the 1e-8
+    guards.) In OmniSafe's units s = b^T H^-1 b is T^2 times smaller, so the band of J_c around d in
+    which cases 1 and 2 occur (c^2 <= 2 delta s) is T times narrower and all but never hit: the step is
+    TRPO's (c < 0) or a pure recovery (c >= 0).
+
+    With eps = 1e-8 and b, H^-1 b scaled as above:
 
       q = g^T H^-1 g,  r = g^T H^-1 b,  s = b^T H^-1 b       (q, s >= 0; rounding below 0 is clamped)
       A = q - r^2 / (s + eps),  B = 2 delta - c^2 / (s + eps)
@@ -165,16 +201,22 @@ def cpo_step(
     ``omnisafe_dual=True`` reproduces that literally for comparisons with OmniSafe runs. Its steps can
     leave the trust region and break the linearized constraint in cases 1 and 2, so it is off by default.
 
+    Exact: the case analysis and its guards are OmniSafe's, the dual solution the paper's, the rescale
+    by T the authors' (checked against their rllab code, where every trajectory of a batch is
+    complete; which episodes T is measured on is the caller's choice, see the control trainer).
+
     Returns the step x (same dtype as ``reward_gradient``) and metrics ``cpo/optim_case`` (0..4),
     ``cpo/lambda``, ``cpo/nu``, ``cpo/q``, ``cpo/r``, ``cpo/s``, ``cpo/A``, ``cpo/B``,
     ``cpo/cost_excess`` (OmniSafe logs them as Misc/OptimCase, Misc/Lambda_star, Misc/Nu_star, Misc/q,
-    Misc/r, Misc/s, Misc/A, Misc/B). The step is finite for any finite inputs.
+    Misc/r, Misc/s, Misc/A, Misc/B; r and s with the scaled b) and ``cpo/cost_scale`` (T, or 1 with
+    ``omnisafe_units``; rllab's SafetyGradientRescale). The step is finite for any finite inputs.
     """
     g = _flat_vector("reward_gradient", reward_gradient, None)
     n = g.shape[0]
-    b = _flat_vector("cost_gradient", cost_gradient, n)
+    scale = cost_surrogate_scale(episode_length, omnisafe_units)
+    b = _flat_vector("cost_gradient", cost_gradient, n) * scale
     hg = _flat_vector("hinv_reward_gradient", hinv_reward_gradient, n)
-    hb = _flat_vector("hinv_cost_gradient", hinv_cost_gradient, n)
+    hb = _flat_vector("hinv_cost_gradient", hinv_cost_gradient, n) * scale
     c = _scalar("cost_excess", cost_excess)
     if not (math.isfinite(target_kl) and target_kl > 0):
         raise InvalidInputError(
@@ -229,6 +271,7 @@ def cpo_step(
         "cpo/A": detached(big_a),
         "cpo/B": detached(big_b),
         "cpo/cost_excess": detached(c),
+        "cpo/cost_scale": detached(scale),
     }
     return step.to(reward_gradient.dtype), metrics
 
