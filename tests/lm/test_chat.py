@@ -137,9 +137,9 @@ def test_train_and_sft_sample_from_the_rendered_prompts(
     )
     seen: list[str] = []
 
-    def recording(tokenizer: Any, prompts: list[str], targets: list[str]) -> Any:
+    def recording(tokenizer: Any, prompts: list[str], targets: list[str], eos_id: int | None = None) -> Any:
         seen.extend(prompts)
-        return sft_batch(tokenizer, prompts, targets)
+        return sft_batch(tokenizer, prompts, targets, eos_id)
 
     monkeypatch.setattr("tether.lm.sft.sft_batch", recording)
     run_sft(sft, out=str(tmp_path / "sft"))
@@ -158,3 +158,123 @@ def test_sft_and_the_sampler_encode_a_prompt_alike_with_one_bos() -> None:
     n = len(ids[0])
     assert batch["input_ids"][0, :n].tolist() == ids[0]  # SFT's prompt tokens are the sampler's
     assert batch["labels"][0, :n].tolist() == [-100] * n
+
+
+def conversation_file(tmp_path: Path, rows: list[list[dict[str, str]]]) -> str:
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": m, "answer": i + 1}) + "\n" for i, m in enumerate(rows)))
+    return str(path)
+
+
+def test_a_conversation_ending_with_the_assistant_is_continued_not_closed(tmp_path: Path) -> None:
+    """TRL's rule: a row whose last message is the assistant's (the start of its answer) is rendered
+    with continue_final_message, so the policy continues that message; a user-final row still
+    gets the assistant's header."""
+    rows = [
+        [{"role": "user", "content": "0+1="}, {"role": "assistant", "content": "The answer is"}],
+        [{"role": "user", "content": "1+1="}],
+    ]
+    task = get_task("file", path=conversation_file(tmp_path, rows), test_fraction=0.0)
+    rendered = with_chat_template(task, False, "", chat_tokenizer).prompts("train")
+    assert [p.text for p in rendered] == [
+        "<|user|>0+1=\n<|assistant|>The answer is",
+        "<|user|>1+1=\n<|assistant|>",
+    ]
+
+
+def test_prompts_that_share_an_id_keep_their_own_text_and_answer() -> None:
+    """Nothing asks a user's task for split-unique ids: the train and test prompts "0" and "1" are
+    rendered each from its own text, with its own answer."""
+    from tether.lm.tasks.base import Prompt, Score, Split, Task
+
+    class SharedIds(Task):
+        name = "shared_ids"
+
+        def all_prompts(self, split: Split) -> list[Prompt]:
+            offset = 0 if split == "train" else 100
+            return [Prompt(id=str(i), text=f"{i + offset}+1=", answer=str(i + offset + 1)) for i in range(2)]
+
+        def score(self, prompt: Prompt, completion: str) -> Score:
+            return Score(reward=float(completion == prompt.answer), correct=completion == prompt.answer)
+
+        def reference(self, prompt: Prompt) -> str:
+            return prompt.answer
+
+        def extract(self, completion: str) -> str | None:
+            return completion
+
+    task = ChatTask(SharedIds(), chat_tokenizer())
+    for split, offset in (("train", 0), ("test", 100), ("train", 0)):  # again: no stale cached text
+        got = [(p.text, p.answer) for p in task.prompts(split)]  # type: ignore[arg-type]
+        assert got == [(f"<|user|>{i + offset}+1=\n<|assistant|>", str(i + offset + 1)) for i in range(2)]
+
+
+def test_a_system_prompt_with_rows_that_carry_their_own_is_refused_before_any_work(tmp_path: Path) -> None:
+    rows = [
+        [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+1="}],
+        [{"role": "user", "content": "2+1="}],
+    ]
+    path = conversation_file(tmp_path, rows)
+    task = get_task("file", path=path, test_fraction=0.0)
+    loaded: list[int] = []
+
+    def tokenizer() -> Any:
+        loaded.append(1)
+        return chat_tokenizer()
+
+    message = r"task\.system_prompt='Be brief\.'.*'file/\w+/\d+'.*own system message \('Add\.'\).*Remove task\.system_prompt"
+    with pytest.raises(TetherError, match=message):
+        with_chat_template(task, True, "Be brief.", tokenizer)
+    assert loaded == []  # refused before the tokenizer loads
+    with pytest.raises(TetherError, match=message):  # and by a ChatTask built directly
+        ChatTask(task, chat_tokenizer(), system_prompt="Be brief.")
+    out = tmp_path / "run"
+    with pytest.raises(TetherError, match=message):
+        RLTrainer(
+            make_config(out, "task.name=file", f"task.params.path={path}", "task.system_prompt=Be brief.")
+        )
+    assert not out.exists()
+    # each row's own system message alone is fine
+    rendered = with_chat_template(task, False, "", chat_tokenizer).prompts("train")
+    assert rendered[0].text.startswith("<|system|>Add.\n") and rendered[1].text.startswith("<|user|>2+1=")
+
+
+def test_a_template_without_a_generation_prompt_is_refused(tmp_path: Path) -> None:
+    no_header = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    tok = chat_tokenizer()
+    tok.chat_template = no_header
+    with pytest.raises(TetherError, match=r"ignores add_generation_prompt.*\{% if add_generation_prompt %\}"):
+        ChatTask(get_task("arithmetic", digits=2, operations="+"), tok)
+    # a file whose every row ends with the assistant's words never asks for the header
+    rows = [
+        [{"role": "user", "content": f"{i}+1="}, {"role": "assistant", "content": "It is"}] for i in range(3)
+    ]
+    task = ChatTask(get_task("file", path=conversation_file(tmp_path, rows), test_fraction=0.0), tok)
+    assert task.prompts("train")[0].text == "<|user|>0+1=\n<|assistant|>It is"
+
+
+def test_a_tokenizer_that_appends_eos_gets_only_its_bos_on_prompts() -> None:
+    """A tokenizer that adds BOS and EOS (Llama's with add_eos_token): prompts get the BOS once and
+    no EOS, so the policy never answers after an end of sequence; SFT ends only the target."""
+    tok = chat_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)]
+    )
+    plain, rendered = "<|user|>1+2=\n<|assistant|>", "<bos><|user|>1+2=\n<|assistant|>"
+    ids = encode_prompts(tok, [plain, rendered])
+    text_ids = tok(plain, add_special_tokens=False)["input_ids"]
+    assert ids == [[1, *text_ids], [1, *text_ids]]
+    batch = sft_batch(tok, [plain], ["3"])
+    assert batch["input_ids"][0].tolist() == [
+        1,
+        *text_ids,
+        *tok("3", add_special_tokens=False)["input_ids"],
+        2,
+    ]
+
+
+def test_the_embedded_tokenizer_encodes_prompts_as_before() -> None:
+    """The embedded character tokenizer adds no special token: prompts are its plain encoding."""
+    tok = build_char_tokenizer()
+    texts = ["3+4=", "<bos>12+7=", "What is 5*6?"]
+    assert encode_prompts(tok, texts) == [list(x) for x in tok(texts, add_special_tokens=True)["input_ids"]]

@@ -398,6 +398,8 @@ def test_eval_checks_its_flags_and_settings_before_loading(
         (["model.name_or_path=x"], "not used by tether eval"),
         (["--k", "4", "eval.samples=2"], "eval.samples=2 is fewer than eval.k=4"),
         (["task.name=arithmetc"], "unknown task 'arithmetc'"),
+        # the backend before the model: vllm missing here, or (where it runs) a LoRA policy
+        (["sampling.backend=vllm", "model.lora_rank=4"], "sampling.backend=vllm"),
     ):
         rc = main(["eval", str(model_dir), *args])
         err = capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -324,12 +325,9 @@ def test_vllm_backend_without_vllm_or_gpu_says_what_to_install(model, tok) -> No
         make_sampler(model, tok, SamplingConfig(backend="vllm"))
 
 
-def test_vllm_sampler_matches_trainer_logprobs() -> None:  # pragma: no cover - GPU machines only
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("the vLLM backend needs a CUDA GPU")
+def _vllm_test_policy() -> tuple[Any, LlamaForCausalLM]:
+    """The character tokenizer and a small random Llama (seed 0) for the vLLM GPU tests."""
     from tether.lm.tokenizer import build_char_tokenizer
-    from tether.lm.vllm_backend import VLLMSampler
 
     hf_tok = build_char_tokenizer()
     torch.manual_seed(0)
@@ -346,6 +344,16 @@ def test_vllm_sampler_matches_trainer_logprobs() -> None:  # pragma: no cover - 
             eos_token_id=hf_tok.eos_token_id,
         )
     )
+    return hf_tok, model
+
+
+def test_vllm_sampler_matches_trainer_logprobs() -> None:  # pragma: no cover - GPU machines only
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("the vLLM backend needs a CUDA GPU")
+    from tether.lm.vllm_backend import VLLMSampler
+
+    hf_tok, model = _vllm_test_policy()
     settings = {"temperature": 0.9, "top_k": 10, "top_p": 0.9}
     sampler = VLLMSampler(model, hf_tok, SamplingConfig(max_new_tokens=12, backend="vllm", **settings))
     assert sampler.dtype == "float32"  # the policy's dtype, not vLLM's auto (bf16)
@@ -361,6 +369,37 @@ def test_vllm_sampler_matches_trainer_logprobs() -> None:  # pragma: no cover - 
     sampler.sync_weights(model)
     again = sampler.generate(PROMPTS, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.completion_ids, b.completion_ids)
+
+
+def test_vllm_sampler_follows_the_synced_weights() -> None:  # pragma: no cover - GPU machines only
+    """After an update (lm_head x2) and sync_weights, the engine samples from the new policy: its
+    log-probs are the updated trainer's (gap < 1e-2), far from the old policy's (CPU, HF sampler:
+    0.16 mean at temperature 0.9)."""
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("the vLLM backend needs a CUDA GPU")
+    import copy
+
+    from tether.lm.vllm_backend import VLLMSampler
+
+    hf_tok, model = _vllm_test_policy()
+    settings = {"temperature": 0.9}
+    sampler = VLLMSampler(model, hf_tok, SamplingConfig(max_new_tokens=12, backend="vllm", **settings))
+    assert sampler.processed_logprobs  # vLLM >= 0.10: the log-probs of the distribution it drew from
+    before = copy.deepcopy(model).cuda()
+    model = model.cuda()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    sampler.sync_weights(model)
+    b = sampler.generate(PROMPTS, generator=torch.Generator().manual_seed(0))
+    tensors = [x.cuda() for x in (b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)]
+    new, _ = completion_logprobs(model, *tensors, **settings)
+    old, _ = completion_logprobs(before, *tensors, **settings)
+    mask = b.completion_mask
+    near = (new.detach().cpu() - b.sampler_logprobs)[mask].abs()
+    far = (old.detach().cpu() - b.sampler_logprobs)[mask].abs()
+    assert near.max() < 1e-2
+    assert far.mean() > 0.1
 
 
 TEMPLATE_PROMPTS = ["what is 1 2", "what is 13 27", "what is 1 2", "what is 7 5", "what is 1 2"]
@@ -499,3 +538,42 @@ def test_a_zero_exponential_draw_never_picks_a_truncated_token(monkeypatch: pyte
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
     logprobs = torch.tensor([[float("-inf"), 0.0, float("-inf")], [-0.1, float("-inf"), -2.4]])
     assert sample_from_logprobs(logprobs).tolist() == [1, 0]
+
+
+def test_a_final_stop_token_is_left_out_of_the_completion_text() -> None:
+    """A chat model's end-of-turn id in its generation config but not flagged special (as Phi-3's
+    <|end|> shipped) ends the sample; the text the verifier reads leaves it out, the ids keep it."""
+    import types
+
+    from tokenizers import AddedToken
+
+    from tether.lm.tasks import get_task
+    from tether.lm.tokenizer import build_char_tokenizer
+
+    hf_tok = build_char_tokenizer()
+    hf_tok.add_tokens([AddedToken("<|end|>", special=False)])
+    end = hf_tok.convert_tokens_to_ids("<|end|>")
+    script = [*hf_tok("42", add_special_tokens=False)["input_ids"], end]
+
+    class Scripted(torch.nn.Module):
+        """Emits '4', '2', <|end|> whatever the input."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.generation_config = types.SimpleNamespace(eos_token_id=[hf_tok.eos_token_id, end])
+            self.calls = 0
+
+        def forward(self, input_ids: torch.Tensor, **kw: object) -> types.SimpleNamespace:
+            logits = torch.full((input_ids.shape[0], input_ids.shape[1], len(hf_tok)), -1e9)
+            logits[:, -1, script[min(self.calls, len(script) - 1)]] = 0.0
+            self.calls += 1
+            return types.SimpleNamespace(logits=logits)
+
+    sampler = HFSampler(Scripted(), hf_tok, SamplingConfig(max_new_tokens=8), fast_decode=False)
+    out = sampler.generate(["40+2="])
+    assert out.completion_texts == ["42"] and not out.truncated[0]
+    assert out.completion_ids[0].tolist() == script and out.completion_mask[0].all()  # trained on
+    task = get_task("arithmetic", digits=2, operations="+")
+    prompt = next(p for p in task.prompts("train") if p.answer == "42")
+    assert task.score(prompt, out.completion_texts[0]).correct

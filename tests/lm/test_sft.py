@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -247,3 +249,66 @@ def test_test_prompts_past_the_models_context_are_refused_before_any_work(tmp_pa
     check_eval_context(model, tok, short, cfg.eval, SamplingConfig(max_new_tokens=124))  # 128: fits
     with pytest.raises(TetherError, match=r"final eval \(the longest: .*\): a prompt of 4 tokens plus 125"):
         check_eval_context(model, tok, short, cfg.eval, SamplingConfig(max_new_tokens=125))
+
+
+def model_without_tokenizer_eos(directory: Path, generation_eos: bool) -> Path:
+    """The tiny model with a tokenizer that has a pad but no EOS token; its generation config (and
+    config.json) keep the EOS id 2 when ``generation_eos``, else have none either."""
+    from tether.lm.model import build_tiny_model
+    from tether.lm.tokenizer import build_char_tokenizer
+
+    built = build_tiny_model(directory, ModelConfig(**TINY_MODEL))  # type: ignore[arg-type]
+    tok = build_char_tokenizer()
+    tok.eos_token = None
+    tok.save_pretrained(built)
+    if not generation_eos:
+        for name in ("generation_config.json", "config.json"):
+            data = json.loads((built / name).read_text())
+            data["eos_token_id"] = None
+            (built / name).write_text(json.dumps(data))
+    return built
+
+
+def test_sft_ends_targets_with_the_generation_configs_eos_when_the_tokenizer_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tether.lm.sft import sft_batch
+
+    model_dir = model_without_tokenizer_eos(tmp_path / "model", generation_eos=True)
+    cfg = sft_config(steps=2, stop_at_accuracy=0.0)
+    cfg.model = dataclasses.replace(cfg.model, name_or_path=str(model_dir))
+    batches: list[dict[str, torch.Tensor]] = []
+
+    def recording(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        batches.append(sft_batch(*args, **kwargs))
+        return batches[-1]
+
+    monkeypatch.setattr(sft_module, "sft_batch", recording)
+    summary = run_sft(cfg, out=str(tmp_path / "run"))
+    assert summary["steps"] == 2 and len(batches) == 2
+    for batch in batches:  # every target ends with the generation config's EOS (id 2)
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            last = int((labels != -100).nonzero().max())
+            assert int(ids[last]) == 2
+
+    tok = load_policy(cfg.model)[1]
+    assert tok.eos_token_id is None
+    with pytest.raises(TetherError, match="tokenizer has none"):
+        sft_batch(tok, ["1+1="], ["2"])
+    assert sft_batch(tok, ["1+1="], ["2"], eos_id=2)["input_ids"][0, -1] == 2
+
+
+def test_a_model_without_any_eos_is_refused_before_any_work(tmp_path: Path) -> None:
+    from tests.lm.test_trainer import make_config
+    from tether.lm.trainer import RLTrainer
+
+    model_dir = model_without_tokenizer_eos(tmp_path / "model", generation_eos=False)
+    cfg = sft_config(steps=2)
+    cfg.model = dataclasses.replace(cfg.model, name_or_path=str(model_dir))
+    out = tmp_path / "run"
+    message = r"has no end-of-sequence token: its tokenizer has no eos_token and its generation config"
+    with pytest.raises(TetherError, match=message):
+        run_sft(cfg, out=str(out))
+    with pytest.raises(TetherError, match=message):
+        RLTrainer(make_config(out, f"model.name_or_path={model_dir}"))
+    assert not out.exists()

@@ -125,6 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tether.lm.evaluate import evaluate
     from tether.lm.model import ModelConfig, is_adapter_dir, load_policy, load_tokenizer
     from tether.lm.rollout import SamplingConfig
+    from tether.lm.vllm_backend import check_backend, check_vllm_sampling
 
     path = Path(args.checkpoint)
     model_dir = path / "model" if (path / "model").is_dir() else path
@@ -153,7 +154,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = from_dict(EvalSettings, data.get("eval", {}) | flags, "eval.")
     sampling = from_dict(SamplingConfig, data.get("sampling", {}), "sampling.")
     model_cfg = from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}, "model.")
-    task = task_from_settings(task_cfg, lambda: load_tokenizer(model_cfg))  # checked before the model loads
+    # checked before the model loads: the backend, the temperature it samples at, the task
+    check_backend(sampling.backend, model_cfg.lora_rank)
+    check_vllm_sampling(sampling.backend, {"eval.temperature": settings.temperature})
+    task = task_from_settings(task_cfg, lambda: load_tokenizer(model_cfg))
     model, tok = load_policy(model_cfg)
     result = evaluate(model, tok, task, settings, sampling, seed=seed)
     print(json.dumps({"task": task_cfg.name, **result}, indent=2))

@@ -17,6 +17,7 @@ from tether.lm.rollout import (
     context_length,
     encode_prompts,
     greedy,
+    longest_prompt,
     sampler_for,
 )
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
@@ -125,7 +126,10 @@ def _evaluate(
     prompts = eval_prompts(task, settings, seed)
     device = next(model.parameters()).device
     sample_cfg = dataclasses.replace(sampling, temperature=settings.temperature)
-    sampler = sampler_for(model, tokenizer, sample_cfg, reuse=sampler)
+    # a new vLLM engine is sized for these prompts (a reused one was sized by its owner)
+    sized = sampler is None and sampling.backend == "vllm"
+    budget = longest_prompt(tokenizer, [p.text for p in prompts]) if sized else None
+    sampler = sampler_for(model, tokenizer, sample_cfg, reuse=sampler, max_prompt_tokens=budget)
     greedy_sampler = sampler.with_config(greedy(sampling))
     gen = torch.Generator().manual_seed(seed + 1)
     correct: list[int] = []

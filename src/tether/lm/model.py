@@ -653,6 +653,42 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _eos_ids(value: Any) -> list[int]:
+    return [int(i) for i in (value if isinstance(value, list | tuple) else [value]) if i is not None]
+
+
+def check_policy_eos(config: ModelConfig) -> None:
+    """Before any work: the policy must have an end-of-sequence token, its tokenizer's or its
+    generation config's (``generation_config.json``, else ``config.json``, as ``from_pretrained``
+    reads it), or SFT has nothing to end its targets with and sampling never stops. Reads the
+    tokenizer and the configs, not the weights; the embedded tiny model always has one."""
+    if config.name_or_path == "tiny":
+        return
+    if load_tokenizer(config).eos_token_id is not None:
+        return
+    from transformers import AutoConfig, GenerationConfig
+
+    source, local_only = _resolve_source(config)
+    found: list[int] | None = None
+    try:
+        found = _eos_ids(GenerationConfig.from_pretrained(source, local_files_only=local_only).eos_token_id)
+    except OSError:  # no generation_config.json: from_pretrained derives it from config.json
+        try:
+            found = _eos_ids(
+                getattr(AutoConfig.from_pretrained(source, local_files_only=local_only), "eos_token_id", None)
+            )
+        except (OSError, ValueError):  # a LoRA adapter directory: its base model's are read when it loads
+            found = None
+    if found == []:
+        raise TetherError(
+            f"the model {config.name_or_path!r} has no end-of-sequence token: its tokenizer has no eos_token "
+            "and its generation config (generation_config.json, config.json) no eos_token_id, so SFT "
+            "targets cannot end and sampling would never stop. Set one and save it next to the model "
+            "(tokenizer.eos_token = '...' then tokenizer.save_pretrained(DIR), or eos_token_id in "
+            "generation_config.json)"
+        )
+
+
 def load_policy(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the policy and its tokenizer, placed and adapted as ``config`` asks.
 

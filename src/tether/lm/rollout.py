@@ -35,6 +35,8 @@ __all__ = [
     "RolloutBatch",
     "Sampler",
     "SamplingConfig",
+    "decode_completions",
+    "encode_prompts",
     "eos_token_ids",
     "make_sampler",
     "pad_token_id",
@@ -83,9 +85,20 @@ class SamplingConfig:
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
         metadata={
-            "help": "Weights and activations of the vLLM engine. `auto`: the policy's parameter dtype, "
-            "so that samples come from the trainer's distribution (vLLM's own `auto` would run a float32 "
-            "policy in bf16, and the samples drift off-policy)."
+            "help": "Weights and activations of the vLLM engine. `auto`: the policy's compute dtype (its "
+            "autocast dtype when model.autocast gives one, else its parameters' dtype), so that samples "
+            "come from the trainer's distribution (vLLM's own `auto` would run a float32 policy in bf16, "
+            "and the samples drift off-policy)."
+        },
+    )
+    vllm_max_model_len: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "Longest sequence (prompt + completion) the vLLM engine takes; its KV cache must hold "
+            "one such sequence. 0: twice the run's longest prompt plus max_new_tokens (room for prompts "
+            "a loop plugin lengthens, such as Scaf-GRPO's hints), at most the model's context, so that a "
+            "long-context model does not reserve KV cache for a full-context sequence it never samples.",
         },
     )
     vllm_gpu_memory_utilization: float = field(
@@ -215,6 +228,16 @@ def pad_token_id(tokenizer: Any, eos_ids: list[int]) -> int:
     return eos_ids[0] if eos_ids else 0
 
 
+def decode_completions(tokenizer: Any, rows: list[list[int]], eos_ids: Sequence[int]) -> list[str]:
+    """The texts of completions ``rows`` (token ids, each up to its stop token): a final stop id is
+    left out before decoding (an end-of-turn token that is not flagged special, as some chat models
+    ship theirs, would otherwise end the text and fail a strict verifier), and special tokens are
+    skipped. The ids themselves keep the stop token: the policy is trained to emit it."""
+    stops = set(eos_ids)
+    kept = [row[:-1] if row and row[-1] in stops else row for row in rows]
+    return list(tokenizer.batch_decode(kept, skip_special_tokens=True))
+
+
 def sample_from_logprobs(logprobs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One token per row from log-probs [N, V] (Gumbel-max with exponential noise), [N] long.
 
@@ -233,16 +256,30 @@ def sample_from_logprobs(logprobs: Tensor, generator: torch.Generator | None = N
     return (logprobs - noise.log()).argmax(dim=-1)
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """The BOS the tokenizer puts before a text when it adds its special tokens (``[bos_id]``), or
+    ``[]`` when it adds none there (Qwen's, the embedded character tokenizer). Read from the
+    tokenizer itself: a probe encoded with and without special tokens."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return []
+    with_special = list(tokenizer(["a"], add_special_tokens=True)["input_ids"][0])
+    without = list(tokenizer(["a"], add_special_tokens=False)["input_ids"][0])
+    return [int(bos_id)] if with_special[:1] == [bos_id] and without[:1] != [bos_id] else []
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt as the policy sees it, for sampling and SFT alike: with the
-    tokenizer's special tokens (its BOS), except for a text that already begins with the BOS
-    token (a rendered chat template), which would otherwise get it twice."""
-    bos = getattr(tokenizer, "bos_token", None)
-    texts = list(prompts)
-    has_bos = [isinstance(bos, str) and bool(bos) and t.startswith(bos) for t in texts]
-    if not any(has_bos):  # the usual case: one batched call
-        return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    return [list(tokenizer(t, add_special_tokens=not b)["input_ids"]) for t, b in zip(texts, has_bos)]
+    """Token ids of each prompt as the policy sees it, for sampling and SFT alike: the text's own
+    tokens after the tokenizer's BOS (when it adds one), except for a text that already begins
+    with the BOS (a rendered chat template), which would otherwise get it twice.
+
+    Only the BOS: a tokenizer that also appends an EOS when it adds special tokens (Llama's with
+    ``add_eos_token``) would end the prompt with it, and the policy would answer after an EOS."""
+    prefix = bos_prefix(tokenizer)
+    encoded = [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    if not prefix:
+        return encoded
+    return [ids if ids[: len(prefix)] == prefix else prefix + ids for ids in encoded]
 
 
 def greedy(config: SamplingConfig) -> SamplingConfig:
@@ -266,13 +303,24 @@ def check_context(model: Any, longest_prompt: int, new_tokens: int, where: str =
     model's context (a model with learned positions fails with a bare IndexError; one with rotary
     positions silently runs past what it was built for)."""
     limit = context_length(model)
-    if limit is not None and longest_prompt + new_tokens > limit:
+    if limit is not None:
+        check_fits(limit, longest_prompt, new_tokens, where, f"the model's context of {limit} positions")
+
+
+def check_fits(limit: int, longest_prompt: int, new_tokens: int, where: str, what: str) -> None:
+    """:func:`check_context` against ``limit`` positions, named ``what`` in the message."""
+    if longest_prompt + new_tokens > limit:
         raise InvalidInputError(
             f"{where}: a prompt of {longest_prompt} tokens plus {new_tokens} new tokens is "
-            f"{longest_prompt + new_tokens}, past the model's context of {limit} positions; "
+            f"{longest_prompt + new_tokens}, past {what}; "
             "shorten the prompts, lower sampling.max_new_tokens, or use a model with a longer context "
             "(for the tiny model: model.tiny_max_positions)"
         )
+
+
+def longest_prompt(tokenizer: Any, prompts: Sequence[str]) -> int:
+    """Tokens of the longest of ``prompts`` as the sampler encodes them (0 for none)."""
+    return max((len(ids) for ids in encode_prompts(tokenizer, prompts)), default=0)
 
 
 def _encode_left_padded(tokenizer: Any, prompts: list[str], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -672,7 +720,7 @@ class HFSampler:
         # the mask is a prefix of each row (alive until EOS)
         lengths = completion_mask.sum(dim=1).tolist()
         rows = [ids[:k] for ids, k in zip(completion_ids.tolist(), lengths, strict=True)]
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        texts = decode_completions(self.tokenizer, rows, self.eos_ids)
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -755,17 +803,30 @@ class HFSampler:
         return tokens[:, :steps], alive_mask[:, :steps], logps[:, :steps], ~done
 
 
-def sampler_for(model: Any, tokenizer: Any, config: SamplingConfig, reuse: Sampler | None = None) -> Sampler:
+def sampler_for(
+    model: Any,
+    tokenizer: Any,
+    config: SamplingConfig,
+    reuse: Sampler | None = None,
+    max_prompt_tokens: int | None = None,
+) -> Sampler:
     """A sampler for ``model`` with ``config``: ``reuse`` synced to ``model`` and set to ``config``
-    (its backend kept, e.g. a trainer's vLLM engine), else a new one from ``config``."""
+    (its backend kept, e.g. a trainer's vLLM engine), else a new one from ``config`` (see
+    :func:`make_sampler` for ``max_prompt_tokens``)."""
     if reuse is None:
-        return make_sampler(model, tokenizer, config)
+        return make_sampler(model, tokenizer, config, max_prompt_tokens=max_prompt_tokens)
     reuse.sync_weights(model)
     return reuse.with_config(config)
 
 
-def make_sampler(model: Any, tokenizer: Any, config: SamplingConfig) -> Sampler:
-    """The rollout backend named by ``config.backend``: ``hf`` or ``vllm``."""
+def make_sampler(
+    model: Any, tokenizer: Any, config: SamplingConfig, max_prompt_tokens: int | None = None
+) -> Sampler:
+    """The rollout backend named by ``config.backend``: ``hf`` or ``vllm``.
+
+    ``max_prompt_tokens``: the longest prompt the sampler will be given, when the caller knows it;
+    a vLLM engine is then sized for it (``max_model_len``: that plus ``config.max_new_tokens``,
+    at most the model's context), not for the model's whole context."""
     if config.backend == "hf":
         return HFSampler(model, tokenizer, config)
     if config.backend == "vllm":
@@ -777,6 +838,7 @@ def make_sampler(model: Any, tokenizer: Any, config: SamplingConfig) -> Sampler:
             config,
             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
             dtype=config.vllm_dtype,
+            max_prompt_tokens=max_prompt_tokens,
         )
     raise InvalidInputError(
         f"sampling.backend: {config.backend!r} is not allowed; choose one of 'hf', 'vllm'"

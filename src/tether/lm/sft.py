@@ -15,8 +15,8 @@ from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, SFTConfig
-from tether.lm.evaluate import check_eval_context, check_test_split, evaluate
-from tether.lm.model import check_model_source, load_policy, load_tokenizer, save_model
+from tether.lm.evaluate import check_eval_context, check_test_split, eval_prompts, evaluate
+from tether.lm.model import check_model_source, check_policy_eos, load_policy, load_tokenizer, save_model
 from tether.lm.precision import autocast_context, clipped_step, make_grad_scaler, restore_grad_scaler
 from tether.lm.progress import TrainProgress
 from tether.lm.prompts import PromptStream
@@ -26,11 +26,13 @@ from tether.lm.rollout import (
     check_context,
     context_length,
     encode_prompts,
+    eos_token_ids,
+    longest_prompt,
     make_sampler,
     sampler_for,
 )
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
-from tether.lm.vllm_backend import check_backend
+from tether.lm.vllm_backend import check_backend, check_vllm_sampling, engine_length
 from tether.runs import Checkpoint, RunDir, save_checkpoint
 from tether.runs.checkpoint import (
     capture_rng,
@@ -45,11 +47,22 @@ from tether.runs.rundir import check_run_dir as checked_run_dir
 from tether.userimports import import_user_code
 
 
-def sft_batch(tokenizer: Any, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+def sft_batch(
+    tokenizer: Any, prompts: list[str], targets: list[str], eos_id: int | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded prompt + target + EOS, with labels only on target and EOS tokens; the prompt is
     encoded exactly as the sampler encodes it (:func:`~tether.lm.rollout.encode_prompts`: with the
-    tokenizer's BOS), so that SFT trains the policy on the inputs RL samples from."""
-    eos = tokenizer.eos_token_id
+    tokenizer's BOS), so that SFT trains the policy on the inputs RL samples from.
+
+    ``eos_id``: the end-of-sequence id the targets end with; None takes the tokenizer's. SFT passes
+    the first of :func:`~tether.lm.rollout.eos_token_ids` (the tokenizer's, else the model's
+    generation config's)."""
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise TetherError(
+            "SFT targets need an end-of-sequence token, and the tokenizer has none; give sft_batch the "
+            "model's (eos_id=eos_token_ids(model, tokenizer)[0]) or set tokenizer.eos_token"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows, labels = [], []
     for p_ids, t in zip(encode_prompts(tokenizer, prompts), targets):
@@ -116,7 +129,12 @@ def sft_run_dir(task: str, seed: int) -> str:
 
 
 #: Settings a resumed SFT run may change (see tether.runs.resume).
-SFT_RESUME_MAY_CHANGE = (*RUN_LOGGING, "eval")  # not sft.steps: the learning-rate schedule spans them
+SFT_RESUME_MAY_CHANGE = (  # not sft.steps: the learning-rate schedule spans them
+    *RUN_LOGGING,
+    "eval",
+    "sampling.vllm_gpu_memory_utilization",
+    "sampling.vllm_max_model_len",
+)
 
 
 def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
@@ -125,6 +143,9 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
     import_user_code(cfg.imports)
     check_model_source(cfg.model)
     check_backend(cfg.sampling.backend, cfg.model.lora_rank)
+    # SFT samples (its accuracy checks and the final eval) at eval.temperature only
+    check_vllm_sampling(cfg.sampling.backend, {"eval.temperature": cfg.eval.temperature})
+    check_policy_eos(cfg.model)
     task = task_from_settings(cfg.task, lambda: load_tokenizer(cfg.model))
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
@@ -152,6 +173,18 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
     model, tokenizer = load_policy(cfg.model)
     check_sft_context(model, tokenizer, task, prompts, cfg.sampling.max_new_tokens)
     check_eval_context(model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed)
+    eos_ids = eos_token_ids(model, tokenizer)
+    if not eos_ids:  # check_policy_eos refused it already, unless the model came from elsewhere
+        raise TetherError(
+            f"the model {cfg.model.name_or_path!r} has no end-of-sequence token (tokenizer or generation "
+            "config), so SFT targets cannot end; set tokenizer.eos_token and save it next to the model"
+        )
+    # the prompts a sampler will see: the checks draw from the train examples, the eval from the test split
+    prompt_budget: int | None = None
+    if cfg.sampling.backend == "vllm":
+        tested = eval_prompts(task, cfg.eval, cfg.sft.seed)
+        prompt_budget = longest_prompt(tokenizer, [p.text for p in prompts + tested])
+        engine_length(cfg.sampling, context_length(model), prompt_budget)
     # Only now is the run directory touched. A run killed before its first checkpoint lost
     # nothing but the logs of unsaved steps: it starts again.
     resume = resume and run.resumable()
@@ -221,7 +254,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
             batch = {
                 k: v.to(device)
                 for k, v in sft_batch(
-                    tokenizer, [p.text for p in chunk], [task.reference(p) for p in chunk]
+                    tokenizer, [p.text for p in chunk], [task.reference(p) for p in chunk], eos_ids[0]
                 ).items()
             }
             with autocast_context(model):
@@ -247,7 +280,9 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
             if target > 0 and (step % cfg.sft.check_every == 0 or step == total):
                 model.eval()
                 if check_sampler is None:  # one backend for every check (a vLLM engine is costly)
-                    check_sampler = make_sampler(model, tokenizer, cfg.sampling)
+                    check_sampler = make_sampler(
+                        model, tokenizer, cfg.sampling, max_prompt_tokens=prompt_budget
+                    )
                 check_accuracy = sampled_accuracy(
                     model,
                     tokenizer,

@@ -24,7 +24,7 @@ from tether.config import to_dict
 from tether.errors import TetherError
 from tether.lm.chat import task_from_settings
 from tether.lm.config import RUN_LOGGING, LMConfig
-from tether.lm.evaluate import check_eval_context, check_test_split, evaluate
+from tether.lm.evaluate import check_eval_context, check_test_split, eval_prompts, evaluate
 from tether.lm.logprobs import (
     completion_distribution,
     completion_token_stats,
@@ -32,14 +32,21 @@ from tether.lm.logprobs import (
     sum_pi_squared,
 )
 from tether.lm.loop._groups import group_rows
-from tether.lm.model import check_model_source, load_policy, load_reference, load_tokenizer, save_model
+from tether.lm.model import (
+    check_model_source,
+    check_policy_eos,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    save_model,
+)
 from tether.lm.plugins import LoopPlugin, Rollout, build_plugin, plugin_parameters
 from tether.lm.precision import clipped_step, make_grad_scaler, restore_grad_scaler
 from tether.lm.prompts import PromptStream
-from tether.lm.rollout import RolloutBatch, check_context, encode_prompts, make_sampler
+from tether.lm.rollout import RolloutBatch, check_context, context_length, longest_prompt, make_sampler
 from tether.lm.tasks.base import Prompt, Task, safe_score_batch
 from tether.lm.tasks.rewards import reward_parts
-from tether.lm.vllm_backend import check_backend
+from tether.lm.vllm_backend import check_backend, check_vllm_sampling, engine_length
 from tether.monitor import Monitor
 from tether.monitor.memory import memory_metrics
 from tether.monitor.updates import combine_micro_batch_metrics, combine_update_metrics
@@ -260,7 +267,14 @@ def _take(ro: Rollout, rows: torch.Tensor) -> Rollout:
 
 #: Settings a resumed run may change (see tether.runs.resume): the step budget, and what only
 #: logs, checkpoints or evaluates.
-RESUME_MAY_CHANGE = ("train.steps", *RUN_LOGGING, "eval", "monitor", "sampling.vllm_gpu_memory_utilization")
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    *RUN_LOGGING,
+    "eval",
+    "monitor",
+    "sampling.vllm_gpu_memory_utilization",
+    "sampling.vllm_max_model_len",
+)
 
 
 def default_run_dir(recipe_name: str, task: str, seed: int) -> str:
@@ -307,6 +321,13 @@ def plan_run(cfg: LMConfig) -> RunPlan:
     import_user_code(cfg.imports)  # first: the user's modules may register what the run names
     check_model_source(cfg.model)
     check_backend(cfg.sampling.backend, cfg.model.lora_rank)
+    check_vllm_sampling(
+        cfg.sampling.backend,
+        {"sampling.temperature": cfg.sampling.temperature, "eval.temperature": cfg.eval.temperature},
+        cfg.sampling,
+        cfg.train.sampler_correction,
+    )
+    check_policy_eos(cfg.model)
     recipe = apply_method_overrides(load_recipe(cfg.recipe), cfg.method)
     method = Method(recipe)
     if method.constraint is not None:
@@ -380,12 +401,18 @@ class RLTrainer:
             check_test_split(self.task, cfg.task.name)
         self.model, self.tokenizer = load_policy(cfg.model)
         self.device = next(self.model.parameters()).device
-        longest = max(len(ids) for ids in encode_prompts(self.tokenizer, [p.text for p in train_prompts]))
+        longest = longest_prompt(self.tokenizer, [p.text for p in train_prompts])
         check_context(self.model, longest, cfg.sampling.max_new_tokens, where="the train prompts")
         if evaluates:  # the test prompts fit the context too, or the final evaluation would fail
             check_eval_context(
                 self.model, self.tokenizer, self.task, cfg.eval, cfg.sampling, seed=cfg.train.seed
             )
+        # a vLLM engine is sized for the longest prompt it will see: the train prompts and the eval's
+        self.prompt_budget: int | None = None
+        if cfg.sampling.backend == "vllm":
+            tested = eval_prompts(self.task, cfg.eval, cfg.train.seed) if self.task.prompts("test") else []
+            self.prompt_budget = max(longest, longest_prompt(self.tokenizer, [p.text for p in tested]))
+            engine_length(cfg.sampling, context_length(self.model), self.prompt_budget)
         self.share_prompts = resolve_share_prompts(cfg.train.share_prompts, self.device)
         self.ref_model = load_reference(cfg.model, self.model) if self.use_ref else None
         # Only now, with the models loaded, is the run directory touched. A --resume of a run
@@ -406,7 +433,9 @@ class RLTrainer:
         )
         # float16 forward passes: dynamic loss scaling (see tether.lm.precision.make_grad_scaler)
         self.grad_scaler = make_grad_scaler(self.model)
-        self.sampler = make_sampler(self.model, self.tokenizer, cfg.sampling)
+        self.sampler = make_sampler(
+            self.model, self.tokenizer, cfg.sampling, max_prompt_tokens=self.prompt_budget
+        )
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.prompts = PromptStream(train_prompts, seed=cfg.train.seed)
         self.monitor = Monitor(cfg.monitor)
