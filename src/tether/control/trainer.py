@@ -591,21 +591,24 @@ class ControlTrainer:
         out.update({k: float(v) for k, v in metrics.items()})
         return combined.reshape(adv.shape).to(adv.dtype), True, out
 
+    @staticmethod
+    def _episode_mean(episode: torch.Tensor, row: int, recent: list[float]) -> float | None:
+        """The mean of ``episode[row]`` over the episodes that ended in this rollout, else over the
+        last ten ``recent`` ones (None: none yet)."""
+        values = episode[row].tolist() if episode.shape[1] else recent[-10:]
+        return float(np.mean(values)) if values else None
+
     def _mean_episode_cost(self, episode: torch.Tensor) -> float | None:
         """CPO's J_c, which its step needs on every rollout: the mean cost of the episodes that ended
         in this rollout, else of the last ten (None: none yet). The multipliers never use the fallback."""
-        costs = episode[1].tolist() if episode.shape[1] else self.recent_costs[-10:]
-        return float(np.mean(costs)) if costs else None
+        return self._episode_mean(episode, 1, self.recent_costs)
 
     def _mean_episode_length(self, episode: torch.Tensor) -> float:
-        """CPO's T, over the episodes J_c comes from (:meth:`_mean_episode_cost`): the mean length of the
-        episodes that ended in this rollout, else of the last ten. Before any episode has ended (J_c is
-        then taken as 0), the steps each environment has taken so far: every episode under way is at
-        least that long."""
-        lengths = episode[2].tolist() if episode.shape[1] else self.recent_lengths[-10:]
-        if lengths:
-            return float(np.mean(lengths))
-        return self.env_steps / self.config.env.num_envs
+        """CPO's T, over the episodes J_c comes from (:meth:`_mean_episode_cost`). Before any episode has
+        ended (J_c is then taken as 0), the steps each environment has taken so far: every episode
+        under way is at least that long."""
+        length = self._episode_mean(episode, 2, self.recent_lengths)
+        return self.env_steps / self.config.env.num_envs if length is None else length
 
     def _trust_region_update(
         self,

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -653,10 +654,6 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _eos_ids(value: Any) -> list[int]:
-    return [int(i) for i in (value if isinstance(value, list | tuple) else [value]) if i is not None]
-
-
 def check_policy_eos(config: ModelConfig) -> None:
     """Before any work: the policy must have an end-of-sequence token, its tokenizer's or its
     generation config's (``generation_config.json``, else ``config.json``, as ``from_pretrained``
@@ -664,22 +661,24 @@ def check_policy_eos(config: ModelConfig) -> None:
     tokenizer and the configs, not the weights; the embedded tiny model always has one."""
     if config.name_or_path == "tiny":
         return
-    if load_tokenizer(config).eos_token_id is not None:
+    tokenizer = load_tokenizer(config)
+    if tokenizer.eos_token_id is not None:
         return
     from transformers import AutoConfig, GenerationConfig
 
+    from tether.lm.rollout import eos_token_ids
+
     source, local_only = _resolve_source(config)
-    found: list[int] | None = None
+    generation: Any
     try:
-        found = _eos_ids(GenerationConfig.from_pretrained(source, local_files_only=local_only).eos_token_id)
+        generation = GenerationConfig.from_pretrained(source, local_files_only=local_only)
     except OSError:  # no generation_config.json: from_pretrained derives it from config.json
         try:
-            found = _eos_ids(
-                getattr(AutoConfig.from_pretrained(source, local_files_only=local_only), "eos_token_id", None)
-            )
+            generation = AutoConfig.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError):  # a LoRA adapter directory: its base model's are read when it loads
-            found = None
-    if found == []:
+            return
+    # the ids the sampler will stop at, read as it reads them from a loaded model
+    if not eos_token_ids(SimpleNamespace(generation_config=generation), tokenizer):
         raise TetherError(
             f"the model {config.name_or_path!r} has no end-of-sequence token: its tokenizer has no eos_token "
             "and its generation config (generation_config.json, config.json) no eos_token_id, so SFT "
