@@ -99,6 +99,25 @@ def import_user_code(entries: Iterable[str] | str | None, key: str = "imports") 
     return [import_entry(e, f"{key}[{i}]") for i, e in enumerate(entries)]
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` (an ``imports`` entry, or a ``task.rewards`` entry such as ``rewards.py:brevity``) with
+    the path of a ``.py`` file made absolute against the working directory; a module name, a
+    built-in name or an absolute path is returned as given.
+
+    A run records its entries so: a run that imported ``./rewards.py`` still finds it when
+    ``tether eval RUN`` or ``--resume`` runs from another directory.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        return spec
+    spec = spec.strip()
+    where, colon, attr = spec.rpartition(":")
+    if colon and where and _is_file_entry(where):
+        return f"{os.path.abspath(os.path.expanduser(where))}:{attr}"
+    if not colon and _is_file_entry(spec):
+        return os.path.abspath(os.path.expanduser(spec))
+    return spec
+
+
 def resolve_object(spec: str, key: str) -> Any:
     """The object named by ``module:name``, ``module.name`` or ``path/to/file.py:name``."""
     if not isinstance(spec, str) or not spec.strip():

@@ -145,3 +145,32 @@ def test_kl_cov_never_spends_a_penalty_slot_on_padding() -> None:
     expected = -adv[:, None] * torch.exp(lp - old) / n + 0.5 * torch.sign(lp - old) / n
     torch.testing.assert_close(g, torch.where(mask, expected, 0.0), rtol=1e-12, atol=1e-12)
     assert float(kl_cov(lp, old, adv, mask, k_ratio=1.0)[1]["kl_cov/selected_frac"]) == 1.0
+
+
+def anchor_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two rows of 2 tokens, A = (+1, -1): the current log-probs rank token (0, 0) first by covariance,
+    the old ones token (0, 1), so the two anchors select different tokens."""
+    lp = torch.tensor([[-0.1, -2.0], [-1.0, -1.0]], dtype=torch.float64)
+    old = torch.tensor([[-2.0, -0.1], [-1.0, -1.0]], dtype=torch.float64)
+    return lp, old, torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(2, 2, dtype=torch.bool)
+
+
+def test_the_covariance_is_of_the_current_log_probs_not_the_old() -> None:
+    """The authors' code ranks tokens by Cov(A, log pi_theta) of the current forward pass.
+    Mean A = 0 and mean lp = -1.025, so c = (0.925, -0.975; -0.025, -0.025) by the current log-probs
+    and (-0.975, 0.925; -0.025, -0.025) by the old ones."""
+    lp, old, adv, mask = anchor_batch()
+    cov = token_covariance(lp, adv[:, None].expand_as(lp), mask)
+    torch.testing.assert_close(cov, torch.tensor([[0.925, -0.975], [-0.025, -0.025]], dtype=torch.float64))
+    n = 4.0
+    # KL-Cov, k_ratio 0.25 -> 1 token: (0, 0), penalised by 0.5 |lp - old| (lp - old = 1.9 > 0).
+    g = grad_of(lambda x: kl_cov(x, old, adv, mask, k_ratio=0.25, kl_coef=0.5)[0], lp)
+    pg = -adv[:, None] * torch.exp(lp - old) / n
+    torch.testing.assert_close(g, pg + torch.tensor([[0.5 / n, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    # Clip-Cov, every candidate of the band (0.5, 5) picked (clip_ratio 1; PPO's clip opened wide so
+    # that no token is clipped): only (0, 0) loses its gradient.
+    g = grad_of(
+        lambda x: clip_cov(x, old, adv, mask, clip_ratio=1.0, cov_low=0.5, eps_low=10.0, eps_high=10.0)[0],
+        lp,
+    )
+    torch.testing.assert_close(g, torch.where(torch.tensor([[True, False], [False, False]]), 0.0, pg))

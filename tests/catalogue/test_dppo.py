@@ -18,15 +18,20 @@ ppo = get("policy_loss", "ppo_clip").fn
 F64 = torch.float64
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = torch.tensor([[0.5, 0.3], [0.01, 0.9]], dtype=F64)
-    p_old = torch.tensor([[0.3, 0.5], [0.001, 0.95]], dtype=F64)
+def _probs_batch(
+    p: list[list[float]], p_old: list[list[float]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs of 2 x 2 tokens (new, requiring grad; old), advantages (+1, -1), a full mask."""
     return (
-        p.log().requires_grad_(True),
-        p_old.log(),
+        torch.tensor(p, dtype=F64).log().requires_grad_(True),
+        torch.tensor(p_old, dtype=F64).log(),
         torch.tensor([1.0, -1.0], dtype=F64),
         torch.ones(2, 2, dtype=torch.bool),
     )
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _probs_batch([[0.5, 0.3], [0.01, 0.9]], [[0.3, 0.5], [0.001, 0.95]])
 
 
 def test_binary_tv_hand_computed() -> None:
@@ -93,3 +98,57 @@ def test_dppo_checks_its_settings() -> None:
         dppo(lp, old, adv, mask, delta_low=-0.1)
     with pytest.raises(InvalidInputError, match="ratio_cap"):
         dppo(lp, old, adv, mask, ratio_cap=0.0)
+
+
+def _asymmetric_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row 0 (A = +1): 0.3 -> 0.5 (up), 0.001 -> 0.01 (ratio 10); row 1 (A = -1): 0.5 -> 0.3 (down
+    by 0.2), 0.9 -> 0.88 (down by 0.02)."""
+    return _probs_batch([[0.5, 0.01], [0.3, 0.88]], [[0.3, 0.001], [0.5, 0.9]])
+
+
+def test_binary_tv_with_unequal_deltas_and_a_binding_ratio_cap() -> None:
+    """delta_low 0.15 < 0.2 (the drop of row 1's 0.5 -> 0.3) < delta_high 0.25 (the rise of row 0's
+    0.3 -> 0.5): each side must use its own delta. The rare token's ratio 10 exceeds the cap 4."""
+    lp, old, adv, mask = _asymmetric_batch()
+    loss, m = dppo(
+        lp, old, adv, mask, delta_low=0.15, delta_high=0.25, ratio_cap=4.0, aggregation="token-sum"
+    )
+    # row 0: 0.3 -> 0.5 up 0.2 <= 0.25: kept, w = 0.5 / 0.3; 0.001 -> 0.01: kept, w = min(10, 4) = 4
+    # row 1 (A < 0): 0.5 -> 0.3 down 0.2 > 0.15: dropped; 0.9 -> 0.88 down 0.02: kept, w = 0.88 / 0.9
+    w = [[0.5 / 0.3, 4.0], [0.0, 0.88 / 0.9]]
+    want = -w[0][0] * math.log(0.5) - w[0][1] * math.log(0.01) + w[1][1] * math.log(0.88)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(grad, torch.tensor([[-w[0][0], -4.0], [0.0, w[1][1]]], dtype=F64))
+    assert float(m["policy/clip_frac_low"]) == 0.25 and float(m["policy/clip_frac_high"]) == 0.0
+    assert float(m["dppo/capped_frac"]) == 0.25
+
+
+def test_binary_kl_with_unequal_deltas_and_a_binding_ratio_cap() -> None:
+    lp, old, adv, mask = _asymmetric_batch()
+
+    def kl(q: float, p: float) -> float:  # KL(Bern(q) || Bern(p)), eps 1e-8 as the authors'
+        return q * math.log(q / p) + (1 - q) * math.log((1 - q + 1e-8) / (1 - p + 1e-8))
+
+    # delta_low 0.05 < KL of row 1's drop 0.5 -> 0.3 (0.087) < delta_high 0.1; the rise 0.3 -> 0.5
+    # of row 0 (0.082) is inside delta_high but outside delta_low.
+    assert 0.05 < kl(0.5, 0.3) < 0.1 and 0.05 < kl(0.3, 0.5) < 0.1
+    assert kl(0.001, 0.01) < 0.05 and kl(0.9, 0.88) < 0.05
+    loss, m = dppo(
+        lp,
+        old,
+        adv,
+        mask,
+        divergence="kl",
+        delta_low=0.05,
+        delta_high=0.1,
+        ratio_cap=4.0,
+        aggregation="token-sum",
+    )
+    w = [[0.5 / 0.3, 4.0], [0.0, 0.88 / 0.9]]
+    want = -w[0][0] * math.log(0.5) - w[0][1] * math.log(0.01) + w[1][1] * math.log(0.88)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(grad, torch.tensor([[-w[0][0], -4.0], [0.0, w[1][1]]], dtype=F64))
+    assert float(m["policy/clip_frac_low"]) == 0.25 and float(m["policy/clip_frac_high"]) == 0.0
+    assert float(m["dppo/capped_frac"]) == 0.25

@@ -52,3 +52,26 @@ def test_every_entry_is_well_formed() -> None:
         assert e.status in ("exact", "reconstructed")
         assert e.paper
         assert e.arxiv == "" or e.arxiv.replace(".", "").isdigit(), f"{e.name}: bad arXiv id {e.arxiv!r}"
+
+
+def test_metric_only_inputs_are_declared_and_checked() -> None:
+    """An input taken only for metrics (gdpo's rewards) is not read; metric_only must name inputs."""
+    assert not get("advantage", "gdpo").reads("rewards") and get("advantage", "gdpo").reads("reward_parts")
+    assert get("advantage", "grpo").reads("rewards")
+    assert not get("advantage", "gae").reads("rewards")  # not an input at all
+    with pytest.raises(TetherError, match=r"metric_only names \['eps'\], which are not required inputs"):
+
+        @register(
+            "advantage",
+            "metric_only_typo",
+            paper="x",
+            arxiv="",
+            status="exact",
+            card="x",
+            metric_only=("eps",),
+        )
+        def typo(rewards: object, eps: float = 1e-6) -> None:
+            """Doc."""
+
+    with pytest.raises(UnknownNameError):
+        get("advantage", "metric_only_typo")  # nothing was registered

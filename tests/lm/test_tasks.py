@@ -283,7 +283,7 @@ def test_file_task_jsonl(tmp_path: Path) -> None:
                        "Three?": "3", "Ten?": "10"}  # fmt: skip
     p = next(q for q in train + test if q.answer == "42")
     assert p.meta["raw_answer"] == ROWS[0]["answer"]
-    assert task.reference(p) == "#### 42" and task.score(p, task.reference(p)).correct
+    assert task.reference(p) == ROWS[0]["answer"] and task.score(p, task.reference(p)).correct  # the solution
     assert task.score(p, "I think it is \\boxed{42}").correct
     assert task.score(p, "so 42.0").correct
     wrong = task.score(p, "#### 41")

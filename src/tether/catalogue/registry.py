@@ -8,6 +8,13 @@ The signature of a registered function is its contract: parameters without a def
 the tensors it needs (``logprobs``, ``advantages``, ``response_mask`` ...), parameters with a
 default are hyperparameters whose defaults are the paper's. A trainer fills the inputs by
 name and never branches on the method's name.
+
+Two declarations complete the contract where the signature cannot say it, so that a recipe that
+composes an entry with something it would silently ignore is refused before any work
+(:mod:`tether.recipes.compose`): ``metric_only`` names inputs the entry takes only for its
+metrics (GDPO's ``rewards``: its value comes from ``reward_parts``), and
+``sampler_weights_conflict`` says why the entry cannot run while the world multiplies the
+advantages by sampler importance weights (:mod:`tether.catalogue.mismatch`) after it.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class Entry:
     aliases: tuple[str, ...] = ()
     state_update: Callable[..., Any] | None = None
     summary: str = field(default="")
+    metric_only: tuple[str, ...] = ()
+    sampler_weights_conflict: str = ""
 
     @property
     def signature(self) -> inspect.Signature:
@@ -80,6 +89,11 @@ class Entry:
         return {
             p.name: p.default for p in sig.parameters.values() if p.default is not inspect.Parameter.empty
         }
+
+    def reads(self, name: str) -> bool:
+        """Whether the entry's output depends on input ``name``: a required input that is not
+        declared ``metric_only``."""
+        return name in self.inputs and name not in self.metric_only
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -130,6 +144,8 @@ def register(
     card: str,
     aliases: tuple[str, ...] = (),
     state_update: Callable[..., Any] | None = None,
+    metric_only: tuple[str, ...] = (),
+    sampler_weights_conflict: str = "",
 ) -> Callable[[F], F]:
     """Decorator: register ``fn`` under ``kind`` / ``name``.
 
@@ -137,17 +153,32 @@ def register(
     no arXiv paper), ``status`` says whether the formula is exact or reconstructed, and
     ``card`` points at the method card (e.g. ``ratio#1`` or ``adv#B4``). A stateful method names
     the pure function that advances its state in ``state_update``.
+
+    ``metric_only`` lists required inputs that feed only the entry's metrics, never its output
+    (a recipe that reshapes such an input before the entry is refused). ``sampler_weights_conflict``,
+    when not empty, says why the entry's formula is wrong once the world multiplies the advantages
+    by sampler importance weights after it (a run with a sampler correction is then refused).
     """
     if kind not in _REGISTRY:
         raise TetherError(f"unknown catalogue kind {kind!r}; kinds are {', '.join(KINDS)}")
     if status not in ("exact", "reconstructed"):
         raise TetherError(f"status must be 'exact' or 'reconstructed', got {status!r} for {name!r}")
+    metric_only = tuple(metric_only)
 
     def decorator(fn: F) -> F:
         if name in _REGISTRY[kind] or name in _ALIASES[kind]:
             raise TetherError(f"{kind} {name!r} is registered twice")
         if not fn.__doc__ or not fn.__doc__.strip():
             raise TetherError(f"{kind} {name!r} needs a docstring citing its paper")
+        params = inspect.signature(fn).parameters
+        unknown = [
+            n for n in metric_only if n not in params or params[n].default is not inspect.Parameter.empty
+        ]
+        if unknown:
+            raise TetherError(
+                f"{kind} {name!r}: metric_only names {unknown}, which are not required inputs of "
+                f"{fn.__name__}; list only parameters without a default"
+            )
         entry = Entry(
             kind=kind,
             name=name,
@@ -159,6 +190,8 @@ def register(
             aliases=aliases,
             state_update=state_update,
             summary=_first_line(fn.__doc__),
+            metric_only=metric_only,
+            sampler_weights_conflict=sampler_weights_conflict,
         )
         _REGISTRY[kind][name] = entry
         for alias in aliases:

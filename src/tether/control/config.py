@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tether.config import ConfigError
 from tether.monitor.alarms import MonitorConfig
+from tether.recipes.loader import absolute_recipe
+from tether.userimports import absolute_spec
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -123,6 +125,8 @@ class ControlConfig:
         return max(1, self.train.total_steps // self.batch_size)
 
     def validate(self) -> None:
+        self.imports = [absolute_spec(e) for e in self.imports]
+        self.recipe = absolute_recipe(self.recipe)
         if self.train.minibatches > self.batch_size:
             raise ConfigError(
                 f"train.minibatches: {self.train.minibatches} exceeds the rollout batch "

@@ -17,6 +17,8 @@ from tether.config import ConfigError
 from tether.lm.model import ModelConfig
 from tether.lm.rollout import SamplingConfig
 from tether.monitor import MonitorConfig
+from tether.recipes.loader import absolute_recipe
+from tether.userimports import absolute_spec
 
 IMPORTS_HELP = (
     "your modules or .py files, imported first: they may register tasks, loop plugins and catalogue "
@@ -50,6 +52,11 @@ class TaskConfig:
     )
 
     def validate(self) -> None:
+        # File paths are stored absolute, so the run can be resumed and evaluated from any directory.
+        from tether.lm.tasks.base import resolve_task_params
+
+        self.params = resolve_task_params(self.name, self.params)
+        self.rewards = [absolute_spec(r) for r in self.rewards]
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ConfigError(
                 f"task.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
@@ -241,6 +248,8 @@ class LMConfig:
     )
 
     def validate(self) -> None:
+        self.imports = [absolute_spec(e) for e in self.imports]
+        self.recipe = absolute_recipe(self.recipe)
         if self.train.old_logprobs == "reuse" and (self.train.epochs > 1 or self.train.minibatches > 1):
             raise ConfigError(
                 "train.old_logprobs=reuse is only exact for one epoch over one mini-batch; "
@@ -257,6 +266,15 @@ class LMConfig:
                 f"train.sampler_correction_min={self.train.sampler_correction_min} must be below "
                 f"train.sampler_correction_max={self.train.sampler_correction_max}"
             )
+        if self.train.sampler_correction != "none":
+            # Where the recipe meets the config: an entry whose formula needs the sampler weights
+            # (e.g. otb) is refused. The user's modules first: they may register the recipe's entries.
+            from tether.recipes import load_recipe
+            from tether.recipes.compose import check_sampler_correction
+            from tether.userimports import import_user_code
+
+            import_user_code(self.imports)
+            check_sampler_correction(load_recipe(self.recipe), self.train.sampler_correction)
         rows = self.train.prompts_per_step * self.train.group_size
         if self.train.minibatches > rows:
             raise ConfigError(
@@ -310,3 +328,6 @@ class SFTConfig:
     run: RunSettings = field(default_factory=RunSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self) -> None:
+        self.imports = [absolute_spec(e) for e in self.imports]

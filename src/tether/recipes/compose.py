@@ -20,6 +20,7 @@ from tether.catalogue.aggregate import Aggregation
 from tether.catalogue.registry import Entry, Kind
 from tether.config import ConfigError, _coerce
 from tether.errors import TetherError
+from tether.recipes.loader import Recipe
 
 # Inputs produced inside the method pipeline (not by the world): rewards are reshaped by reward
 # entries, advantages come from the advantage estimator.
@@ -250,6 +251,59 @@ class Constraint:
         self.value = float(state.get("value", self.value))
 
 
+def check_shaping_is_read(name: str, rewards: list[Component], advantage: Component) -> None:
+    """Refuse reward entries whose shaped ``rewards`` the advantage estimator does not read.
+
+    Reward entries (``kl_in_reward``, ``dapo_overlong`` ...) replace ``rewards`` before the first
+    entry of the advantage chain computes from it. An estimator that does not take ``rewards``, or
+    takes it only for its metrics (``metric_only``, e.g. ``gdpo``, whose value comes from each
+    reward function's ``reward_parts``), would drop the shaping without a word.
+    """
+    if not rewards or advantage.entry.reads("rewards"):
+        return
+    shaping = ", ".join(repr(c.name) for c in rewards)
+    why = (
+        "takes them only for its metrics"
+        if "rewards" in advantage.entry.metric_only
+        else f"does not take them (its inputs: {', '.join(advantage.entry.inputs)})"
+    )
+    raise ConfigError(
+        f"{name}: the reward entries {shaping} reshape the rewards, but the advantage "
+        f"{advantage.name!r} {why}, so the shaping would be silently ignored. Give the shaping as a "
+        "reward function of the task instead (language-model world: task.rewards), a KL penalty as a "
+        "KL regularizer (regularizers: [kl_k3]), or use an advantage that reads the shaped rewards "
+        "(e.g. grpo, rloo)"
+    )
+
+
+def check_sampler_correction(recipe: Recipe, mode: str) -> None:
+    """Refuse a recipe with an entry that cannot run under sampler importance weights.
+
+    With a sampler correction (``mode`` other than ``"none"``, the language-model world's
+    ``train.sampler_correction``) the trainer multiplies the advantages by the weights of
+    :mod:`tether.catalogue.mismatch` after the advantage chain; an entry whose own formula needs
+    them (it declares ``sampler_weights_conflict``, e.g. ``otb``) would silently run as if the
+    sampler were exact.
+    """
+    if mode == "none":
+        return
+    specs: list[tuple[Kind, Mapping[str, Any]]] = [
+        *(("reward", spec) for spec in recipe.rewards),
+        *(("advantage", spec) for spec in recipe.advantage),
+        ("policy_loss", recipe.policy_loss),
+        *(("regularizer", spec) for spec in recipe.regularizers),
+    ]
+    for kind, spec in specs:
+        entry = get(kind, str(spec["name"]))
+        if entry.sampler_weights_conflict:
+            raise ConfigError(
+                f"train.sampler_correction={mode} cannot be used with recipe {recipe.name!r}: its {kind} "
+                f"{entry.name!r} would ignore the sampler importance weights ({entry.sampler_weights_conflict}). "
+                "Set train.sampler_correction=none (with an exact sampler, such as the built-in hf backend), "
+                f"or use a recipe without {entry.name!r}"
+            )
+
+
 class Method:
     """The composed method of a recipe."""
 
@@ -267,6 +321,7 @@ class Method:
         ]
         if not self.advantages:
             raise ConfigError(f"{name}: a recipe needs an advantage estimator")
+        check_shaping_is_read(name, self.rewards, self.advantages[0])
         self.policy_loss = build_component("policy_loss", recipe.policy_loss, f"{name}.policy_loss")
         self.regularizers = [
             build_component("regularizer", spec, f"{name}.regularizers[{i}]")

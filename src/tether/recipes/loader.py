@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,14 @@ def _constraint(source: str, value: Any) -> dict[str, Any] | None:
                 f"recipe {source}: constraint.cost_limit must be a number, got {value['cost_limit']!r}"
             ) from None
     return out
+
+
+def absolute_recipe(name_or_path: str) -> str:
+    """``name_or_path`` with a recipe file's path made absolute (``~`` expanded), as a run records
+    it so that ``--resume`` and ``tether eval`` find it from any directory; a name is returned as given."""
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
+        return os.path.abspath(os.path.expanduser(name_or_path))
+    return name_or_path
 
 
 def load_recipe(name_or_path: str) -> Recipe:

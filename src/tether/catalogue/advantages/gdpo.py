@@ -22,6 +22,7 @@ from tether.errors import InvalidInputError
     arxiv="2601.05242",
     status="exact",
     card="lessons#feature-bar",
+    metric_only=("rewards",),
 )
 def gdpo(
     rewards: torch.Tensor,
@@ -48,7 +49,11 @@ def gdpo(
     different reward combinations onto the same advantage (the paper's "reward collapse"); the
     final batch step keeps the advantage's scale independent of K. With one reward function
     (``reward_parts`` = ``rewards`` [B, 1]) it is GRPO's advantage whitened over the batch.
-    ``rewards`` (the combined reward) only feeds the ``adv/reward_mean`` metric.
+    ``rewards`` (the combined reward) only feeds the ``adv/reward_mean`` metric (declared
+    ``metric_only``): a recipe whose ``rewards:`` entries reshape it (``kl_in_reward``, an overlong
+    penalty ...) would change nothing here, so :class:`tether.recipes.Method` refuses that
+    composition; give the shaping as a reward function of the task (``task.rewards``), a KL
+    penalty as a KL regularizer, or use an advantage that reads ``rewards``.
     """
     check_outcome(rewards, response_mask)
     if reward_parts.dim() != 2 or reward_parts.shape[0] != rewards.shape[0]:

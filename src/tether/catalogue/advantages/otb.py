@@ -33,6 +33,11 @@ def path_energy(
     status="exact",
     card="lessons#feature-bar",
     aliases=("optimal_token_baseline",),
+    sampler_weights_conflict=(
+        "its baseline must weight each token's energy by the squared sampler importance weight "
+        "(verl: w_t * rho_t^2 when rollout IS correction is on), which it does not receive: the "
+        "trainer applies the weights to the policy-gradient term only, after the advantages"
+    ),
 )
 def otb(
     rewards: torch.Tensor,
@@ -62,6 +67,13 @@ def otb(
     (advantage = reward). ``handle_zero_tail`` (verl's default, True): past the second-longest
     response of a group, a unique longest response is alone, its baseline would be its own reward
     and its advantage 0; its baseline there is set to 0 instead.
+
+    Sampler importance weights (verl's ``rollout_is_weights``) are not supported: with rollout IS
+    correction on, verl scales each token's energy by the squared weight, w_t rho_t^2, so that the
+    baseline minimises the variance of the IS-weighted gradient. tether's ``train.sampler_correction``
+    multiplies the advantages by the weights after this estimator and cannot hand them to it, so
+    a run that combines ``otb`` with a sampler correction is refused at config load
+    (``sampler_weights_conflict``) rather than run with the unweighted baseline.
     """
     check_outcome(rewards, response_mask)
     check_same_shape("old_logprobs", old_logprobs, sum_pi_squared=sum_pi_squared, response_mask=response_mask)

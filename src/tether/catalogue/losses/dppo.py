@@ -72,9 +72,9 @@ def dppo(
     trust region.
 
     Paper: Qi et al., "Rethinking the Trust Region in LLM Reinforcement Learning", arXiv 2602.04879
-    (DPPO-Binary-TV and DPPO-Binary-KL). Exact (the authors' sail-sg/Stable-RL
-    ``compute_policy_loss_with_mask`` with ``dppo_binary_tv_recompute`` / ``dppo_binary_kl_recompute``,
-    and verl ``dppo_tv`` / ``dppo_kl``):
+    (DPPO-Binary-TV and DPPO-Binary-KL). Exact against verl ``dppo_tv`` / ``dppo_kl`` (mask and
+    weight both against ``old_log_prob``), which anchor the trust region at the recomputed old
+    policy, not at the sampler's as the paper does (see "The anchor" below):
 
         l_t = -A_t * sg(min(r_t, C)) * M_t * log pi(y_t),   r_t = pi / pi_old   (log r clamped to +-20)
         TV:  M_t = 0 if A_t > 0 and p - p_old > delta_high, or A_t <= 0 and p - p_old < -delta_low
@@ -85,10 +85,20 @@ def dppo(
     -A r grad log pi (up to the cap C, the authors' truncated importance sampling, 10 by default and
     1e4 in their run script). PPO's ratio clip over-constrains rare tokens (a ratio of 2 on p = 0.001
     moves almost no mass) and under-constrains likely ones; a divergence of the probability itself
-    does not. ``divergence="tv"`` (delta 0.15 in the authors' script) or ``"kl"`` (delta 0.05). The
-    divergence is measured against ``old_logprobs`` (the authors' ``_recompute`` variants; their
-    default measures it against the rollout engine's log-probs, which equal ``old_logprobs`` to float
-    error for tether's own sampler; with vLLM, use ``train.sampler_correction`` for the difference).
+    does not. ``divergence="tv"`` (delta 0.15 in the authors' script) or ``"kl"`` (delta 0.05).
+
+    The anchor: the trust region (and the weight r) is measured against ``old_logprobs``, the
+    trainer's recomputed pi_old. This is the recompute variant. The paper's DPPO, and the
+    authors' default in sail-sg/Stable-RL (``dppo_binary_tv`` / ``dppo_binary_kl``), anchor the
+    region at the rollout (sampler) policy mu instead, and the paper finds that this choice matters
+    for stability under training-inference mismatch (its recompute-anchored ratio baseline, MiniRL,
+    lets the mismatch grow until training collapses). The two coincide when the sampler is exact
+    (mu = pi_old up to float error, as with tether's built-in sampler); with another engine (vLLM,
+    lower precision) this loss is the recompute variant, not the paper's. Stable-RL's
+    ``_recompute`` variants mask as here but weight by pi / mu, so they too match this loss only
+    for an exact sampler. ``train.sampler_correction`` does not move the anchor: it only multiplies
+    each token's policy-gradient term by an importance weight pi_old / mu (per token or per
+    sequence); the rollout-anchored variant is not implemented.
     """
     check_2d("logprobs", logprobs)
     check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, response_mask=response_mask)

@@ -58,8 +58,13 @@ def kl_in_reward(
     sum a completion's token rewards, that is this sum. Default ``coef`` 0.001 (verl
     ``algorithm.kl_ctrl.kl_coef``). With a ``state`` wired to ``adaptive_kl_coef`` and
     ``inputs: {kl: reward/kl}`` the coefficient adapts to a per-sequence KL target, as in the
-    paper. Metrics: ``reward/kl`` (the mean per-sequence KL estimate, verl ``actor/reward_kl_penalty``)
-    and ``reward/kl_penalty`` (the mean amount subtracted).
+    paper. Metrics: ``reward/kl``, the mean over sequences of each sequence's summed KL estimate
+    (1/B sum_i sum_t k_i,t), and ``reward/kl_penalty`` (the mean amount subtracted, coef * reward/kl).
+    verl's ``actor/reward_kl_penalty`` is a different quantity, the mean over sequences of each
+    sequence's token-mean KL (1/B sum_i (1/T_i) sum_t k_i,t): ``reward/kl`` is about the response
+    length T times larger (exactly T when every response has T tokens). verl's adaptive controller
+    reads that token-mean value, so a verl KL target corresponds to a ``target`` here about T times
+    larger.
     """
     if rewards.dim() != 1:
         raise InvalidInputError(f"kl_in_reward: rewards must be [batch], got {tuple(rewards.shape)}")

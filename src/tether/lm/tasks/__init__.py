@@ -1,7 +1,7 @@
 """Tasks with verifiable rewards: the interface, the registry and the built-in tasks.
 
 Built in: ``arithmetic`` (:class:`ArithmeticTask`), ``countdown`` (:class:`CountdownTask`) and
-``file`` (:class:`FileTask`, JSONL / JSON / Parquet through ``datasets``, imported lazily).
+``file`` (:class:`FileTask`, JSONL / JSON / Parquet files).
 :func:`build_task` builds one from a run's ``task`` settings, with the reward replaced by the
 user's reward functions when ``task.rewards`` names some (:mod:`tether.lm.tasks.rewards`).
 """
@@ -14,6 +14,7 @@ from tether.lm.tasks.base import (
     Task,
     get_task,
     register_task,
+    resolve_task_params,
     safe_score,
     safe_score_batch,
     task_names,
@@ -34,6 +35,7 @@ __all__ = [
     "build_task",
     "get_task",
     "register_task",
+    "resolve_task_params",
     "safe_score",
     "safe_score_batch",
     "task_names",

@@ -16,9 +16,10 @@ import abc
 import difflib
 import inspect
 import math
+import os
 import random
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -71,6 +72,9 @@ class Task(abc.ABC):
     """
 
     name: str = "task"
+    #: Constructor parameters that name files: :func:`resolve_task_params` makes them absolute, so
+    #: that the settings a run records name the same files from any working directory.
+    path_params: typing.ClassVar[tuple[str, ...]] = ()
 
     def all_prompts(self, split: Split) -> list[Prompt]:
         """Every prompt of ``split``, in a fixed order. Train and test never share a problem."""
@@ -254,6 +258,24 @@ def get_task(name: str, **params: Any) -> Task:
         raise TetherError(
             f"task {name!r} could not be built from task.params {params!r}: {type(err).__name__}: {err}"
         ) from err
+
+
+def resolve_task_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` of task ``name`` with its file paths (the task's ``path_params``, e.g. the file
+    task's ``path`` and ``test_path``) made absolute against the working directory, ``~`` expanded.
+
+    A run records these, so that ``tether eval RUN`` and ``--resume`` read the same files from any
+    working directory. Other parameters, and the parameters of a name no task is registered under
+    yet (:func:`get_task` reports that), are returned as given.
+    """
+    _ensure_builtins()
+    resolved = dict(params)
+    cls = _TASKS.get(name)
+    for key in cls.path_params if cls is not None else ():
+        value = resolved.get(key)
+        if isinstance(value, str) and value.strip():
+            resolved[key] = os.path.abspath(os.path.expanduser(value.strip()))
+    return resolved
 
 
 def _typed_params(cls: type[Task], name: str, params: dict[str, Any]) -> dict[str, Any]:

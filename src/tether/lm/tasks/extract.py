@@ -3,15 +3,23 @@ r"""Answer extraction for the common conventions, and answer normalisation.
 - ``"#### 42"`` (GSM8K): the answer after the last ``####`` on its line: a number (its thousands
   separators dropped, ``"#### 1,000"`` -> ``"1000"``), a fraction ``a/b``, or, when the number is
   followed by ``,`` / ``/`` / ``:`` and more digits (a list, a time), the rest of the line.
-- ``\boxed{...}`` (MATH): the content of the last ``\boxed{`` whose braces balance.
-- the last number (or fraction ``a/b``) in the text.
+- ``\boxed{...}`` (MATH): the content of the last ``\boxed{`` or ``\fbox{`` whose braces balance,
+  or the token after ``\boxed `` (``"\boxed 5"`` -> ``"5"``), as Hendrycks' ``last_boxed_only_string``
+  reads them.
+- the last number (or fraction ``a/b``, or LaTeX fraction ``\frac{a}{b}``, read whole) in the text.
+
+Before any of these, LaTeX spacing is read as spacing (``1\,000`` is ``1 000``, ``10,\!000`` is
+``10,000``) and the Unicode minus U+2212 as ``-``.
 
 :func:`normalize_number` makes equal numbers compare equal as strings, exactly (no rounding):
 ``"3.0"`` -> ``"3"``, ``"-0"`` -> ``"0"``, ``"1,000"`` -> ``"1000"``, ``"1e3"`` -> ``"1000"``,
-``"1/2"``, ``"\frac{1}{2}"`` and ``".5"`` -> ``"0.5"``, ``"2/6"`` -> ``"1/3"``; ``$``, ``\$``,
-``%`` and a trailing ``.`` are dropped. Anything else (a list ``"1, 2"``, a time ``"2:30"``, text)
-is returned stripped and compared as a string. Huge numbers stay cheap: beyond
-:data:`MAX_EXPANDED_DIGITS` digits a number is written in scientific notation instead of expanded.
+``"1/2"``, ``"\frac{1}{2}"``, ``"\dfrac12"`` and ``".5"`` -> ``"0.5"``, ``"2/6"`` -> ``"1/3"``; ``$``,
+``\$``, ``%`` and a trailing ``.`` are dropped, text wrappers unwrapped (``\text{5}``, ``\textbf{5}``,
+``\mathbf{5}``, an outer ``{5}``), and a unit after a number dropped when LaTeX marks it as one
+(``72 \text{ dollars}`` -> ``"72"``, ``30^\circ`` -> ``"30"``). Anything else (a list ``"1, 2"``, a
+time ``"2:30"``, text) is returned stripped (and unwrapped) and compared as a string. Huge numbers
+stay cheap: beyond :data:`MAX_EXPANDED_DIGITS` digits a number is written in scientific notation
+instead of expanded.
 """
 
 from __future__ import annotations
@@ -32,10 +40,87 @@ so that a completion like ``\boxed{1e1000000}`` costs microseconds, not minutes.
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?"
 _NUMBER = re.compile(_NUM)
 _FRACTION = re.compile(r"([-+]?\d+)\s*/\s*([-+]?\d+)")
-_LATEX_FRACTION = re.compile(r"(-?)\\[dt]?frac\s*\{\s*([-+]?\d+)\s*\}\s*\{\s*([-+]?\d+)\s*\}")
+# \frac{a}{b} (also \dfrac, \tfrac), each argument braced or a single digit as in LaTeX (\frac12)
+_LATEX_FRACTION = re.compile(
+    r"(-?)\\[dt]?frac\s*(?:\{\s*([-+]?\d+)\s*\}|(\d))\s*(?:\{\s*([-+]?\d+)\s*\}|(\d))"
+)
 _LEADING = re.compile(rf"^\s*(?:\\?\$)?\s*(-?\s*\d+\s*/\s*\d+|{_NUM})")
 _CONTINUES = re.compile(r"^\s*[,/:]\s*\d")
-_LAST = re.compile(rf"-?\d+/\d+|{_NUM}")
+# A LaTeX fraction is one token (its arguments braced, one level of inner braces, or single
+# digits), so that the last number of "\frac{1}{2}" is the fraction, never its denominator.
+_FRAC_ARG = r"\{(?:[^{}]|\{[^{}]*\})*\}|\d"
+_LAST = re.compile(rf"-?\\[dt]?frac\s*(?:{_FRAC_ARG})\s*(?:{_FRAC_ARG})|-?\d+/\d+|{_NUM}")
+_BOX = re.compile(r"\\(boxed|fbox)(?![A-Za-z])")
+_BOX_TOKEN = re.compile(r"[^\s$]+")
+# LaTeX spacing: negative thin space (dropped), thin / medium / thick / control space (a space)
+_NO_SPACE = re.compile(r"\\!")
+_SPACE = re.compile(r"\\[,;:> ]")
+# Wrappers whose content is the answer: \text{5}, \textbf{5}, \mathbf{5} ...
+_WRAPPER_OPEN = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathbf|mathrm|mathit|mbox)\s*\{")
+# A unit LaTeX marks as one after a number: "72 \text{ dollars}", "30^\circ", "30^{\circ}"
+_UNIT = re.compile(
+    r"(.*?\S)\s*(?:\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{\s*[^\W\d_][^{}\d]*\}"
+    r"|\^\s*\\circ|\^\s*\{\s*\\circ\s*\})",
+    re.DOTALL,
+)
+
+
+def _spaced(text: str) -> str:
+    r"""LaTeX spacing read as spacing (``\!`` dropped; ``\,`` ``\;`` ``\:`` ``\>`` ``\ `` a space) and
+    the Unicode minus U+2212 as ``-``."""
+    return _SPACE.sub(" ", _NO_SPACE.sub("", text.replace("\u2212", "-")))
+
+
+def _outer_braces_removed(text: str) -> str:
+    """``text`` without the braces that enclose all of it (``"{ {3} }"`` -> ``"3"``; ``"{1}{2}"`` and
+    unbalanced braces are kept), in one pass."""
+    match: dict[int, int] = {}
+    opened: list[int] = []
+    for i, char in enumerate(text):
+        if char == "{":
+            opened.append(i)
+        elif char == "}" and opened:
+            match[opened.pop()] = i
+    lo, hi = 0, len(text) - 1
+    while lo < hi and text[lo] == "{" and match.get(lo) == hi:
+        lo, hi = lo + 1, hi - 1
+        while lo <= hi and text[lo].isspace():
+            lo += 1
+        while hi >= lo and text[hi].isspace():
+            hi -= 1
+    return text[lo : hi + 1]
+
+
+def _unwrapped(text: str) -> str:
+    r"""``text`` with every text wrapper (``\text{..}``, ``\textbf{..}``, ``\mathbf{..}`` ...) replaced by
+    its content, in one pass; ``text`` itself when its braces do not balance."""
+    out: list[str] = []
+    closes: list[bool] = []  # per open brace: whether its "}" is written (False: a wrapper's)
+    i = 0
+    while i < len(text):
+        wrapper = _WRAPPER_OPEN.match(text, i) if text[i] == "\\" else None
+        if wrapper:
+            closes.append(False)
+            i = wrapper.end()
+            continue
+        char = text[i]
+        if char == "{":
+            closes.append(True)
+        elif char == "}":
+            if not closes:
+                return text
+            if not closes.pop():
+                i += 1
+                continue
+        out.append(char)
+        i += 1
+    return text if closes else "".join(out)
+
+
+def _plain(text: str) -> str:
+    r"""``text`` with its spacing read (:func:`_spaced`), its text wrappers (``\text{..}``,
+    ``\textbf{..}``, ``\mathbf{..}`` ...) unwrapped and braces around all of it removed."""
+    return _outer_braces_removed(_unwrapped(_spaced(text)).strip())
 
 
 def _clean(text: str) -> str:
@@ -105,29 +190,42 @@ def normalize_number(s: str) -> str:
     number (``"0.5"``, ``"1/2"``, ``"\frac{1}{2}"``, ``"2/4"``), whatever their size.
     """
     text = s.strip()
+    if len(text) > 10 * MAX_EXPANDED_DIGITS:
+        return text
+    plain = _plain(text)
+    number = _number(plain)
+    if number is None:  # a number with a unit LaTeX marks as one: "72 \text{ dollars}", "30^\circ"
+        unit = _UNIT.fullmatch(_spaced(text))
+        number = _number(_plain(unit.group(1))) if unit else None
+    return plain if number is None else number
+
+
+def _number(text: str) -> str | None:
+    """The canonical string of ``text`` when it is a number or a fraction (see module doc), else None."""
     cleaned = _clean(text)
     if not cleaned or len(cleaned) > 10 * MAX_EXPANDED_DIGITS:
-        return text
+        return None
     latex = _LATEX_FRACTION.fullmatch(cleaned)
     fraction = _FRACTION.fullmatch(cleaned)
     if latex or fraction:
         if latex:
-            num, den = int(latex.group(2)), int(latex.group(3))
+            num = int(latex.group(2) or latex.group(3))
+            den = int(latex.group(4) or latex.group(5))
             num = -num if latex.group(1) else num
         else:
             assert fraction is not None
             num, den = int(fraction.group(1)), int(fraction.group(2))
         if den == 0 or len(cleaned) > MAX_EXPANDED_DIGITS:
-            return text
+            return None
         return _canonical_fraction(Fraction(num, den))
     if not _NUMBER.fullmatch(cleaned):
-        return text
+        return None
     try:
         value = Decimal(cleaned.replace(",", "").replace(" ", ""))
     except InvalidOperation:
-        return text
+        return None
     if not value.is_finite():
-        return text
+        return None
     return _canonical_decimal(value)
 
 
@@ -138,6 +236,7 @@ def extract_hash_answer(text: str) -> str | None:
     fraction as ``a/b``; a number followed by ``,`` / ``/`` / ``:`` and more digits (a list or a
     time) keeps the rest of the line; other text is returned stripped (up to the end of its line).
     """
+    text = _spaced(text)
     at = text.rfind("####")
     if at < 0:
         return None
@@ -150,14 +249,12 @@ def extract_hash_answer(text: str) -> str | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    r"""Content of the last ``\boxed{...}`` with balanced braces (stripped), or None."""
-    start = len(text)
-    while True:
-        start = text.rfind("\\boxed", 0, start)
-        if start < 0:
-            return None
-        i = start + len("\\boxed")
-        while i < len(text) and text[i] == " ":
+    r"""Content of the last ``\boxed{...}`` or ``\fbox{...}`` with balanced braces, or the token after
+    the last ``\boxed `` (``"\boxed 5."`` -> ``"5"``), stripped; None when there is none."""
+    text = _spaced(text)
+    for box in reversed(list(_BOX.finditer(text))):
+        i = box.end()
+        while i < len(text) and text[i].isspace():
             i += 1
         if i < len(text) and text[i] == "{":
             depth = 0
@@ -168,13 +265,22 @@ def extract_boxed(text: str) -> str | None:
                     depth -= 1
                     if depth == 0:
                         return text[i + 1 : j].strip()
-        # unbalanced or not followed by a brace: try an earlier \boxed
+        elif box.group(1) == "boxed" and i > box.end():  # "\boxed 5": the token after the space
+            token = _BOX_TOKEN.match(text, i)
+            if token and token.group().rstrip(".,;:"):
+                return token.group().rstrip(".,;:")
+        # unbalanced or not followed by a brace or a token: try an earlier box
+    return None
 
 
 def extract_last_number(text: str) -> str | None:
-    """The last number (or fraction ``a/b``) in ``text``, thousands separators removed, or None."""
-    found = _LAST.findall(text)
-    return found[-1].replace(",", "").replace(" ", "") if found else None
+    r"""The last number (or fraction ``a/b`` or ``\frac{a}{b}``) in ``text``, thousands separators
+    removed, or None. A LaTeX fraction is read whole, also when it is not a number (``\frac{x}{2}``)."""
+    found = _LAST.findall(_spaced(text))
+    if not found:
+        return None
+    last: str = found[-1]
+    return last if "frac" in last else last.replace(",", "").replace(" ", "")
 
 
 def extract_answer(text: str, style: AnswerStyle = "auto") -> str | None:
