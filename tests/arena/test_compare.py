@@ -361,8 +361,9 @@ def test_a_run_is_stopped_when_the_comparison_process_is_killed(tmp_path: Path) 
     proc.wait()
     import time
 
-    for _ in range(100):
-        if (tmp_path / "got").exists():
+    got = tmp_path / "got"
+    for _ in range(600):  # the file can exist before the child has written to it: wait for its text
+        if got.exists() and got.read_text():
             break
         time.sleep(0.05)
-    assert (tmp_path / "got").read_text() == "SIGINT"
+    assert got.read_text() == "SIGINT"

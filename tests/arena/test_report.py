@@ -343,3 +343,41 @@ def test_one_seed_has_no_interval_and_verdicts_follow_the_ci() -> None:
     for (low, high), verdict in (((0.6, 0.9), "better"), ((0.1, 0.4), "worse"), ((0.3, 0.8), "n.s.")):
         row["poi"]["m"] = {"value": 0.5, "ci_low": low, "ci_high": high}
         assert _poi_cell(row, "m", "base").endswith(verdict)
+
+
+def test_tether_report_on_one_run_directory_reports_that_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tether report RUN_DIR`` said "has no runs": a run's own directory is reported alone."""
+    from tether.cli import main
+
+    run = tmp_path / "run"
+    _write_run(run, "grpo", 0, 0.5, steps=20)
+    assert main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "Comparison: grpo on arithmetic" in md and (run / "plots" / "curve_policy_entropy.png").exists()
+    assert "None: every run finished." in md
+
+
+def test_no_default_target_says_why_when_runs_log_an_accuracy_of_zero(tmp_path: Path) -> None:
+    """Runs that log reward/accuracy, all 0 at the end: there is no default target, and the report
+    says so, not that no run logs reward/accuracy; a best accuracy whose 80% rounds down to 0
+    gives no (trivial) target of 0 either."""
+    for level, shown in ((0.0, "0.00"), (0.04, "0.04")):
+        root = tmp_path / f"cmp{level}"
+        for seed in (0, 1):
+            run = root / "grpo" / f"seed{seed}"
+            _write_run(run, "grpo", seed, level, steps=20)
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            for rec in lines:
+                rec["reward/accuracy"] = level
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+            summary = json.loads((run / "summary.json").read_text())
+            summary["final"]["reward/accuracy"] = level
+            (run / "summary.json").write_text(json.dumps(summary))
+        md = build_report(root)[0].read_text()
+        assert "no run logs `reward/accuracy`" not in md
+        assert (
+            f"the best recipe's final mean training accuracy is {shown}, too low for the default target" in md
+        )
+        assert "steps to accuracy ≥ 0.00" not in md

@@ -641,3 +641,172 @@ def test_a_vllm_backend_that_cannot_run_is_refused_before_any_work(
     for command in (args, ["sft", *args[1:3], "--steps", "1", *sft_tiny, *ARITH, "sampling.backend=vllm"]):
         assert main([*command, "model.lora_rank=4"]) == 2
         assert "does not take a LoRA (PEFT) policy" in capsys.readouterr().err and not out.exists()
+
+
+# ------------------------------------------------------------------------------- audit fixes
+def test_a_summary_keeps_its_held_out_results_unless_a_new_eval_replaces_them(tmp_path: Path) -> None:
+    """A resume that trains nothing more (--no-eval) rewrote summary.json without its eval. It is
+    kept, with the step it scored (eval_step); a run extended without an eval keeps it too, marked
+    as of an earlier step; an eval of a later step replaces it."""
+    from tether.cli import build_parser
+    from tether.lm.cli import build_lm_config
+    from tether.lm.trainer import RLTrainer
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--steps", "2", *TINY, *ARITH]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert main(["train", "--out", str(out), "--resume", "--no-eval"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again.get("eval") == first["eval"] and again["final"] == first["final"]
+    assert first["eval_step"] == again["eval_step"] == 2 and "accuracy" in first["eval"]
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-eval"]) == 0
+    extended = json.loads((out / "summary.json").read_text())
+    assert extended["steps"] == 3 and extended["eval"] == first["eval"] and extended["eval_step"] == 2
+    # a trainer that trains further and evaluates next leaves the older eval out for the new one:
+    # until that is written the summary has none (tether compare then sees an unfinished run)
+    cfg = build_lm_config(build_parser().parse_args(["train", "--out", str(out), "--resume", "--steps", "4"]))
+    trainer = RLTrainer(cfg, resume=True, evaluates=True)
+    summary = trainer.train()
+    assert "eval" not in summary and "eval" not in json.loads((out / "summary.json").read_text())
+    final = trainer.add_eval(summary)
+    assert final["eval_step"] == 4 and json.loads((out / "summary.json").read_text())["eval_step"] == 4
+
+
+def test_eval_of_a_checkpoint_reports_its_step_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tether eval RUN/checkpoints/step_N`` evaluates that step's weights (the run's model/ gives the
+    architecture and tokenizer): the last one gives the run's own final eval; nothing is written."""
+    out = tmp_path / "run"
+    args = [
+        "--steps",
+        "2",
+        *TINY,
+        *ARITH,
+        "train.lr=0.01",
+        "run.checkpoint_every=1",
+        "run.keep_checkpoints=5",
+    ]
+    assert main(["train", "--out", str(out), *args]) == 0
+    summary_text = (out / "summary.json").read_text()
+    summary = json.loads(summary_text)
+    capsys.readouterr()
+    results = {}
+    for name in ("step_000000001", "step_000000002", "latest"):
+        assert main(["eval", str(out / "checkpoints" / name)]) == 0
+        captured = capsys.readouterr()
+        results[name] = json.loads(captured.out)
+        assert captured.err == ""
+    assert results["step_000000001"]["step"] == 1 and results["step_000000002"]["step"] == 2
+    assert results["latest"] == results["step_000000002"]
+    assert results["step_000000002"]["checkpoint"] == str(out / "checkpoints" / "step_000000002")
+    for key in ("accuracy", "pass@2", "entropy", "format_rate", "length_mean"):
+        assert results["step_000000002"][key] == pytest.approx(summary["eval"][key], abs=1e-6), key
+    assert results["step_000000001"]["entropy"] != results["step_000000002"]["entropy"]  # other weights
+    assert main(["eval", str(out)]) == 0  # the run's model/: the step it holds
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert (out / "summary.json").read_text() == summary_text  # the run's own final eval untouched
+    # a checkpoint taken out of its run has no settings to build its model from
+    loose = tmp_path / "loose"
+    shutil.copytree(out / "checkpoints" / "step_000000002", loose)
+    assert main(["eval", str(loose)]) == 2
+    assert "checkpoint outside a run directory" in capsys.readouterr().err
+
+
+def test_eval_of_a_lora_checkpoint_builds_the_adapters_on_their_base(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A LoRA run's checkpoint holds the base weights and the adapters (PEFT keys): it is evaluated
+    as the run trained it, its last step giving the run's own final eval."""
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    args = ["--steps", "2", *TINY, *ARITH, "model.lora_rank=4", "train.lr=0.05", "run.checkpoint_every=1"]
+    assert main(["train", "--out", str(out), *args]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out / "checkpoints" / "step_000000002")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 2
+    for key in ("accuracy", "entropy", "length_mean"):
+        assert result[key] == pytest.approx(summary["eval"][key], abs=1e-6), key
+
+
+def test_eval_of_a_run_in_progress_says_which_step_its_model_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.lm.test_trainer import make_config
+    from tether.lm.trainer import RLTrainer
+
+    out = tmp_path / "run"
+    trainer = RLTrainer(make_config(out, "train.steps=4", "run.checkpoint_every=2", "eval.prompts=2"))
+
+    def stop(step: int, metrics: dict[str, float]) -> None:
+        if step == 3:
+            raise KeyboardInterrupt  # killed during step 3's bookkeeping: checkpoint and model/ of step 2
+
+    trainer.on_step = stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert main(["eval", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 2
+    assert "has not finished" in captured.err and "the weights of step 2 of 4" in captured.err
+
+
+def test_eval_of_an_sft_run_before_its_model_exists_points_to_its_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An SFT run writes model/ when it ends: until then tether eval RUN names its latest checkpoint,
+    which evaluates from the run's own model settings (model.name_or_path)."""
+    out = tmp_path / "sft"
+    tiny = [o for o in TINY if not o.startswith("train.")]
+    args = ["--steps", "2", *tiny, *ARITH, "sft.batch_size=8", "sft.warmup_steps=1", "run.checkpoint_every=1"]
+    assert main(["sft", "--out", str(out), *args]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    shutil.rmtree(out / "model")  # as while it trains
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has no model/ yet" in err and str(out / "checkpoints" / "step_000000002") in err
+    assert main(["eval", str(out / "checkpoints" / "step_000000002")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 2
+    for key in ("accuracy", "entropy", "length_mean"):
+        assert result[key] == pytest.approx(summary["eval"][key], abs=1e-6), key
+
+
+def test_dry_run_refuses_what_the_real_run_refuses_without_a_test_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    no_test = ["--out", str(out), *TINY, *ARITH, "task.params.test_size=0"]
+    assert main(["train", "--dry-run", *no_test]) == 2
+    assert "no test prompts" in capsys.readouterr().err
+    assert main(["train", "--dry-run", "--no-eval", *no_test]) == 0  # nothing to evaluate
+    assert not out.exists()
+
+
+def test_resume_with_the_other_command_names_the_right_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tether train --resume` on an SFT run (and `tether sft --resume` on an RL run) says what the run
+    is and the command that continues it, not "unknown config key 'sft'"."""
+    from tether.config import to_dict
+    from tether.lm.config import LMConfig, SFTConfig
+    from tether.runs.rundir import RUN_MARKER
+
+    for kind, config in (("sft", SFTConfig()), ("rl", LMConfig())):
+        run = tmp_path / kind
+        run.mkdir()
+        (run / RUN_MARKER).write_text("a tether run directory\n")
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(config)))
+    assert main(["train", "--out", str(tmp_path / "sft"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "is an SFT run" in err and f"tether sft --out {tmp_path / 'sft'} --resume" in err
+    assert "unknown config key" not in err
+    assert main(["train", "--out", str(tmp_path / "sft"), "--resume", "--dry-run"]) == 2
+    assert "is an SFT run" in capsys.readouterr().err
+    assert main(["sft", "--out", str(tmp_path / "rl"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "is an RL run" in err and f"tether train --out {tmp_path / 'rl'} --resume" in err

@@ -234,3 +234,18 @@ def test_a_run_config_records_every_user_path_absolute(
     assert sft.task.params["path"] == str(tmp_path / "train.jsonl")
     control = from_dict(ControlConfig, {"recipe": "my_grpo.yaml", "imports": ["mine.py"]})
     assert (control.recipe, control.imports) == (str(tmp_path / "my_grpo.yaml"), [str(tmp_path / "mine.py")])
+
+
+def test_a_whole_held_out_file_cannot_train(tmp_path: Path) -> None:
+    """test_fraction=1 leaves no train split: RL and SFT refuse it before any work, naming the fix."""
+    from tether.config import from_dict
+    from tether.lm.config import LMConfig, SFTConfig
+    from tether.lm.sft import plan_sft
+    from tether.lm.trainer import plan_run
+
+    path = write_jsonl(tmp_path / "all.jsonl", ROWS)
+    task = {"name": "file", "params": {"path": str(path), "test_fraction": 1.0}}
+    with pytest.raises(TetherError, match=r"no train prompts.*test_fraction below 1.*test_path"):
+        plan_run(from_dict(LMConfig, {"task": task}))
+    with pytest.raises(TetherError, match=r"no train prompts for SFT.*test_fraction below 1.*test_path"):
+        plan_sft(from_dict(SFTConfig, {"task": task}))

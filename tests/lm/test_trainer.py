@@ -555,6 +555,62 @@ def test_raising_verifier_is_isolated(tmp_path: Path) -> None:
     assert summary["verifier_errors"] == total
 
 
+@pytest.mark.parametrize("recipe", ["grpo", "r2vpo"])
+def test_every_verification_failing_raises_the_verifier_alarm_and_no_false_nan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe: str
+) -> None:
+    """Every verifier call raises, so every row is masked: the step measured no entropy, ratio or loss.
+    Those metrics are left out (not NaN, which raised a false "nan" alarm, nor a ratio mean of 0 beside a
+    min and max of 1), and the verifier_errors alarm fires each step, naming the task and quoting the
+    error, on the console with its step. A stateful method (r2vpo) keeps its state: nothing measured."""
+    out = tmp_path / "run"
+    trainer = RLTrainer(make_config(out, "train.steps=2", "task.params.raise_every=1", recipe=recipe))
+    state = trainer.method.state_dict()
+    summary = trainer.train()
+    records = read_jsonl(out / "metrics.jsonl")
+    for r in records:
+        assert not [k for k, v in r.items() if v in ("nan", "inf", "-inf")], r
+        assert r["reward/verifier_error_rate"] == 1.0 and r["reward/verifier_errors"] == 16.0
+        for key in (
+            "policy/entropy",
+            "policy/ratio_mean",
+            "policy/ratio_min",
+            "policy/ratio_max",
+            "policy/loss",
+        ):
+            assert key not in r, key
+        assert "reward/mean" not in r and "reward/zero_std_frac" not in r  # no sample was scored
+        assert r["reward/accuracy"] == 0.0 and r["train/skipped_updates"] == 0.0
+    alarms = read_jsonl(out / "alarms.jsonl")
+    assert [(a["step"], a["kind"]) for a in alarms] == [(1, "verifier_errors"), (2, "verifier_errors")]
+    assert (
+        "task 'test_coin'" in alarms[0]["message"]
+        and "RuntimeError: verifier failed on coin/" in alarms[0]["message"]
+    )
+    assert summary["alarms"] == {"verifier_errors": 2} and summary["verifier_errors"] == 32
+    assert trainer.method.state_dict() == state
+    err = capsys.readouterr().err
+    assert "alarm verifier_errors at step 1:" in err and "alarm verifier_errors at step 2:" in err
+
+
+def test_end_of_run_table_shows_verifier_errors_and_nan_skips_when_not_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tether.lm.report import print_run_summary
+
+    print_run_summary({"final": {"reward/mean": 0.5}, "verifier_errors": 32, "nan_skips": 3}, tmp_path)
+    shown = capsys.readouterr().out
+    assert "verifier_errors" in shown and "32" in shown and "nan_skips" in shown
+    print_run_summary({"final": {"reward/mean": 0.5}, "verifier_errors": 0, "nan_skips": 0}, tmp_path)
+    shown = capsys.readouterr().out
+    assert "verifier_errors" not in shown and "nan_skips" not in shown
+    # held-out results kept from an earlier step say so
+    print_run_summary({"steps": 3, "eval": {"accuracy": 0.5}, "eval_step": 2}, tmp_path)
+    assert "eval of step" in (shown := capsys.readouterr().out) and "not the final step 3" in shown
+    print_run_summary({"steps": 3, "eval": {"accuracy": 0.5}, "eval_step": 3}, tmp_path)
+    assert "eval of step" not in capsys.readouterr().out
+
+
 def test_verifier_error_moves_no_other_samples_advantage(tmp_path: Path) -> None:
     """A failed verification is left out of the group statistics, not counted as a reward of 0:
     the scored samples get exactly the advantages GRPO gives them on their own."""
@@ -762,11 +818,12 @@ def test_deterministic_setting_turns_on_deterministic_kernels(monkeypatch: pytes
 def test_alarms_are_printed_without_a_progress_bar(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """run.progress=false (the test settings; every run of tether compare) still prints alarms."""
+    """run.progress=false (the test settings; every run of tether compare) still prints alarms, with
+    the step that raised them."""
     trainer = RLTrainer(make_config(tmp_path / "run", "train.steps=1", "sampling.max_new_tokens=1"))
     trainer.train()
     err = capsys.readouterr().err
-    assert "alarm all_truncated:" in err
+    assert "alarm all_truncated at step 1:" in err
     assert any(a["kind"] == "all_truncated" for a in read_jsonl(tmp_path / "run" / "alarms.jsonl"))
 
 

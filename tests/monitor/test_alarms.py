@@ -147,7 +147,15 @@ def test_a_null_threshold_turns_its_alarm_off() -> None:
     from tether.config import ConfigError, apply_overrides, from_dict
     from tether.lm.config import LMConfig
 
-    off = ["ratio_max", "kl_max", "grad_spike_factor", "is_ess_min", "entropy_floor", "entropy_collapse_frac"]
+    off = [
+        "ratio_max",
+        "kl_max",
+        "grad_spike_factor",
+        "is_ess_min",
+        "entropy_floor",
+        "entropy_collapse_frac",
+        "verifier_error_max",
+    ]
     cfg = from_dict(LMConfig, apply_overrides({"recipe": "grpo"}, [f"monitor.{k}=null" for k in off]))
     assert all(getattr(cfg.monitor, k) is None for k in off)
     m = Monitor(cfg.monitor)
@@ -160,6 +168,7 @@ def test_a_null_threshold_turns_its_alarm_off() -> None:
         "policy/kl_ref": 1e6,
         "grad/norm": 1e6,
         "rollout/is_ess": 0.0,
+        "reward/verifier_error_rate": 1.0,
     }
     assert m.check(4, bad) == []
     # one of the two entropy thresholds still judges
@@ -207,3 +216,34 @@ def test_combine_micro_batch_metrics_extremes_and_token_weights() -> None:
     assert out["policy/clip_frac"] == pytest.approx((30 * 0.1 + 10 * 0.5) / 40)
     one = {"policy/clip_frac": 0.1234567, "policy/ratio_max": 3.0}
     assert combine_micro_batch_metrics([(7.0, 3.0, one)]) == one  # one micro-batch: as it is
+
+
+def test_verifier_errors_alarm_fires_above_its_threshold_and_quotes_the_error() -> None:
+    """A step whose verifier raised on more than monitor.verifier_error_max of its samples raises
+    ``verifier_errors``, quoting the first error it is given; every sample failing always does."""
+    m = Monitor()
+    error = {"verifier_error": "task 'file': reward function 'broken' raised KeyError: 'answer_col'"}
+    got = m.check(3, {"reward/verifier_error_rate": 1.0, "grad/norm": 0.0}, error)
+    assert kinds(got) == ["verifier_errors"] and got[0].value == 1.0 and got[0].step == 3
+    assert "100% of the step's samples" in got[0].message
+    assert "reward function 'broken' raised KeyError: 'answer_col'" in got[0].message
+    assert "samples.jsonl" in got[0].message and m.counts == {"verifier_errors": 1}
+    assert m.check(4, {"reward/verifier_error_rate": 0.5}) == []  # at the threshold: no alarm
+    assert kinds(m.check(5, {"reward/verifier_error_rate": 0.75})) == ["verifier_errors"]
+    assert m.check(6, {"grad/norm": 1.0}) == []  # a world without verifiers logs no rate: no alarm
+    strict = Monitor(MonitorConfig(verifier_error_max=0.0))  # 0: any error
+    assert kinds(strict.check(1, {"reward/verifier_error_rate": 1 / 16})) == ["verifier_errors"]
+    assert strict.check(2, {"reward/verifier_error_rate": 0.0}) == []
+
+
+def test_a_step_that_measured_nothing_raises_no_nan_alarm() -> None:
+    """Every row masked (every verification failed): the trainer leaves the unmeasured metrics out,
+    and what is left raises the verifier alarm only, not a false nan alarm."""
+    metrics = {
+        "reward/verifier_error_rate": 1.0,
+        "reward/verifier_errors": 16.0,
+        "reward/accuracy": 0.0,
+        "grad/norm": 0.0,
+        "train/skipped_updates": 0.0,
+    }
+    assert kinds(Monitor().check(1, metrics)) == ["verifier_errors"]

@@ -121,3 +121,23 @@ def test_metrics_log_ignores_torn_line_and_truncates(tmp_path: Path) -> None:
     assert [r["step"] for r in log.read()] == [1, 2, 3]
     assert '"bad": "nan"' in log.path.read_text()  # rewritten as valid JSON, not NaN
     assert all(math.isnan(r["bad"]) for r in log.read())
+
+
+def test_load_model_weights_reads_the_checkpoints_model_and_refuses_another(tmp_path: Path) -> None:
+    import pytest
+
+    from tether.errors import TetherError
+    from tether.runs.checkpoint import load_model_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | {"optim.0.exp_avg": torch.ones(2, 3)}
+    save_checkpoint(tmp_path, Checkpoint(step=4, tensors=tensors, state={}))
+    path = latest_checkpoint(tmp_path)
+    other = torch.nn.Linear(3, 2)
+    assert load_model_weights(path, other) == 4  # type: ignore[arg-type]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
+    with pytest.raises(TetherError, match=r"do not fit the model built for them.*missing"):
+        load_model_weights(path, torch.nn.Sequential(torch.nn.Linear(3, 2)))  # type: ignore[arg-type]
+    with pytest.raises(TetherError, match="do not fit the model built for them"):
+        load_model_weights(path, torch.nn.Linear(4, 2))  # type: ignore[arg-type]

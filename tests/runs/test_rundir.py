@@ -181,3 +181,80 @@ def test_free_run_dir_names_a_directory_beside_the_run(tmp_path: Path) -> None:
     assert free_run_dir(tmp_path / "run", "again") == tmp_path / "run-again"
     (tmp_path / "run-again").mkdir()
     assert free_run_dir(tmp_path / "run", "again") == tmp_path / "run-again-2"
+
+
+def test_summary_json_is_strict_json_with_non_finite_numbers_as_strings(tmp_path: Path) -> None:
+    """summary.json holds no bare NaN / Infinity (not JSON): non-finite numbers are written as the
+    strings metrics.jsonl uses, and read back as floats in its final metrics and eval results."""
+    import json
+    import math
+
+    from tether.arena.runs import load_run
+
+    run = RunDir(tmp_path / "run")
+    summary = {
+        "task": "nan",  # text stays text
+        "steps": 2,
+        "final": {"policy/entropy": float("nan"), "policy/ratio_max": float("inf"), "reward/mean": 0.5},
+        "eval": {"entropy": float("-inf"), "accuracy": 0.25, "per_prompt_success": [0.5, float("nan")]},
+    }
+    run.write_summary(summary)
+
+    def no_constants(name: str) -> float:
+        raise AssertionError(f"summary.json holds the non-JSON literal {name}")
+
+    strict = json.loads(run.summary_path.read_text(), parse_constant=no_constants)
+    assert strict["final"]["policy/entropy"] == "nan" and strict["final"]["policy/ratio_max"] == "inf"
+    assert strict["eval"]["entropy"] == "-inf" and strict["eval"]["per_prompt_success"] == [0.5, "nan"]
+    back = run.read_summary()
+    assert back is not None and back["task"] == "nan" and back["steps"] == 2
+    assert math.isnan(back["final"]["policy/entropy"]) and back["final"]["policy/ratio_max"] == math.inf
+    assert back["eval"]["entropy"] == -math.inf and math.isnan(back["eval"]["per_prompt_success"][1])
+    assert back["final"]["reward/mean"] == 0.5 and back["eval"]["accuracy"] == 0.25
+    # the arena reads them as numbers too
+    (tmp_path / "run" / "config.yaml").write_text("recipe: grpo\ntask: {name: arithmetic}\n")
+    record = load_run(tmp_path / "run")
+    assert math.isnan(record.final("policy/entropy")) and record.final("eval/entropy") == -math.inf
+    # a summary an older tether wrote with bare NaN still reads
+    run.summary_path.write_text('{"final": {"grad/norm": NaN}}')
+    old = run.read_summary()
+    assert old is not None and math.isnan(old["final"]["grad/norm"])
+
+
+def test_model_step_is_recorded_beside_the_weights(tmp_path: Path) -> None:
+    from tether.runs.rundir import MODEL_STEP, mark_model_step, model_step
+
+    model = tmp_path / "model"
+    assert model_step(model) is None  # nothing recorded (an older run, or a kill before the record)
+    model.mkdir()
+    mark_model_step(model, 7)
+    assert model_step(model) == 7
+    (model / MODEL_STEP).write_text("{torn")
+    assert model_step(model) is None
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_resume_in_a_directory_that_is_not_a_run_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """--resume in another program's directory (with or without a config.yaml of its own) says it is
+    not a tether run, not that a run was stopped while starting or that 'mine' is an unknown key."""
+    proj, files = foreign_dir(tmp_path)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep")
+    for out in (proj, notes):
+        rc = main([command, "--out", str(out), "--resume", *settings(command)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "is not a tether run directory" in err and "Traceback" not in err, err
+        assert "while it was starting" not in err and "unknown config key" not in err
+    assert {name: (proj / name).read_text() for name in files} == files
+    assert (notes / "todo.txt").read_text() == "keep" and sorted(p.name for p in notes.iterdir()) == [
+        "todo.txt"
+    ]
+    # a run stopped while it was starting (its marker, no config.yaml) is still told apart
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / RUN_MARKER).write_text("a tether run directory\n")
+    assert main([command, "--out", str(started), "--resume", *settings(command)]) == 2
+    assert "holds no config.yaml" in capsys.readouterr().err

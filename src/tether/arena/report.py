@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from tether.arena.runs import RunRecord, load_runs, series
+from tether.arena.runs import RunRecord, load_run, load_runs, series
 from tether.arena.stats import iqm_ci, lower_is_better, recipe_table, summarize_recipe
 from tether.config import flatten, key_under
 from tether.errors import TetherError
@@ -525,8 +525,8 @@ def _score_metrics(records: Sequence[RunRecord]) -> list[str]:
     return [m for m in candidates if any(math.isfinite(r.final(m)) for r in fin)]
 
 
-def _default_target(records: Sequence[RunRecord]) -> float | None:
-    """80% of the best recipe's final mean training accuracy, rounded down to 0.05 (None without data)."""
+def _best_accuracy(records: Sequence[RunRecord]) -> float | None:
+    """The best recipe's final mean training accuracy (``reward/accuracy``); None when no run logs it."""
     from tether.arena.stats import summarize_recipe
 
     groups: dict[str, list[RunRecord]] = {}
@@ -534,9 +534,28 @@ def _default_target(records: Sequence[RunRecord]) -> float | None:
         groups.setdefault(r.recipe, []).append(r)
     means = [float(summarize_recipe(recs, "reward/accuracy")["mean"]) for recs in groups.values()]
     best = [b for b in means if math.isfinite(b)]
-    if not best or max(best) <= 0:
+    return max(best) if best else None
+
+
+def _default_target(records: Sequence[RunRecord]) -> float | None:
+    """80% of the best recipe's final mean training accuracy, rounded down to 0.05; None without data
+    or when that is 0 (a target every step reaches says nothing)."""
+    best = _best_accuracy(records)
+    if best is None:
         return None
-    return math.floor(0.8 * max(best) * 20.0 + 1e-9) / 20.0
+    target = math.floor(0.8 * best * 20.0 + 1e-9) / 20.0
+    return target if target > 0 else None
+
+
+def _no_target_note(records: Sequence[RunRecord]) -> str:
+    """Why there is no default target accuracy (see :func:`_default_target`)."""
+    best = _best_accuracy(records)
+    if best is None:
+        return "no target accuracy: no finished run logs `reward/accuracy`; pass --target-accuracy"
+    return (
+        f"no target accuracy: the best recipe's final mean training accuracy is {_fmt(best, 2)}, too low for "
+        "the default target (80% of it, rounded down to 0.05, is 0); pass --target-accuracy"
+    )
 
 
 def _verdict_notes(
@@ -721,7 +740,7 @@ def _section_for_task(
     if target is not None:
         notes.append(f"target accuracy {_fmt(target, 2)} on `reward/accuracy`{target_note}")
     else:
-        notes.append("no target accuracy: no run logs `reward/accuracy`; pass --target-accuracy")
+        notes.append(_no_target_note(finished))
     if not has_gap:
         notes.append("reward-hacking gap: not shown, no run logs both `reward/proxy` and `reward/gold`")
     doc.ul(notes)
@@ -1025,11 +1044,12 @@ def build_report(
     root = Path(comparison_dir)
     if not root.is_dir():
         raise TetherError(f"comparison directory {str(root)!r} does not exist")
-    records = load_runs(root)
+    # a single run's directory (its config.yaml in DIR itself) is reported alone
+    records = [load_run(root)] if (root / "config.yaml").is_file() else load_runs(root)
     if not records:
         raise TetherError(
-            f"{str(root)!r} has no runs: expected run directories holding a config.yaml "
-            "(DIR/<recipe>/seed<k>/ or DIR/<run>/), as written by `tether compare`"
+            f"{str(root)!r} has no runs: expected a run directory (holding a config.yaml) or a comparison "
+            "of run directories (DIR/<recipe>/seed<k>/ or DIR/<run>/), as written by `tether compare`"
         )
     if target_accuracy is not None and not (0.0 <= float(target_accuracy) <= 1.0):
         raise TetherError(f"--target-accuracy must be a fraction in [0, 1], got {target_accuracy}")
@@ -1153,13 +1173,18 @@ def add_report_command(sub: Any) -> None:
         "report",
         help="rebuild a comparison's report (report.md, report.html, plots/) from its run directories",
         description=(
-            "Read every run directory under DIR (config.yaml, metrics.jsonl, summary.json, error.txt) and write "
+            "Read every run directory under DIR, or DIR itself when it is a run (config.yaml, metrics.jsonl, "
+            "summary.json, error.txt), and write "
             "DIR/report.md, a self-contained DIR/report.html and DIR/plots/*.png. Language-model and control "
             "comparisons alike: control runs are reported by final return and cost (IQM and mean with "
             "bootstrap CIs), seeds within the cost limit, and learning curves over environment steps."
         ),
     )
-    p.add_argument("dir", metavar="DIR", help="comparison directory (the --out of tether compare)")
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        help="comparison directory (the --out of tether compare), or one run's directory (reported alone)",
+    )
     p.add_argument(
         "--baseline",
         default=None,

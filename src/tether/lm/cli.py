@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import shlex
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +58,10 @@ def build_lm_config(args: argparse.Namespace) -> Any:
 
         task = (given.get("task") or {}).get("name") or LMConfig().task.name
         seed = (given.get("train") or {}).get("seed") or 0
-        saved = resume_settings(
-            (given.get("run") or {}).get("out") or default_run_dir(recipe.name, task, seed)
-        )
+        run_dir = (given.get("run") or {}).get("out") or default_run_dir(recipe.name, task, seed)
+        saved = resume_settings(run_dir)
         if saved is not None:
+            _refuse_other_kind(saved, run_dir, "train")
             explicit = apply_overrides(base, flags + overrides) | (
                 {"recipe": args.recipe} if args.recipe else {}
             )
@@ -66,23 +69,38 @@ def build_lm_config(args: argparse.Namespace) -> Any:
     return from_dict(LMConfig, given)
 
 
+def _refuse_other_kind(saved: dict[str, Any], run_dir: str, command: str) -> None:
+    """``tether train --resume`` on an SFT run, or ``tether sft --resume`` on an RL run: say which
+    it is and the command that continues it (rather than an unknown ``sft`` or ``train`` key)."""
+    if command == "train" and "sft" in saved and "train" not in saved:
+        raise ConfigError(
+            f"{run_dir!r} is an SFT run (tether sft), not an RL run; continue it with: "
+            f"tether sft --out {shlex.quote(run_dir)} --resume"
+        )
+    if command == "sft" and "sft" not in saved and ("train" in saved or "recipe" in saved):
+        raise ConfigError(
+            f"{run_dir!r} is an RL run (tether train), not an SFT run; continue it with: "
+            f"tether train --out {shlex.quote(run_dir)} --resume"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tether.lm.report import print_run_summary
     from tether.lm.trainer import RLTrainer
 
     cfg = build_lm_config(args)
+    evaluates = not args.no_eval
     if args.dry_run:  # the resolved settings and plan; nothing is loaded or written
-        from tether.lm.trainer import check_run_dir, plan_run
+        from tether.lm.trainer import plan_run, preflight
 
         plan = plan_run(cfg)
-        check_run_dir(cfg, plan, cfg.run.out or plan.run_dir, args.resume)
+        preflight(cfg, plan, cfg.run.out or plan.run_dir, args.resume, evaluates)  # the real run's checks
         print(yaml.safe_dump(plan.describe(cfg), sort_keys=False), end="")
         return 0
-    trainer = RLTrainer(cfg, resume=args.resume, evaluates=not args.no_eval)
+    trainer = RLTrainer(cfg, resume=args.resume, evaluates=evaluates)
     summary = trainer.train()
-    if not args.no_eval:
-        summary["eval"] = trainer.evaluate()
-        trainer.run.write_summary(summary)
+    if evaluates:
+        summary = trainer.add_eval(summary)
     print_run_summary(summary, trainer.run.path)
     return 0
 
@@ -105,7 +123,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.resume:  # a run continues with its own settings (config.yaml)
         task = (given.get("task") or {}).get("name") or SFTConfig().task.name
         seed = (given.get("sft") or {}).get("seed") or 0
-        saved = resume_settings(args.out or (given.get("run") or {}).get("out") or sft_run_dir(task, seed))
+        run_dir = args.out or (given.get("run") or {}).get("out") or sft_run_dir(task, seed)
+        saved = resume_settings(run_dir)
+        if saved is not None:
+            _refuse_other_kind(saved, run_dir, "sft")
     cfg = from_dict(SFTConfig, merge(saved, given) if saved is not None else given)
     if args.dry_run:  # the resolved settings and plan; nothing is loaded or written
         _, examples = plan_sft(cfg)
@@ -120,20 +141,24 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run (its ``model/``), a model directory or a checkpoint of a run
+    (``RUN/checkpoints/step_N``) on held-out prompts and print the results as JSON, with the step
+    whose weights were evaluated (``step``, when known). Nothing is written: a run's own final eval
+    (``eval`` in its summary.json) is never replaced."""
     from tether.lm.chat import task_from_settings
     from tether.lm.config import EvalSettings, TaskConfig
     from tether.lm.evaluate import evaluate
-    from tether.lm.model import ModelConfig, is_adapter_dir, load_policy, load_tokenizer
+    from tether.lm.model import ModelConfig, load_policy, load_tokenizer
     from tether.lm.rollout import SamplingConfig
     from tether.lm.vllm_backend import check_backend, check_vllm_sampling
+    from tether.runs.checkpoint import load_model_weights
 
-    path = Path(args.checkpoint)
-    model_dir = path / "model" if (path / "model").is_dir() else path
-    if not (model_dir / "config.json").exists() and not is_adapter_dir(model_dir):
-        raise ConfigError(f"{str(path)!r} is neither a run directory with model/ nor a model directory")
-    run_dir = _run_of(path, model_dir)
+    target = _eval_target(Path(args.checkpoint))
+    run_dir = target.run_dir
     _refuse_ignored_overrides(args.overrides)
-    defaults = _run_eval_defaults(run_dir)
+    defaults = _run_eval_defaults(run_dir, target.checkpoint is not None)
+    if target.model_dir is not None:
+        defaults["model"] = defaults.get("model", {}) | {"name_or_path": str(target.model_dir)}
     seed = args.seed if args.seed is not None else _run_seed(run_dir)
     if args.task and defaults.get("task", {}).get("name") != args.task:
         defaults.pop("task", None)  # another task: none of the run's task settings apply
@@ -153,15 +178,107 @@ def cmd_eval(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in (("prompts", args.prompts), ("k", args.k)) if v is not None}
     settings = from_dict(EvalSettings, data.get("eval", {}) | flags, "eval.")
     sampling = from_dict(SamplingConfig, data.get("sampling", {}), "sampling.")
-    model_cfg = from_dict(ModelConfig, data.get("model", {}) | {"name_or_path": str(model_dir)}, "model.")
+    model_cfg = from_dict(ModelConfig, data.get("model", {}), "model.")
     # checked before the model loads: the backend, the temperature it samples at, the task
     check_backend(sampling.backend, model_cfg.lora_rank)
     check_vllm_sampling(sampling.backend, {"eval.temperature": settings.temperature})
     task = task_from_settings(task_cfg, lambda: load_tokenizer(model_cfg))
+    target.note()
     model, tok = load_policy(model_cfg)
+    if target.checkpoint is not None:  # the run's model, then the checkpoint's weights in place of its own
+        load_model_weights(target.checkpoint, model)
     result = evaluate(model, tok, task, settings, sampling, seed=seed)
-    print(json.dumps({"task": task_cfg.name, **result}, indent=2))
+    where: dict[str, Any] = {"step": target.step} if target.step is not None else {}
+    if target.checkpoint is not None:
+        where["checkpoint"] = str(target.checkpoint)
+    print(json.dumps({"task": task_cfg.name, **where, **result}, indent=2))
     return 0
+
+
+@dataclass
+class _EvalTarget:
+    """What ``tether eval PATH`` evaluates: the settings of ``run_dir`` (its config.yaml, when it has
+    one), the model in ``model_dir`` (None: the run's own model settings build it) and, for a
+    checkpoint, the checkpoint directory whose weights replace the model's. ``step``: the step whose
+    weights these are (None: not recorded)."""
+
+    run_dir: Path
+    model_dir: Path | None
+    checkpoint: Path | None = None
+    step: int | None = None
+    unfinished: str = ""  # the run is still training (or was stopped): what its model/ holds
+
+    def note(self) -> None:
+        if self.unfinished:
+            print(f"tether eval: {self.unfinished}", file=sys.stderr)
+
+
+def _eval_target(path: Path) -> _EvalTarget:
+    """Which of a run directory, a model directory or a checkpoint directory ``path`` is (see
+    :class:`_EvalTarget`); a clear error for anything else."""
+    from tether.lm.model import is_adapter_dir
+    from tether.runs import latest_checkpoint
+    from tether.runs.rundir import model_step
+
+    def is_model(directory: Path) -> bool:
+        return (directory / "config.json").is_file() or is_adapter_dir(directory)
+
+    if path.name == "latest" and path.parent.name == "checkpoints" and path.is_file():
+        path = latest_checkpoint(path.parent.parent) or path  # the pointer file: its checkpoint
+    if (path / "state.json").is_file() and (path / "tensors.safetensors").is_file():
+        run_dir = path.parent.parent
+        if path.parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"{str(path)!r} is a checkpoint outside a run directory: tether eval builds a checkpoint's model "
+                "from its run's settings, so give it as RUN/checkpoints/step_N inside the run (with RUN/config.yaml)"
+            )
+        try:
+            step = int(json.loads((path / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"cannot read the checkpoint {str(path)!r}: its state.json is damaged"
+            ) from None
+        model_dir = run_dir / "model"
+        # the run's model/ gives the architecture and tokenizer; an SFT run writes it only at its end,
+        # until then the run's own model settings (model.name_or_path, tiny_*) build the model
+        return _EvalTarget(run_dir, model_dir if is_model(model_dir) else None, path, step)
+    model_dir = path / "model" if (path / "model").is_dir() else path
+    if not is_model(model_dir):
+        latest = latest_checkpoint(path) if path.is_dir() else None
+        if latest is not None:
+            raise ConfigError(
+                f"{str(path)!r} has no model/ yet (an SFT run writes it when it ends; an RL run with its first "
+                f"checkpoint); evaluate its latest checkpoint: tether eval {shlex.quote(str(latest))}"
+            )
+        raise ConfigError(
+            f"{str(path)!r} is neither a run directory with model/, a checkpoint directory "
+            "(RUN/checkpoints/step_N) nor a model directory (config.json, or LoRA adapters)"
+        )
+    run_dir = _run_of(path, model_dir)
+    target = _EvalTarget(run_dir, model_dir, step=model_step(model_dir))
+    if (run_dir / "config.yaml").is_file() and not (run_dir / "summary.json").is_file():
+        held = (
+            f"the weights of step {target.step}"
+            if target.step is not None
+            else "weights of an unrecorded step"
+        )
+        total = _run_steps(run_dir)
+        of = f" of {total}" if total is not None and target.step is not None else ""
+        target.unfinished = (
+            f"{str(run_dir)!r} has not finished (no summary.json: still training, or stopped); its model/ "
+            f"holds {held}{of} (its last checkpoint); evaluate another with tether eval RUN/checkpoints/step_N"
+        )
+    return target
+
+
+def _run_steps(path: Path) -> int | None:
+    """The step budget of a run (``train.steps``, or ``sft.steps``), None when not recorded."""
+    run = load_yaml(path / "config.yaml")
+    for section in ("train", "sft"):
+        value = run.get(section, {}).get("steps") if isinstance(run.get(section), dict) else None
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _run_of(path: Path, model_dir: Path) -> Path:
@@ -204,9 +321,18 @@ EVAL_SECTIONS = ("imports", "task", "sampling", "eval", "model")
 """The settings ``tether eval`` reads (from the run's config.yaml and from key=value overrides)."""
 
 
-def _run_eval_defaults(path: Path) -> dict[str, Any]:
+#: What ``tether eval`` takes from a run's model settings: its device and precision. A checkpoint's
+#: model takes every model setting but gradient checkpointing (no training here), so that the model
+#: built for its weights is the one the run trained (LoRA adapters on their base: the keys of the
+#: checkpoint's tensors), built from the run's model/ or, before the run has one (an SFT run still
+#: training), from the run's own model.name_or_path.
+_EVAL_MODEL_KEYS = ("device", "dtype", "autocast", "attn_implementation")
+
+
+def _run_eval_defaults(path: Path, checkpoint: bool = False) -> dict[str, Any]:
     """What ``tether eval RUN_DIR`` takes from the run's own config.yaml: its task (with rewards,
-    chat template), sampling, eval settings, imports and the model's device and precision."""
+    chat template), sampling, eval settings, imports and the model's device and precision; for a
+    checkpoint (``checkpoint``) every model setting (the model it trained, LoRA included)."""
     config = path / "config.yaml"
     if not config.is_file():
         return {}
@@ -215,7 +341,8 @@ def _run_eval_defaults(path: Path) -> dict[str, Any]:
         k: run[k] for k in ("imports", "task", "sampling", "eval") if isinstance(run.get(k), dict | list)
     }
     model: dict[str, Any] = run["model"] if isinstance(run.get("model"), dict) else {}
-    out["model"] = {k: model[k] for k in ("device", "dtype", "autocast", "attn_implementation") if k in model}
+    keys = set(model) - {"gradient_checkpointing"} if checkpoint else set(_EVAL_MODEL_KEYS)
+    out["model"] = {k: v for k, v in model.items() if k in keys}
     return out
 
 
@@ -261,7 +388,11 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("eval", help="accuracy, pass@k and entropy of a checkpoint on held-out prompts")
-    p.add_argument("checkpoint", help="run directory or model directory")
+    p.add_argument(
+        "checkpoint",
+        help="run directory (its model/), model directory, or checkpoint directory (RUN/checkpoints/step_N); "
+        "the results are printed as JSON with the step evaluated, nothing is written",
+    )
     p.add_argument("--task", default=None)
     p.add_argument("--prompts", type=int, default=None)
     p.add_argument("--k", type=int, default=None)

@@ -55,7 +55,8 @@ def check_test_split(task: Task, name: str | None = None) -> int:
     if available == 0:
         raise TetherError(
             f"task {name or task.name!r} has no test prompts to evaluate on; give it a test split "
-            "(e.g. task.params.test_size for the built-in tasks, or a test file)"
+            "(task.params.test_size for arithmetic and countdown; task.params.test_fraction or "
+            "task.params.test_path, a held-out file, for the file task)"
         )
     return available
 

@@ -67,9 +67,11 @@ class TrainProgress:
         info = "  ".join(f"{label} {metrics[key]:.3g}" for key, label in KEY_METRICS if key in metrics)
         self.progress.update(self.task, completed=step, info=info)
 
-    def alarm(self, kind: str, message: str) -> None:
-        """Alarms are always shown: above the bar, or as a plain stderr line without one."""
+    def alarm(self, kind: str, message: str, step: int | None = None) -> None:
+        """Alarms are always shown: above the bar, or as a plain stderr line without one; with the
+        step that raised them (``alarm nan at step 3: ...``)."""
+        at = f" at step {step}" if step is not None else ""
         if self.enabled:
-            self.console.print(f"[bold red]alarm[/] [red]{kind}[/]: {message}")
+            self.console.print(f"[bold red]alarm[/] [red]{kind}[/]{at}: {message}", highlight=False)
         else:
-            print(f"alarm {kind}: {message}", file=sys.stderr, flush=True)
+            print(f"alarm {kind}{at}: {message}", file=sys.stderr, flush=True)

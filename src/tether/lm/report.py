@@ -22,6 +22,9 @@ SHOWN = (
     "rollout/logprob_gap",
 )
 
+#: Counts of the summary shown when non-zero (0 is the healthy value, not worth a row).
+COUNTS = ("verifier_errors", "nan_skips")
+
 
 def print_run_summary(summary: dict[str, Any], run_dir: Path | str) -> None:
     console = Console()
@@ -32,11 +35,18 @@ def print_run_summary(summary: dict[str, Any], run_dir: Path | str) -> None:
     for key in SHOWN:
         if key in final:
             table.add_row(key, _cell(final[key]))
+    evaluated = summary.get("eval_step")
+    if summary.get("eval") and evaluated is not None and evaluated != summary.get("steps"):
+        # the held-out results kept from before a resume that trained further without evaluating
+        table.add_row("eval of step", f"{evaluated} (not the final step {summary.get('steps')})")
     for key, value in (summary.get("eval") or {}).items():
         if isinstance(value, int | float):
             table.add_row(f"eval/{key}", _cell(value))
     if "alarm_count" in summary:
         table.add_row("alarms", str(summary["alarm_count"]))
+    for key in COUNTS:  # shown when non-zero: samples whose verifier raised, NaN-skipped updates
+        if summary.get(key):
+            table.add_row(key, str(summary[key]))
     console.print(table)
 
 

@@ -44,6 +44,7 @@ from tether.runs.checkpoint import (
 from tether.runs.interrupt import StopRequest, interrupted
 from tether.runs.resume import resolved_with
 from tether.runs.rundir import check_run_dir as checked_run_dir
+from tether.runs.rundir import mark_model_step
 from tether.userimports import import_user_code
 
 
@@ -149,7 +150,9 @@ def plan_sft(cfg: SFTConfig) -> tuple[Task, list[Prompt]]:
     task = task_from_settings(cfg.task, lambda: load_tokenizer(cfg.model))
     prompts = task.prompts("train", cfg.sft.examples or None, seed=cfg.sft.seed)
     if not prompts:
-        raise TetherError(f"task {cfg.task.name!r} has no train prompts for SFT")
+        raise TetherError(
+            f"task {cfg.task.name!r} has no train prompts for SFT; give it a train split (for the file task: task.params.test_fraction below 1, or the held-out rows in task.params.test_path)"
+        )
     check_test_split(task, cfg.task.name)
     return task, prompts
 
@@ -308,6 +311,7 @@ def run_sft(config: SFTConfig, out: str | None = None, resume: bool = False) -> 
                 raise interrupted("SFT", step, total, str(run.path), "tether sft")
     model.eval()
     save_model(model, tokenizer, run.path / "model")
+    mark_model_step(run.path / "model", steps_run)
     result = evaluate(
         model, tokenizer, task, cfg.eval, cfg.sampling, seed=cfg.sft.seed, sampler=check_sampler
     )

@@ -65,7 +65,7 @@ from tether.runs.checkpoint import (
 from tether.runs.interrupt import NonFiniteError, StopRequest, interrupted
 from tether.runs.resume import resolved_with
 from tether.runs.rundir import check_run_dir as checked_run_dir
-from tether.runs.rundir import free_run_dir
+from tether.runs.rundir import free_run_dir, mark_model_step
 from tether.userimports import import_user_code
 
 # Inputs the language-model world can hand to catalogue entries (names of DEVELOPERS.md).
@@ -350,7 +350,9 @@ def plan_run(cfg: LMConfig) -> RunPlan:
     needs_distribution = bool({"logits", "old_logits"} & method.required_inputs())
     train_prompts = task.prompts("train", None, seed=cfg.train.seed)
     if not train_prompts:
-        raise TetherError(f"task {cfg.task.name!r} has no train prompts")
+        raise TetherError(
+            f"task {cfg.task.name!r} has no train prompts; give it a train split (for the file task: task.params.test_fraction below 1, or the held-out rows in task.params.test_path)"
+        )
     run_dir = default_run_dir(recipe.name, cfg.task.name, cfg.train.seed)
     row_inputs = LM_ROW_INPUTS | {name for plugin in plugins for name in plugin.per_row}
     return RunPlan(
@@ -375,6 +377,18 @@ def check_run_dir(cfg: LMConfig, plan: RunPlan, run_path: str | Path, resume: bo
     )
 
 
+def preflight(cfg: LMConfig, plan: RunPlan, run_path: str | Path, resume: bool, evaluates: bool) -> RunDir:
+    """Every check of an RL run that needs no model, after :func:`plan_run`: the run directory
+    (:func:`check_run_dir`) and, for a run that evaluates at its end (``evaluates``), a test split to
+    evaluate on. :class:`RLTrainer` and ``tether train --dry-run`` run exactly these, so that a dry
+    run passes only what the real run accepts (the checks that need the model, such as the context
+    length, run only in the real run)."""
+    run = check_run_dir(cfg, plan, run_path, resume)
+    if evaluates:  # a task with no test split fails now, not after training
+        check_test_split(plan.task, cfg.task.name)
+    return run
+
+
 class RLTrainer:
     """RL on a language model with any recipe of the catalogue."""
 
@@ -393,12 +407,11 @@ class RLTrainer:
         train_prompts = plan.train_prompts
 
         run_path = out or cfg.run.out or plan.run_dir
-        self.run = check_run_dir(cfg, plan, run_path, resume)
+        self.evaluates = evaluates  # the caller evaluates at the end (see train's summary)
+        self.run = preflight(cfg, plan, run_path, resume, evaluates)
         cfg.run.apply()
 
         torch.manual_seed(cfg.train.seed)
-        if evaluates:  # the caller evaluates at the end: a task with no test split fails now, not then
-            check_test_split(self.task, cfg.task.name)
         self.model, self.tokenizer = load_policy(cfg.model)
         self.device = next(self.model.parameters()).device
         longest = longest_prompt(self.tokenizer, [p.text for p in train_prompts])
@@ -808,7 +821,11 @@ class RLTrainer:
                     overflows += outcome == "overflow"
                     continue
                 grad_norms.append(norm)
-                records.append(combine_micro_batch_metrics(parts))
+                # An update over no valid token (every row masked: failed verifications, truncations
+                # with train.mask_truncated) measured nothing: its placeholders (a ratio mean of 0, a
+                # max of 1) stay out of the step's metrics, which then lack what no update measured.
+                if any(tokens > 0 for tokens, _, _ in parts):
+                    records.append(combine_micro_batch_metrics(parts))
         if grad_norms:  # the schedule advances with the optimizer, not on fully skipped steps
             self.scheduler.step()
         t_update = time.perf_counter() - t2
@@ -836,10 +853,14 @@ class RLTrainer:
         if self.grad_scaler is not None:
             metrics["train/overflow_skips"] = float(overflows)
             metrics["train/loss_scale"] = float(self.grad_scaler.get_scale())
+        if ent_tokens:
+            metrics["policy/entropy"] = ent_sum / ent_tokens
+        elif skipped:  # every update skipped: nothing was measured (0 would read as a collapse)
+            metrics["policy/entropy"] = float("nan")
+        # (no valid token in the whole step, e.g. every verification failed: no entropy to report, and
+        # no NaN that would raise a false "nan" alarm; the verifier_errors alarm names the cause)
         metrics.update(
             {
-                # NaN when every update was skipped: nothing was measured (0 would read as a collapse)
-                "policy/entropy": ent_sum / ent_tokens if ent_tokens else float("nan"),
                 "train/lr": lr,
                 "train/nan_skips": float(self.total_nan_skips),
                 # this step's updates skipped for a non-finite loss or gradient (alarm "nan")
@@ -855,7 +876,8 @@ class RLTrainer:
         )
         for plugin in self.plugins:
             plugin.after_step(self, ro, inputs, metrics)
-        if records:  # a step whose every update was skipped (NaN) leaves the method's state as is
+        # A step whose every update was skipped (NaN) or held no valid token leaves the method's state as is.
+        if records:
             self.method.update_state(metrics)
         return metrics
 
@@ -882,12 +904,13 @@ class RLTrainer:
             if len(group) >= 2
         ]
         gap = ((old_logprobs - batch.sampler_logprobs.float()).abs() * m).sum() / m.sum().clamp(min=1)
+        errors = sum(s.error is not None for s in ro.scores)
         out = {
-            "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "reward/accuracy": sum(s.correct for s in ro.scores) / len(ro.scores),
             "reward/format": sum(s.format_ok for s in ro.scores) / len(ro.scores),
-            "reward/verifier_errors": float(sum(s.error is not None for s in ro.scores)),
+            "reward/verifier_errors": float(errors),
+            # the share of the step's samples whose verifier raised (alarm "verifier_errors")
+            "reward/verifier_error_rate": errors / len(ro.scores),
             "response/length_mean": float(mask.sum(-1).float().mean()),
             "response/length_max": float(mask.sum(-1).max()),
             "response/truncation_rate": float(batch.truncated.float().mean()),
@@ -896,6 +919,9 @@ class RLTrainer:
             "rollout/dropped_groups": float(ro.dropped_groups),
             "cost/mean": sum(s.cost for s in ro.scores) / len(ro.scores),
         }
+        if len(rewards):  # left out when no sample was scored: a mean of 0 would read as a real reward
+            out["reward/mean"] = float(rewards.mean())
+            out["reward/std"] = float(rewards.std()) if len(rewards) > 1 else 0.0
         if zero_std:  # left out (no alarm) when no group has two scored samples
             out["reward/zero_std_frac"] = sum(zero_std) / len(zero_std)
         for label in dict.fromkeys(k for s in ro.scores for k in s.parts):  # task.rewards, each alone
@@ -923,7 +949,9 @@ class RLTrainer:
 
     # ----------------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
+        """Train to ``train.steps`` and write ``summary.json`` (see :meth:`summary`)."""
         cfg = self.config
+        start = self.step_idx
         from tether.lm.progress import TrainProgress
 
         progress = TrainProgress(total=cfg.train.steps, start=self.step_idx, enabled=cfg.run.progress)
@@ -935,13 +963,13 @@ class RLTrainer:
                 while self.step_idx < cfg.train.steps:
                     metrics = self.step()
                     self.step_idx += 1
-                    alarms = self.monitor.check(self.step_idx, metrics)
+                    alarms = self.monitor.check(self.step_idx, metrics, self._alarm_details())
                     record = {"step": self.step_idx, **metrics, "alarms": len(alarms)}
                     self.run.metrics.append(record)
                     self._log_samples()
                     for a in alarms:
                         self.run.alarms.append(a.as_dict())
-                        progress.alarm(a.kind, a.message)
+                        progress.alarm(a.kind, a.message, step=a.step)
                     if self.tb is not None:
                         for k, v in metrics.items():
                             self.tb.add_scalar(k, v, self.step_idx)
@@ -951,7 +979,11 @@ class RLTrainer:
                     last = metrics
                     if self.nan_skips >= cfg.train.max_nan_skips:  # logged, never checkpointed
                         error = self._stop_for_nan()
-                        progress.alarm("stopped", "repeated NaN/inf steps: the run stopped (see the error)")
+                        progress.alarm(
+                            "stopped",
+                            "repeated NaN/inf steps: the run stopped (see the error)",
+                            step=self.step_idx,
+                        )
                         raise error
                     saved = self.step_idx % cfg.run.checkpoint_every == 0 or self.step_idx == cfg.train.steps
                     if saved:
@@ -965,10 +997,26 @@ class RLTrainer:
         finally:
             if self.tb is not None:
                 self.tb.close()
-        summary = {
+        summary = self.summary(last, trained=self.step_idx > start)
+        self.run.write_summary(summary)
+        return summary
+
+    def summary(self, last: Mapping[str, Any], trained: bool) -> dict[str, Any]:
+        """The run's summary after :meth:`train`: its final metrics (``last``, timings left out),
+        alarms, NaN skips and verifier errors.
+
+        The held-out results (``eval``, with ``eval_step``, the step of the model it scored) of the
+        summary already in the run are kept when this call trained nothing (``trained`` false: a
+        resume of a finished run) or when no evaluation follows (``evaluates`` false, ``--no-eval``):
+        a summary never loses its ``eval`` unless a new one replaces it. Only a run that trained further
+        and evaluates next leaves the older ``eval`` out, for the caller's new one (with ``eval_step``,
+        :meth:`add_eval`): until that is written the summary has no ``eval`` (``tether compare`` then
+        sees the run as unfinished), never one of an older model in its place.
+        """
+        out: dict[str, Any] = {
             "recipe": self.recipe.name,
-            "task": cfg.task.name,
-            "seed": cfg.train.seed,
+            "task": self.config.task.name,
+            "seed": self.config.train.seed,
             "steps": self.step_idx,
             "final": {k: v for k, v in last.items() if not k.startswith(TIMING_PREFIXES)},
             "alarms": dict(self.monitor.counts),
@@ -976,6 +1024,17 @@ class RLTrainer:
             "nan_skips": self.total_nan_skips,
             "verifier_errors": self.verifier_errors,
         }
+        previous = self.run.read_summary() if not trained or not self.evaluates else None
+        if previous is not None and isinstance(previous.get("eval"), dict):
+            out["eval"] = previous["eval"]
+            # a summary of an older tether has no eval_step: its eval scored the model of its last step
+            out["eval_step"] = previous.get("eval_step", previous.get("steps"))
+        return out
+
+    def add_eval(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """``summary`` with the held-out results of the current policy (:meth:`evaluate`) as its
+        ``eval`` and this step as its ``eval_step``, written to ``summary.json``."""
+        summary = {**summary, "eval": self.evaluate(), "eval_step": self.step_idx}
         self.run.write_summary(summary)
         return summary
 
@@ -996,7 +1055,7 @@ class RLTrainer:
             ck = load_checkpoint(kept)
             self.model.load_state_dict({k[6:]: v for k, v in ck.tensors.items() if k.startswith("model.")})
             model_dir = path / "model"
-            self.save_pretrained(model_dir)  # model/ holds exactly the checkpoint's weights
+            self.save_pretrained(model_dir, ck.step)  # model/ holds exactly the checkpoint's weights
             settings["model"]["name_or_path"] = str(model_dir.resolve())
             settings["train"]["steps"] = cfg.train.steps - ck.step
             new_out = free_run_dir(path, f"from-step{ck.step}")
@@ -1030,6 +1089,17 @@ class RLTrainer:
             {"step": self.step_idx, "kind": "stopped", "message": message, "value": float(self.nan_skips)}
         )
         return NonFiniteError(message)
+
+    def _alarm_details(self) -> dict[str, str]:
+        """What the monitor's alarms quote beyond the metrics: the step's first verifier error, with
+        the task it came from (see :meth:`tether.monitor.Monitor.check`)."""
+        ro = self.last_rollout
+        first = next((s.error for s in ro.scores if s.error is not None), None) if ro is not None else None
+        if first is None:
+            return {}
+        rewards = self.config.task.rewards
+        where = f"task {self.config.task.name!r}" + (f" with rewards {', '.join(rewards)}" if rewards else "")
+        return {"verifier_error": f"{where}: {first}"}
 
     def _log_samples(self) -> None:
         """The first ``run.log_samples`` completions of the step to ``samples.jsonl``."""
@@ -1073,12 +1143,15 @@ class RLTrainer:
         path = save_checkpoint(
             self.run.path, Checkpoint(self.step_idx, tensors, state), keep=self.config.run.keep_checkpoints
         )
-        self.save_pretrained(self.run.path / "model")
+        self.save_pretrained(self.run.path / "model", self.step_idx)
         return path
 
-    def save_pretrained(self, directory: Path) -> None:
-        """The policy in Hugging Face format (see :func:`~tether.lm.model.save_model`)."""
+    def save_pretrained(self, directory: Path, step: int | None = None) -> None:
+        """The policy in Hugging Face format (see :func:`~tether.lm.model.save_model`), with the
+        ``step`` whose weights it holds recorded beside them (:func:`~tether.runs.rundir.mark_model_step`)."""
         save_model(self.model, self.tokenizer, directory)
+        if step is not None:
+            mark_model_step(directory, step)
 
     def _restore(self) -> None:
         ck = load_latest_checkpoint(self.run.path)

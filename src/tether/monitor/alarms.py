@@ -23,6 +23,15 @@ Alarms and the metrics they read:
 - ``sampler_mismatch``: ``rollout/is_ess`` (effective sample size of the trainer/sampler
   importance ratios, as a fraction) below ``is_ess_min``: the samples come from a distribution
   far from the trainer's (TRL #4159, #6789; Yao et al. 2025).
+- ``verifier_errors``: ``reward/verifier_error_rate`` (the share of the step's samples whose
+  verifier or reward function raised) above ``verifier_error_max``; a failed verification has no
+  reward and its sample takes no part in the update, so a step whose every verification failed
+  learns nothing. The message quotes the first error (``details["verifier_error"]`` of
+  :meth:`Monitor.check`).
+
+A metric that a step could not measure is absent from its dict, never NaN or a placeholder (a step
+whose every row is masked logs no ``policy/entropy`` and no loss metrics): an absent metric raises
+no alarm. NaN is kept for what went wrong (a skipped update), which the ``nan`` alarm reports.
 
 A threshold set to null (``monitor.kl_max=null``) turns its alarm off; ``entropy_collapse`` is off
 only when both of its thresholds are null. The trainers add one more record to ``alarms.jsonl``
@@ -45,6 +54,7 @@ GRAD_NORM = "grad/norm"
 KL_REF = "policy/kl_ref"
 IS_ESS = "rollout/is_ess"
 SKIPPED = "train/skipped_updates"
+VERIFIER_ERROR_RATE = "reward/verifier_error_rate"
 
 
 @dataclass
@@ -79,6 +89,15 @@ class MonitorConfig:
             "this; null: off",
         },
     )
+    verifier_error_max: float | None = field(
+        default=0.5,
+        metadata={
+            "min": 0.0,
+            "max": 1.0,
+            "help": "alarm when the share of a step's samples whose verifier raised exceeds this "
+            "(0: any error; every sample failing exceeds anything below 1); null: off",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -100,8 +119,13 @@ class Monitor:
         self.grad_steps = 0
         self.counts: dict[str, int] = {}
 
-    def check(self, step: int, metrics: Mapping[str, float]) -> list[Alarm]:
+    def check(
+        self, step: int, metrics: Mapping[str, float], details: Mapping[str, str] | None = None
+    ) -> list[Alarm]:
+        """The alarms that ``metrics`` (the step's) raise. ``details``: text that the metrics cannot
+        carry, quoted by the alarm it explains: ``verifier_error``, the step's first verifier error."""
         c = self.config
+        details = details or {}
         alarms: list[Alarm] = []
 
         def fire(kind: str, message: str, value: float) -> None:
@@ -172,6 +196,17 @@ class Monitor:
                 f"importance-sampling ESS {ess:.3g} is below {c.is_ess_min:g}: the sampler's distribution is far "
                 "from the trainer's (see train.sampler_correction)",
                 ess,
+            )
+        errors = _finite(metrics.get(VERIFIER_ERROR_RATE))
+        if errors is not None and c.verifier_error_max is not None and errors > c.verifier_error_max:
+            first = details.get("verifier_error")
+            fire(
+                "verifier_errors",
+                f"the verifier raised on {errors:.0%} of the step's samples (monitor.verifier_error_max="
+                f"{c.verifier_error_max:g}); failed samples get no reward and take no part in the update"
+                + (f". First error: {first}" if first else "")
+                + "; see the 'error' of each sample in samples.jsonl and fix the task or reward function",
+                errors,
             )
         for a in alarms:
             self.counts[a.kind] = self.counts.get(a.kind, 0) + 1

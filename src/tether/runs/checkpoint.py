@@ -124,6 +124,40 @@ def restore_training_state(
     optimizer.load_state_dict(optimizer_from_flat(ckpt.tensors, ckpt.state["optim"]))
 
 
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> int:
+    """The weights (``model.*`` tensors) of the checkpoint directory ``path`` into ``model``, reading
+    no other tensor (the optimizer state is twice the model); returns the checkpoint's step. A clear
+    error when they do not fit ``model`` (another architecture, or LoRA adapters against plain weights)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    try:
+        step = int(json.loads((p / "state.json").read_text())["step"])
+        with safe_open(str(p / "tensors.safetensors"), framework="pt") as fh:
+            weights = {k[len("model.") :]: fh.get_tensor(k) for k in fh.keys() if k.startswith("model.")}
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read checkpoint {str(p)!r}: {err}") from None
+    if not weights:
+        raise CheckpointError(f"checkpoint {str(p)!r} holds no model weights (no model.* tensors)")
+    fix = "the run's model settings (model.*, its model/ directory) must be those it trained with"
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise CheckpointError(
+            f"the weights of checkpoint {str(p)!r} do not fit the model built for them ({err}); {fix}"
+        ) from None
+    if missing or unexpected:
+        parts = [
+            f"{len(keys)} {what}, e.g. {keys[0]!r}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise CheckpointError(
+            f"the weights of checkpoint {str(p)!r} do not fit the model built for them ({'; '.join(parts)}); {fix}"
+        )
+    return step
+
+
 def _name(step: int) -> str:
     return f"step_{step:09d}"
 

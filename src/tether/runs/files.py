@@ -1,18 +1,52 @@
 """Atomic writes: write to a temporary file (or directory) beside the target, fsync, rename.
 
 A crash or kill at any point leaves either the old file or the new one, never a torn one.
+
+Every JSON file tether writes is strict JSON. JSON has no literal for NaN and infinities, so a
+non-finite float is written as the string ``"nan"``, ``"inf"`` or ``"-inf"`` (:func:`json_ready`), in
+``summary.json`` as in ``metrics.jsonl``; :func:`restore_nonfinite` reads them back as floats (the
+arena's :func:`tether.arena.runs.to_float` reads them too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+NONFINITE = frozenset({"nan", "inf", "-inf"})
+"""How a non-finite float is written in tether's JSON files."""
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (in dicts, lists and tuples, at any depth) replaced by its
+    string, ``"nan"`` / ``"inf"`` / ``"-inf"``: what ``json.dumps(..., allow_nan=False)`` accepts."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, Mapping):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def restore_nonfinite(obj: Any) -> Any:
+    """The inverse of :func:`json_ready`: the strings "nan", "inf", "-inf" (in dicts and lists, at
+    any depth) back to floats; a bare ``NaN`` literal that an older tether wrote is read by
+    :mod:`json` as a float already."""
+    if isinstance(obj, str) and obj in NONFINITE:
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: restore_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [restore_nonfinite(v) for v in obj]
+    return obj
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,7 +81,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    """``obj`` as strict JSON (non-finite floats as strings, see :func:`json_ready`), atomically."""
+    atomic_write_text(path, json.dumps(json_ready(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

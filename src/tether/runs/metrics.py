@@ -22,9 +22,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from tether.runs.files import atomic_write_text
-
-NONFINITE = frozenset({"nan", "inf", "-inf"})
+from tether.runs.files import NONFINITE, atomic_write_text
 
 
 def _clean(value: Any) -> Any:

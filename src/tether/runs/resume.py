@@ -26,10 +26,22 @@ DERIVED_KEYS = ("recipe_resolved", "recipe_path")
 
 def resume_settings(run_dir: str | Path) -> dict[str, Any] | None:
     """:func:`saved_config` for ``--resume`` on the command line: None for a directory that does not
-    exist yet (a fresh start), a refusal for a run that never wrote its settings (killed while it
-    was starting), which would otherwise continue with the defaults of every setting."""
-    saved = saved_config(run_dir)
+    exist yet (a fresh start); a refusal for a directory that is not a tether run, and for a run that
+    never wrote its settings (killed while it was starting), which would otherwise continue with the
+    defaults of every setting."""
     path = Path(run_dir)
+    if path.is_dir() and any(path.iterdir()):
+        from tether.runs.rundir import RunDir
+
+        if not RunDir(path).is_run():  # another program's directory, a config.yaml of its own included
+            names = sorted(p.name for p in path.iterdir())
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise TetherError(
+                f"cannot resume {str(run_dir)!r}: it is not a tether run directory (it holds {shown}, and no "
+                "run marker, checkpoint or metrics.jsonl); check --out, or start a new run in a new or "
+                "empty directory without --resume"
+            )
+    saved = saved_config(run_dir)
     if saved is None and path.is_dir() and any(path.iterdir()):
         raise TetherError(
             f"cannot resume {str(run_dir)!r}: it holds no config.yaml (the run was stopped while it was starting, "

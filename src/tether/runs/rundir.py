@@ -12,7 +12,7 @@ import yaml
 
 from tether.errors import TetherError
 from tether.runs.checkpoint import latest_checkpoint
-from tether.runs.files import atomic_write_json, atomic_write_text
+from tether.runs.files import atomic_write_json, atomic_write_text, restore_nonfinite
 from tether.runs.metrics import MetricsLog
 from tether.runs.resume import check_resume_config
 
@@ -20,6 +20,9 @@ RUN_MARKER = ".tether-run"
 """Written into every run directory when it is prepared: tether writes only into its own runs."""
 RUN_LOCK = ".tether-lock"
 """Locked (``flock``) by the process that trains in the run, for as long as it lives."""
+
+SUMMARY_NUMBERS = ("final", "eval")
+"""The sections of ``summary.json`` whose "nan" / "inf" / "-inf" strings are numbers (read back as floats)."""
 
 _HELD: dict[Path, int] = {}  # run directories this process has locked, and the lock's fd
 
@@ -143,12 +146,21 @@ class RunDir:
         return self.restart_path
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """``summary.json``, strict JSON: a non-finite value is written as "nan" / "inf" / "-inf"
+        (:func:`tether.runs.files.json_ready`), as in ``metrics.jsonl``."""
         atomic_write_json(self.summary_path, dict(summary))
 
     def read_summary(self) -> dict[str, Any] | None:
+        """``summary.json``, or None without one; the numbers of its ``final`` metrics and ``eval``
+        results that were written as "nan" / "inf" / "-inf" are floats again."""
         if not self.summary_path.exists():
             return None
-        data: dict[str, Any] = json.loads(self.summary_path.read_text())
+        data = json.loads(self.summary_path.read_text())
+        if not isinstance(data, dict):
+            return None
+        for section in SUMMARY_NUMBERS:
+            if isinstance(data.get(section), dict):
+                data[section] = restore_nonfinite(data[section])
         return data
 
     def metrics_at(self, step: int) -> dict[str, Any]:
@@ -166,6 +178,27 @@ class RunDir:
         for log in (self.metrics, self.alarms, self.samples):
             if log.path.exists():
                 log.truncate_after(step)
+
+
+MODEL_STEP = "tether_step.json"
+"""Written into a run's ``model/`` after its weights: ``{"step": N}``, the step whose weights they are
+(``tether eval`` reports it). A kill between the weights and this file leaves none: the step is then unknown,
+never wrong (the whole directory, this file included, is replaced by each save)."""
+
+
+def mark_model_step(model_dir: str | Path, step: int) -> None:
+    """Record that ``model_dir`` holds the weights of ``step`` (see :data:`MODEL_STEP`)."""
+    atomic_write_json(Path(model_dir) / MODEL_STEP, {"step": int(step)})
+
+
+def model_step(model_dir: str | Path) -> int | None:
+    """The step whose weights ``model_dir`` holds, or None when that is not recorded."""
+    path = Path(model_dir) / MODEL_STEP
+    try:
+        step = json.loads(path.read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def free_run_dir(path: str | Path, suffix: str) -> Path:
